@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both run `make setup` first).
+SHELL := /bin/bash
+VENV ?= .venv
+export XTOKEN_CACHE ?= $(CURDIR)/.cache
+PY312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+STAMP := $(VENV)/.xtoken-setup-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+setup: $(STAMP) $(XTOKEN_CACHE)/tokenizers/.fetched
+
+$(STAMP):
+	@test -n "$(PY312)" || { echo "make setup: Python 3.12 not found (install it, e.g. pyenv install 3.12, or set PY312=)"; exit 1; }
+	@test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[megatron,test]"
+	@rm -f $(VENV)/.xtoken-setup-*; touch $@
+
+$(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
+	$(VENV)/bin/python -m nemo_xtoken.assets
+	@touch $@
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/xtoken demo
+
+bench: setup
+	$(VENV)/bin/python benchmarks/projection.py
+
+clean:
+	rm -rf $(VENV) $(XTOKEN_CACHE) .pytest_cache

@@ -1,0 +1,121 @@
+"""``xtoken build-projection``, ``xtoken audit``, ``xtoken inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from nemo_xtoken.errors import XTokenError
+
+
+def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student-tokenizer", "-s", required=True, help="tokenizer.json, HF folder or cached hub name")
+    p.add_argument("--teacher-tokenizer", "-t", required=True, help="tokenizer.json, HF folder or cached hub name")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from a HF folder")
+
+
+def _load_pair(args):
+    from nemo_xtoken.vocab import load_tokenizer
+
+    s = load_tokenizer(args.student_tokenizer, trust_remote_code=args.trust_remote_code)
+    t = load_tokenizer(args.teacher_tokenizer, trust_remote_code=args.trust_remote_code)
+    return s, t
+
+
+def cmd_build_projection(args: argparse.Namespace) -> int:
+    from nemo_xtoken.vocab import build_projection
+
+    t0 = time.perf_counter()
+    student, teacher = _load_pair(args)
+    proj = build_projection(
+        student, teacher, beta=args.beta, gamma=args.gamma, max_len=args.max_len, top_k=args.top_k,
+        progress=sys.stderr.isatty(),
+    )
+    proj.save(args.output)
+    c = proj.counts()
+    print(
+        f"wrote {args.output}: W {proj.shape[0]}×{proj.shape[1]}, {proj.nnz} non-zeros; rows: "
+        f"{c['exact']} exact, {c['multi_token']} multi-token, {c['empty']} empty (no teacher mapping), "
+        f"{c['no_token']} ids without a token; {time.perf_counter() - t0:.2f} s"
+    )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from nemo_xtoken.vocab import audit, load_projection
+
+    student, teacher = _load_pair(args)
+    proj = load_projection(args.projection, student, teacher)
+    critical = [c.strip() for c in args.critical.split(",") if c.strip()]
+    report = audit(proj, student, teacher, critical=critical, min_exact_fraction=args.min_exact_fraction)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_table(f"coverage audit: {student.source} (student) → {teacher.source} (teacher)"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from nemo_xtoken.vocab import canonical_vocab, load_projection
+
+    student, teacher = _load_pair(args)
+    proj = load_projection(args.projection, student, teacher)
+    scv, tcv = canonical_vocab(student), canonical_vocab(teacher)
+    if args.id is not None:
+        if not 0 <= args.id < scv.size:
+            raise XTokenError(f"student id {args.id} is outside {student.source} (0…{scv.size - 1})")
+        ids = [args.id]
+    else:
+        ids = scv.lookup(args.token)
+        if not ids:
+            raise XTokenError(
+                f"no token of {student.source} decodes to {args.token!r}: pass the text of one token "
+                "(e.g. ' the' with its leading space), or --id"
+            )
+    out = []
+    for s in ids:
+        row = [{"teacher_id": t, "teacher_token": tcv.display(t), "weight": round(w, 6)} for t, w in proj.row(s)]
+        row.sort(key=lambda r: -r["weight"])
+        out.append({"student_id": s, "student_token": scv.display(s), "row": row})
+    if args.json:
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False))
+    else:
+        for r in out:
+            print(f"student {r['student_id']} {r['student_token']!r}:")
+            if not r["row"]:
+                print("  (empty row: no teacher mapping)")
+            for e in r["row"]:
+                print(f"  {e['weight']:.4f}  teacher {e['teacher_id']} {e['teacher_token']!r}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-projection", help="build the sparse vocabulary projection W for a tokenizer pair")
+    _add_tokenizer_args(p)
+    p.add_argument("--output", "-o", required=True, help="W file to write (safetensors)")
+    p.add_argument("--beta", type=float, default=0.9, help="multi-token rule weight β (default 0.9)")
+    p.add_argument("--gamma", type=float, default=0.1, help="multi-token rule decay γ (default 0.1)")
+    p.add_argument("--max-len", type=int, default=4, help="longest teacher re-tokenization mapped (default 4)")
+    p.add_argument("--top-k", type=int, default=4, help="non-zeros kept per row (default 4)")
+    p.set_defaults(func=cmd_build_projection)
+
+    p = sub.add_parser("audit", help="coverage audit of W and the recommended loss (p_kl or h_kl)")
+    p.add_argument("--projection", "-p", required=True, help="W file from build-projection")
+    _add_tokenizer_args(p)
+    p.add_argument("--critical", default="single_digits,two_digit_numerals,three_digit_numerals",
+                   help="comma-separated critical categories (default: the numerals)")
+    p.add_argument("--min-exact-fraction", type=float, default=1.0,
+                   help="a critical category is inside C when this fraction maps exactly (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("inspect", help="show W's row for one student token")
+    p.add_argument("--projection", "-p", required=True, help="W file from build-projection")
+    _add_tokenizer_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--token", help="the student token's text as the student tokenizer decodes it")
+    g.add_argument("--id", type=int, help="the student token id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,1 @@
+"""ModelOpt / Megatron-Bridge / NeMo-Run integration (imports those packages lazily)."""

@@ -1,0 +1,1 @@
+"""Vocab-parallel (tensor-parallel) losses over Megatron's sharded logits."""
