@@ -47,6 +47,7 @@ __all__ = [
     "gold",
     "h_kl",
     "LOSSES",
+    "NEEDS_PROJECTION",
 ]
 
 EPS = 1e-12  # floor of the projected / grouped student probability inside log (P-KL, H-KL)
