@@ -208,6 +208,10 @@ def test_empty_and_all_masked_give_zero_loss_zero_grads(name):
     s, t = logits(3, V_S, 1), logits(3, v_t, 2)
     only_student = AlignedPositions(torch.tensor([0, 0, 1]), torch.tensor([-1, -1, -1]), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2)
     cases.append((s, t, {"alignment": only_student}))
+    s, t = logits(0, V_S, 1), logits(0, v_t, 2)
+    z = torch.zeros(0, dtype=torch.long)
+    for merge in ("chain", "mean"):
+        cases.append((s, t, {"alignment": AlignedPositions(z, z, z, z, 2), "merge": merge}))
     for s, t, kw in cases:
         for reduction in ("mean", "sum"):
             out = call_ref(name, s, t, make_csr(), reduction=reduction, **kw)
