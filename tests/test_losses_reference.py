@@ -280,3 +280,16 @@ def test_resolve_projection_exact_rows_and_top1():
     assert w.top1().tolist() == [0, 2, 2, 1, -1, 2, 3]
     p = resolve_projection(make_projection())
     assert p.exact_rows.tolist() == w.exact_rows.tolist() and p.top1().tolist() == w.top1().tolist()
+
+
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl"])
+def test_resolved_sparse_w_is_accepted_and_caches_common_sets(name):
+    s, t = logits(4, V_S, 14), logits(4, V_T, 15)
+    sw = resolve_projection(make_projection())
+    torch.testing.assert_close(call_ref(name, s, t, sw), call_ref(name, s, t, make_projection()))
+    if name != "p_kl":
+        first = sw.cache["exact_common_set" if name == "gold" else "top1_common_set"]
+        call_ref(name, s, t, sw)
+        assert sw.cache["exact_common_set" if name == "gold" else "top1_common_set"] is first
+    with pytest.raises(XTokenError, match="other tokenizers"):
+        call_ref(name, s, t, sw, student_vocab_size=V_S - 1)
