@@ -126,7 +126,7 @@ def resolve_projection(
     sizes (built with ``to_torch(student_padded=…)``) they give the real sizes.
     """
     if isinstance(projection, SparseW):
-        _check_sizes(*projection.shape, student_vocab_size, teacher_vocab_size, exact_only=True)
+        _check_sizes(*projection.shape, student_vocab_size, teacher_vocab_size)
         return projection if device is None else _to_device(projection, torch.device(device))
     if isinstance(projection, Projection):
         v_s, v_t = projection.shape
@@ -135,11 +135,11 @@ def resolve_projection(
         cols = torch.from_numpy(projection.indices.astype(np.int64))
         values = torch.from_numpy(projection.data.astype(np.float32))
         exact = torch.from_numpy(projection.row_kind == ROW_EXACT)
-        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size, exact_only=True)
+        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size)
     elif _is_learnable(projection):
         v_s, v_t = projection.shape
         rows, cols, values, exact = projection.rows, projection.cols, projection.weights(), projection.exact_rows
-        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size, exact_only=True)
+        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size)
     elif isinstance(projection, torch.Tensor) and projection.layout == torch.sparse_csr:
         if projection.dim() != 2:
             raise XTokenError(f"projection: a sparse CSR W must be 2-D [V_S, V_T], got shape {tuple(projection.shape)}")
@@ -175,11 +175,17 @@ def resolve_projection(
     return w
 
 
-def _check_sizes(v_s: int, v_t: int, want_s: int | None, want_t: int | None, *, exact_only: bool) -> None:
-    if (want_s is not None and int(want_s) != v_s) or (want_t is not None and int(want_t) != v_t):
+def _check_sizes(v_s: int, v_t: int, want_s: int | None, want_t: int | None) -> None:
+    """Refuse a W whose shape is not the tokenizers' real vocabulary sizes (when those are given)."""
+    bad = [
+        f"{side} tokenizer has {want} ids, W has {have} {'rows' if side == 'student' else 'columns'}"
+        for side, want, have in (("student", want_s, v_s), ("teacher", want_t, v_t))
+        if want is not None and int(want) != have
+    ]
+    if bad:
         raise XTokenError(
-            f"projection: W has shape ({v_s}, {v_t}) but the tokenizers have ({want_s}, {want_t}) ids: "
-            "this W was built for other tokenizers; rebuild it with `xtoken build-projection` for this pair"
+            f"projection: W {(v_s, v_t)} was built for other tokenizers ({'; '.join(bad)}): "
+            "rebuild it with `xtoken build-projection` for this pair"
         )
 
 
