@@ -293,3 +293,27 @@ def test_resolved_sparse_w_is_accepted_and_caches_common_sets(name):
         assert sw.cache["exact_common_set" if name == "gold" else "top1_common_set"] is first
     with pytest.raises(XTokenError, match="other tokenizers"):
         call_ref(name, s, t, sw, student_vocab_size=V_S - 1)
+
+
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl"])
+def test_memory_invariant_no_dense_w_no_n_vs_vt(name):
+    """Largest single allocation stays at the size of the logits / W's non-zeros, far from V_S × V_T."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(0)
+    v_s, v_t, n = 20_000, 30_000, 4
+    rows = []
+    for i in range(v_s):
+        k = int(rng.integers(0, 4))
+        cols = rng.choice(v_t, size=k, replace=False)
+        rows.append([(int(c), 1.0 / k) for c in cols])
+    kinds = [ROW_EXACT if len(r) == 1 else ROW_MULTI if r else ROW_EMPTY for r in rows]
+    w = make_projection(rows, kinds, v_t)
+    s = torch.randn(n, v_s + 64, requires_grad=True)
+    t = torch.randn(n, v_t + 64)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call_ref(name, s, t, w).backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    dense_w_bytes = v_s * v_t * 4
+    print(f"{name}: largest single allocation {biggest} bytes, dense W {dense_w_bytes} bytes")
+    assert 0 < biggest < 64 * 2**20 < dense_w_bytes // 32, (biggest, dense_w_bytes)
