@@ -317,3 +317,52 @@ def test_memory_invariant_no_dense_w_no_n_vs_vt(name):
     dense_w_bytes = v_s * v_t * 4
     print(f"{name}: largest single allocation {biggest} bytes, dense W {dense_w_bytes} bytes")
     assert 0 < biggest < 64 * 2**20 < dense_w_bytes // 32, (biggest, dense_w_bytes)
+
+
+# ---- random W, random sizes (hypothesis) ------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def random_case(draw):
+    v_s = draw(st.integers(2, 6))
+    v_t = draw(st.integers(2, 6))
+    rows = []
+    for _ in range(v_s):
+        k = draw(st.integers(0, min(3, v_t)))
+        cols = draw(st.lists(st.integers(0, v_t - 1), min_size=k, max_size=k, unique=True))
+        ws = draw(st.lists(st.floats(0.05, 1.0), min_size=k, max_size=k))
+        total = sum(ws)
+        rows.append([(c, x / total) for c, x in zip(cols, ws)])
+    n = draw(st.integers(0, 4))
+    pad_s, pad_t = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**16))
+    temperature = draw(st.sampled_from([0.5, 1.0, 3.0]))
+    return v_s, v_t, rows, n, pad_s, pad_t, seed, temperature
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_case(), st.sampled_from(["p_kl", "h_kl", "gold"]))
+def test_random_w_matches_bruteforce(case, name):
+    v_s, v_t, rows, n, pad_s, pad_t, seed, temperature = case
+    s, t = logits(n, v_s + pad_s, seed), logits(n, v_t + pad_t, seed + 1)
+    w = make_csr(rows, v_s, v_t)
+    got = {"p_kl": p_kl, "h_kl": h_kl, "gold": gold}[name](s, t, w, temperature=temperature, reduction="sum")
+    dense = bf.dense_w(rows, v_s, v_t)
+    exact = [len(r) == 1 and r[0][1] == 1.0 for r in rows]
+    want = s.new_zeros(())
+    for i in range(n):
+        ps, pt = bf.probs(s[i], v_s, temperature)[:v_s], bf.probs(t[i], v_t, temperature)[:v_t]
+        if name == "p_kl":
+            want = want + bf.pkl_item(ps, pt, dense)
+        elif name == "h_kl":
+            want = want + bf.hybrid_item(ps, pt, bf.top1_groups(rows), v_s, v_t, 1.0, 1.0)
+        else:
+            groups = {tt: [ss] for ss, tt in bf.gold_pairs(rows, exact)}
+            want = want + bf.hybrid_item(ps, pt, groups, v_s, v_t, 1.0, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if n:
+        for a, b in zip(grads(got, s, t), grads(want, s, t)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)

@@ -92,7 +92,7 @@ class SparseW:
             return self.cache["top1"]
         rows = self.rows.cpu().numpy()
         cols = self.cols.cpu().numpy()
-        vals = self.values.detach().float().cpu().numpy()
+        vals = self.values.detach().double().cpu().numpy()
         out = np.full(self.student_vocab_size, -1, dtype=np.int64)
         if rows.size:
             order = np.lexsort((cols, -vals, rows))
