@@ -86,7 +86,15 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     assert not torch.allclose(other.weights(), lw.weights())
     other.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     torch.testing.assert_close(other.weights(), lw.weights())
-    assert set(lw.state_dict()) == {"logits", "rows", "cols", "exact_rows"}
+    assert set(lw.state_dict()) == {"logits", "rows", "cols", "exact_rows", "size"}
+    # A checkpoint of another W is refused, with the reason.
+    other_rows = [list(r) for r in ROWS]
+    other_rows[4] = [(5, 1.0)]
+    rows_csr = make_csr(other_rows)
+    with pytest.raises(XTokenError, match="sparsity pattern"):
+        LearnableProjection(rows_csr).load_state_dict(lw.state_dict())
+    with pytest.raises(XTokenError, match=r"shape \(7, 6\).*\(7, 8\)"):
+        LearnableProjection(make_csr(v_t=8)).load_state_dict(lw.state_dict())
 
 
 def test_bad_input():
