@@ -121,14 +121,19 @@ class Projection:
                 f"W has shape {self.shape} but the padded sizes asked for are ({rows}, {cols}): "
                 "the model's vocabulary must be at least the tokenizer's"
             )
+        import warnings
+
         indptr = np.concatenate([self.indptr, np.full(rows - self.student_vocab_size, self.indptr[-1], dtype=np.int64)])
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(indptr),
-            torch.from_numpy(self.indices.astype(np.int64)),
-            torch.from_numpy(self.data).to(dtype or torch.float32),
-            size=(rows, cols),
-            device=device,
-        )
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(indptr),
+                torch.from_numpy(self.indices.astype(np.int64)),
+                torch.from_numpy(self.data).to(dtype or torch.float32),
+                size=(rows, cols),
+                device=device,
+                check_invariants=False,  # validated on load (_validate)
+            )
 
     # ---- storage -------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
