@@ -292,3 +292,34 @@ def test_bad_projection_files(tmp_path, w_llama3_qwen3):
     garbage.write_text("definitely not safetensors")
     with pytest.raises(ProjectionFileError):
         load_projection(garbage)
+
+
+# ---- tokenizer sources ----------------------------------------------------------------------------
+
+
+def test_tokenizer_from_a_hugging_face_folder(tmp_path, qwen3_path, qwen3):
+    import shutil
+
+    folder = tmp_path / "Qwen3-4B"
+    folder.mkdir()
+    shutil.copy(qwen3_path, folder / "tokenizer.json")
+    info = load_tokenizer(folder)
+    assert info.fingerprint == qwen3.fingerprint and info.vocab_size == 151_669
+
+
+def test_tokenizer_from_a_cached_hub_name_offline(tmp_path, monkeypatch, llama3_path, llama3):
+    """A hub name resolves from the local Hugging Face cache only (no network)."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    snap = tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    shutil.copy(llama3_path, snap / "tokenizer.json")
+    (tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "refs").mkdir()
+    (tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_tokenizer("meta-llama/Llama-3.2-1B").fingerprint == llama3.fingerprint
+    with pytest.raises(TokenizerLoadError, match="offline"):
+        load_tokenizer("nobody/not-a-cached-model")
