@@ -323,3 +323,19 @@ def test_tokenizer_from_a_cached_hub_name_offline(tmp_path, monkeypatch, llama3_
     assert load_tokenizer("meta-llama/Llama-3.2-1B").fingerprint == llama3.fingerprint
     with pytest.raises(TokenizerLoadError, match="offline"):
         load_tokenizer("nobody/not-a-cached-model")
+
+
+def test_cached_projection_reuses_and_repairs_its_file(tmp_path, llama3, qwen3, w_llama3_qwen3):
+    from nemo_xtoken.vocab import cached_projection
+
+    a = cached_projection(llama3, qwen3, cache_dir=tmp_path)
+    (f,) = list((tmp_path / "projections").iterdir())
+    np.testing.assert_array_equal(a.indices, w_llama3_qwen3.indices)
+    stamp = f.stat().st_mtime_ns
+    cached_projection(llama3, qwen3, cache_dir=tmp_path)
+    assert f.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    f.write_bytes(b"damaged")
+    b = cached_projection(llama3, qwen3, cache_dir=tmp_path)  # rebuilt, not trusted
+    np.testing.assert_array_equal(b.data, w_llama3_qwen3.data)
+    other = cached_projection(llama3, qwen3, cache_dir=tmp_path, max_len=3)
+    assert other.max_len == 3 and len(list((tmp_path / "projections").iterdir())) == 2

@@ -15,8 +15,7 @@ from pathlib import Path
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_xtoken.assets import cache_dir, tokenizer_path
-    from nemo_xtoken.errors import XTokenError
-    from nemo_xtoken.vocab import audit, build_projection, canonical_vocab, load_projection, load_tokenizer
+    from nemo_xtoken.vocab import audit, cached_projection, canonical_vocab, load_tokenizer
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -24,18 +23,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = {}
     for teacher_name, label in (("qwen3", "Qwen3 (digits split)"), ("o200k", "o200k / Phi-4-mini (numerals whole)")):
         teacher = load_tokenizer(tokenizer_path(teacher_name))
-        w_path = cache_dir() / "projections" / f"llama3__{teacher_name}.safetensors"
         t0 = time.perf_counter()
-        try:
-            proj = load_projection(w_path, student, teacher)
-            how = "loaded"
-        except XTokenError:
-            proj = build_projection(student, teacher)
-            proj.save(w_path)
-            how = "built"
+        proj = cached_projection(student, teacher)
         dt = time.perf_counter() - t0
         rep = audit(proj, student, teacher)
-        print(f"\n== Llama-3 student ← {label} teacher: W {how} in {dt:.2f} s ({w_path})")
+        print(f"\n== Llama-3 student ← {label} teacher: W ready in {dt:.2f} s (cached under {cache_dir() / 'projections'})")
         print(rep.format_table())
         scv, tcv = canonical_vocab(student), canonical_vocab(teacher)
         for text in ("201", "Hundreds"):
