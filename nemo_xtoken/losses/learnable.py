@@ -8,6 +8,8 @@ starts exactly at the built W.  Empty rows stay empty.  The indices are buffers,
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -96,7 +98,9 @@ class LearnableProjection(nn.Module):
             0, self.rows, torch.ones_like(self.rows)
         )
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return torch.sparse_csr_tensor(crow, self.cols, self.weights().detach(), size=self.shape)
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, self.cols, self.weights().detach(), size=self.shape, check_invariants=False)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}"
