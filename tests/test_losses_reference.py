@@ -371,3 +371,79 @@ def test_random_w_matches_bruteforce(case, name):
     if n:
         for a, b in zip(grads(got, s, t), grads(want, s, t)):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+def _random_alignment_case(seed: int):
+    """A random W, loss, sizes, padding, temperature, reduction and a random monotone alignment."""
+    import random
+
+    r = random.Random(seed)
+    name = r.choice(["kl", "p_kl", "uld", "gold", "h_kl"])
+    v_s = r.randint(2, 6)
+    v_t = v_s if name == "kl" else r.randint(2, 6)
+    rows = []
+    for _ in range(v_s):
+        cols = r.sample(range(v_t), r.randint(0, min(3, v_t)))
+        ws = [r.uniform(0.05, 1.0) for _ in cols]
+        rows.append([(c, x / sum(ws)) for c, x in zip(cols, ws)])
+    k = r.randint(1, 4)
+
+    def chunk_ids(n):
+        out, c = [], 0
+        for _ in range(n):
+            if r.random() < 0.2:
+                out.append(-1)
+                continue
+            if r.random() < 0.4:
+                c = min(k - 1, c + 1)
+            out.append(c)
+        return out
+
+    n_s, n_t = r.randint(0, 6), r.randint(0, 6)
+    chunks = {
+        "n_chunks": k, "s_ids": chunk_ids(n_s), "t_ids": chunk_ids(n_t),
+        "s_tg": [r.randrange(v_s) for _ in range(n_s)], "t_tg": [r.randrange(v_t) for _ in range(n_t)],
+        "merge": r.choice(["chain", "mean"]),
+    }
+    return name, v_s, v_t, rows, chunks, r.choice([0.7, 1.0, 2.0]), r.randint(0, 2), r.randint(0, 2), r.choice(REDUCTIONS_ALL)
+
+
+REDUCTIONS_ALL = ["mean", "sum", "none"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_alignments_match_bruteforce(seed):
+    name, v_s, v_t, rows, ch, temperature, pad_s, pad_t, reduction = _random_alignment_case(seed)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    a = AlignedPositions(long(ch["s_ids"]), long(ch["t_ids"]), long(ch["s_tg"]), long(ch["t_tg"]), ch["n_chunks"])
+    s = logits(len(ch["s_ids"]), v_s + pad_s, seed)
+    t = logits(len(ch["t_ids"]), v_t + pad_t, seed + 1000)
+    kw = dict(alignment=a, merge=ch["merge"], temperature=temperature, reduction=reduction)
+    if name in ("kl", "uld"):
+        got = {"kl": kl, "uld": uld}[name](s, t, student_vocab_size=v_s, teacher_vocab_size=v_t, **kw)
+    else:
+        got = {"p_kl": p_kl, "gold": gold, "h_kl": h_kl}[name](s, t, make_csr(rows, v_s, v_t), **kw)
+    dense = bf.dense_w(rows, v_s, v_t)
+    exact = [len(x) == 1 and x[0][1] == 1.0 for x in rows]
+    its = bf.items(s, t, v_s, v_t, temperature, ch, None)
+    vals = []
+    for ps, pt, counted in its:
+        if not counted:
+            vals.append(s.new_zeros(()))
+            continue
+        ps, pt = ps[:v_s], pt[:v_t]
+        if name == "kl":
+            vals.append(bf.kl_item(ps, pt))
+        elif name == "uld":
+            vals.append(bf.sorted_l1(ps, pt))
+        elif name == "p_kl":
+            vals.append(bf.pkl_item(ps, pt, dense))
+        elif name == "h_kl":
+            vals.append(bf.hybrid_item(ps, pt, bf.top1_groups(rows), v_s, v_t, 1.0, 1.0))
+        else:
+            vals.append(bf.hybrid_item(ps, pt, {tt: [ss] for ss, tt in bf.gold_pairs(rows, exact)}, v_s, v_t, 1.0, 1.0))
+    want = bf.reduce(vals, [c for _, _, c in its], reduction, s)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    g_want = grads(want, s, t) if want.requires_grad else (torch.zeros_like(s), torch.zeros_like(t))
+    for x, y in zip(grads(got, s, t), g_want):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)
