@@ -251,3 +251,39 @@ def test_to_positions_applies_the_next_token_shift(llama3, qwen3):
     assert masked.student_chunk_ids.tolist() == [1, 2, -1, 4, -1]
     with pytest.raises(XTokenError, match="do not match the alignment"):
         a.to_positions(s[1:], t)
+
+
+# ---- batches: one vectorized pass over many documents equals document-by-document -------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(tokenizations(), max_size=6))
+def test_align_offsets_batch_equals_per_document(docs):
+    from nemo_xtoken.align import align_offsets_batch
+
+    s_l = [np.array(s, dtype=np.int64).reshape(-1, 2) for s, _ in docs]
+    t_l = [np.array(t, dtype=np.int64).reshape(-1, 2) for _, t in docs]
+    b = align_offsets_batch(s_l, t_l)
+    assert len(b) == len(docs)
+    for d in range(len(docs)):
+        assert b[d][2] == align_offsets(s_l[d], t_l[d])
+
+
+def test_align_batch_equals_align_and_names_bad_documents(llama3, qwen3):
+    from nemo_xtoken.align import align_batch
+
+    texts = ["In 201 days", "", "🎉x 你好世界龘 é", "e\u0301 bad", 5, "<|endoftext|>hi", "ok then\n\n"]
+    b = align_batch(texts, llama3, qwen3, student_add_bos=True, on_error="skip")
+    assert b.index.tolist() == [0, 1, 2, 5, 6] and [i for i, _ in b.rejected] == [3, 4]
+    assert "changes the text" in b.rejected[0][1] and "not a string" in b.rejected[1][1]
+    for d, i in enumerate(b.index):
+        s, t, a = b[d]
+        ra, rs, rt = align(texts[i], llama3, qwen3, student_add_bos=True, return_ids=True)
+        assert a == ra and np.array_equal(s, rs) and np.array_equal(t, rt)
+    assert b.one_sided_token_counts() == (5, 0)
+    with pytest.raises(XTokenError, match="document 3: .*changes the text"):
+        align_batch(texts[:4], llama3, qwen3)
+    with pytest.raises(XTokenError, match=r"document 1: the two tokenizations"):
+        from nemo_xtoken.align import align_offsets_batch
+
+        align_offsets_batch([np.array([(0, 2)]), np.array([(0, 2)])], [np.array([(0, 2)]), np.array([(0, 1)])])

@@ -94,3 +94,17 @@ def test_llama3_o200k(llama3, o200k, text, bos):
 @given(TEXT)
 def test_qwen3_o200k(qwen3, o200k, text):
     check(text, o200k, qwen3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TEXT, max_size=5))
+def test_align_batch_equals_align(llama3, qwen3, texts):
+    from nemo_xtoken.align import align_batch
+
+    b = align_batch(texts, llama3, qwen3, student_add_bos=True, on_error="skip")
+    rejected = {i for i, _ in b.rejected}
+    assert rejected == {i for i, t in enumerate(texts) if unicodedata.normalize("NFC", t) != t}
+    for d, i in enumerate(b.index.tolist()):
+        s, t, a = b[d]
+        ra, rs, rt = align(texts[i], llama3, qwen3, student_add_bos=True, return_ids=True)
+        assert a == ra and np.array_equal(s, rs) and np.array_equal(t, rt)

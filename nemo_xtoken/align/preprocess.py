@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nemo_xtoken.align.core import Alignment, align_offsets, encode_for_alignment
+from nemo_xtoken.align.core import Alignment, align_batch
 from nemo_xtoken.errors import XTokenError
 
 __all__ = ["PreprocessOptions", "preprocess", "PreprocessedCorpus", "iter_documents"]
@@ -111,51 +111,28 @@ def _process_shard(job: tuple[int, str, list[tuple[int, str | None, str | None]]
     """Tokenize, align and write one shard (atomically); return its statistics."""
     shard, out_dir, docs = job
     opts: PreprocessOptions = _W["opts"]
-    s_ids, t_ids, s_cid, t_cid, n_chunks, src = [], [], [], [], [], []
-    rejected = []
-    one_s = one_t = 0
-    for i, text, reason in docs:
-        if text is None:
-            rejected.append({"index": i, "reason": reason})
-            continue
-        if not text:
-            rejected.append({"index": i, "reason": "empty text"})
-            continue
-        try:
-            si, so = encode_for_alignment(text, _W["s"], special_tokens=opts.student_special_tokens, add_bos=opts.student_add_bos)
-            ti, to = encode_for_alignment(text, _W["t"], special_tokens=opts.teacher_special_tokens, add_bos=opts.teacher_add_bos)
-            a = align_offsets(so, to)
-        except XTokenError as e:
-            rejected.append({"index": i, "reason": str(e)})
-            continue
-        one = a.one_sided()
-        one_s += int((a.student_chunks[one, 1] - a.student_chunks[one, 0]).sum())
-        one_t += int((a.teacher_chunks[one, 1] - a.teacher_chunks[one, 0]).sum())
-        s_ids.append(si)
-        t_ids.append(ti)
-        s_cid.append(a.student_chunk_ids)
-        t_cid.append(a.teacher_chunk_ids)
-        n_chunks.append(a.n_chunks)
-        src.append(i)
-
-    def cat(xs: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype=dtype)
-
-    def offsets(xs: list[np.ndarray]) -> np.ndarray:
-        o = np.zeros(len(xs) + 1, dtype=np.int64)
-        np.cumsum([x.size for x in xs], out=o[1:])
-        return o
-
+    rejected = [{"index": i, "reason": reason} for i, text, reason in docs if text is None]
+    rejected += [{"index": i, "reason": "empty text"} for i, text, _ in docs if text == ""]
+    keep = [(i, text) for i, text, _ in docs if text]
+    batch = align_batch(
+        [t for _, t in keep], _W["s"], _W["t"],
+        student_special_tokens=opts.student_special_tokens, teacher_special_tokens=opts.teacher_special_tokens,
+        student_add_bos=opts.student_add_bos, teacher_add_bos=opts.teacher_add_bos, on_error="skip",
+    )
+    rejected += [{"index": keep[k][0], "reason": r} for k, r in batch.rejected]
+    rejected.sort(key=lambda r: r["index"])
+    one_s, one_t = batch.one_sided_token_counts()
     arrays = {
-        "student_ids": cat(s_ids, np.int32),
-        "teacher_ids": cat(t_ids, np.int32),
-        "student_chunk_ids": cat(s_cid, np.int32),
-        "teacher_chunk_ids": cat(t_cid, np.int32),
-        "student_offsets": offsets(s_ids),
-        "teacher_offsets": offsets(t_ids),
-        "n_chunks": np.asarray(n_chunks, dtype=np.int64),
-        "source_index": np.asarray(src, dtype=np.int64),
+        "student_ids": batch.student_ids.astype(np.int32),
+        "teacher_ids": batch.teacher_ids.astype(np.int32),
+        "student_chunk_ids": batch.student_chunk_ids.astype(np.int32),
+        "teacher_chunk_ids": batch.teacher_chunk_ids.astype(np.int32),
+        "student_offsets": batch.student_offsets,
+        "teacher_offsets": batch.teacher_offsets,
+        "n_chunks": batch.n_chunks,
+        "source_index": np.asarray([keep[k][0] for k in batch.index.tolist()], dtype=np.int64),
     }
+    src = arrays["source_index"]
     stats = {
         "shard": shard,
         "input_documents": len(docs),
