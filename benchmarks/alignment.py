@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nemo_xtoken.align import align_offsets, align_offsets_batch  # noqa: E402
-from nemo_xtoken.align.core import _align_encoded, _byte_offsets, _Encoded, token_bytes  # noqa: E402
+from nemo_xtoken.align.core import _adds_template_tokens, _align_encoded, _byte_offsets, _Encoded, token_bytes  # noqa: E402
 from nemo_xtoken.assets import cache_dir, tokenizer_path  # noqa: E402
 from nemo_xtoken.vocab import load_tokenizer  # noqa: E402
 
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--student", default="llama3")
     ap.add_argument("--teacher", default="qwen3")
     ap.add_argument("--repeat", type=int, default=3, help="best of N for the alignment timings")
-    ap.add_argument("--batch", type=int, default=64, help="documents per batched call (= preprocess shard size)")
+    ap.add_argument("--batch", type=int, default=256, help="documents per batched call (= preprocess shard size)")
     ap.add_argument("--skip-preprocess", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -164,7 +164,7 @@ def main() -> None:
     def ours_end_to_end():
         out = []
         for sh in shards:
-            enc = [_Encoded([encs[i] for i in sh], None) for encs in (s_enc, t_enc)]
+            enc = [_Encoded([encs[i] for i in sh], None, _adds_template_tokens(info)) for encs, info in ((s_enc, S), (t_enc, T))]
             out.append(_align_encoded(docs, sh, enc, (S, T), []))
         return out
 

@@ -559,18 +559,39 @@ def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) 
     """
     if len(student_offsets) != len(teacher_offsets):
         raise XTokenError(f"align_offsets_batch: {len(student_offsets)} student and {len(teacher_offsets)} teacher documents")
-    so_l = [_check_offsets(f"student_offsets[{i}]", o) for i, o in enumerate(student_offsets)]
-    to_l = [_check_offsets(f"teacher_offsets[{i}]", o) for i, o in enumerate(teacher_offsets)]
-    ns, nt = [o.shape[0] for o in so_l], [o.shape[0] for o in to_l]
-    extent = [max(int(a[:, 1].max()) if a.size else 0, int(b[:, 1].max()) if b.size else 0) + 1 for a, b in zip(so_l, to_l)]
-    doc_base = _doc_offsets(extent)[:-1]
+    def cat(side: str, offs: list[Any]) -> tuple[np.ndarray, list[int]]:
+        arrs = [np.asarray(o).reshape(-1, 2) if np.size(o) else np.zeros((0, 2), np.int64) for o in offs]
+        n = [a.shape[0] for a in arrs]
+        try:
+            return _check_offsets(f"{side}_offsets", np.concatenate(arrs + [np.zeros((0, 2), np.int64)])), n
+        except XTokenError:
+            for i, a in enumerate(arrs):
+                _check_offsets(f"{side}_offsets[{i}]", a)
+            raise
+
+    so, ns = cat("student", student_offsets)
+    to, nt = cat("teacher", teacher_offsets)
     s_doc = np.repeat(np.arange(len(ns)), ns)
     t_doc = np.repeat(np.arange(len(nt)), nt)
-    so = np.concatenate(so_l + [np.zeros((0, 2), np.int64)]) + doc_base[s_doc, None]
-    to = np.concatenate(to_l + [np.zeros((0, 2), np.int64)]) + doc_base[t_doc, None]
+
+    def doc_max(ends: np.ndarray, n: list[int]) -> np.ndarray:
+        out = np.zeros(len(n), dtype=np.int64)
+        cnt = np.asarray(n, dtype=np.int64)
+        ne = np.flatnonzero(cnt > 0)
+        if ne.size:
+            out[ne] = np.maximum.reduceat(ends, (np.cumsum(cnt) - cnt)[ne])
+        return out
+
+    extent = np.maximum(doc_max(so[:, 1], ns), doc_max(to[:, 1], nt))  # per document: its largest offset
+    doc_base = _doc_offsets((extent + 1).tolist())[:-1]
+    s_raw, t_raw = so, to
+    so = so + doc_base[s_doc, None]
+    to = to + doc_base[t_doc, None]
     try:
         sc, tc, nc = _localize(so, to, s_doc, t_doc, doc_base)
     except XTokenError:
+        so_l = np.split(s_raw, np.cumsum(ns)[:-1]) if ns else []
+        to_l = np.split(t_raw, np.cumsum(nt)[:-1]) if nt else []
         for i, (a, b) in enumerate(zip(so_l, to_l)):
             try:
                 align_offsets(a, b)
@@ -624,12 +645,13 @@ def align_batch(
 class _Encoded:
     """Ids of each text, which tokens are zero-width (template/BOS), and the encodings (for offsets)."""
 
-    def __init__(self, encs: list[Any], bos: int | None) -> None:
+    def __init__(self, encs: list[Any], bos: int | None, template: bool = True) -> None:
         self.encs = encs
         self.ids, self.zero, self.bos_added = [], [], []
         for e in encs:
             ids = np.asarray(e.ids, dtype=np.int64)
-            zero = np.asarray(e.special_tokens_mask, dtype=bool)
+            # special_tokens_mask marks the tokens the post-processor added (not specials in the text)
+            zero = np.asarray(e.special_tokens_mask, dtype=bool) if template else np.zeros(ids.size, dtype=bool)
             added = bos is not None and (ids.size == 0 or ids[0] != bos)
             if added:
                 ids = np.concatenate([[bos], ids])
@@ -650,7 +672,17 @@ class _Encoded:
 
 def _encode_many(info: Any, texts: list[str], special: bool, bos: bool) -> _Encoded:
     """Tokenize each text (BOS prepended when asked and missing)."""
-    return _Encoded([info.tokenizer.encode(t, add_special_tokens=special) for t in texts], _bos_id(info) if bos else None)
+    encs = [info.tokenizer.encode(t, add_special_tokens=special) for t in texts]
+    return _Encoded(encs, _bos_id(info) if bos else None, special and _adds_template_tokens(info))
+
+
+def _adds_template_tokens(info: Any) -> bool:
+    """Whether the tokenizer's post-processor adds tokens (a BOS/EOS template); cached."""
+    cached = getattr(info, "_align_template", None)
+    if cached is None:
+        cached = any(info.tokenizer.encode("a", add_special_tokens=True).special_tokens_mask)
+        info._align_template = cached
+    return cached
 
 
 class _DocError(Exception):
