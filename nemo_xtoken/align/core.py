@@ -176,9 +176,16 @@ def _check_offsets(name: str, off: Any) -> np.ndarray:
 
 def _cuts(off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Content-token indices, the cut value after each, and whether a cut there is allowed."""
-    content = np.flatnonzero(off[:, 1] > off[:, 0])
-    st = off[content, 0]
-    en = off[content, 1]
+    width = off[:, 1] > off[:, 0]
+    if width.all():  # common case: no zero-width token
+        content = np.arange(off.shape[0])
+        st, en = off[:, 0], off[:, 1]
+    else:
+        content = np.flatnonzero(width)
+        st = off[content, 0]
+        en = off[content, 1]
+    if st.size and bool((st[1:] >= en[:-1]).all()):  # common case: tokens in order, no overlap
+        return content, en, np.ones(en.size, dtype=bool)
     reach = np.maximum.accumulate(en) if en.size else en
     nxt = np.empty_like(st)
     if st.size:
@@ -543,8 +550,20 @@ def _localize(so: np.ndarray, to: np.ndarray, s_doc: np.ndarray, t_doc: np.ndarr
     """Align concatenated documents in one call; chunk ids made local to each document."""
     s_ids, t_ids, n_chunks, spans = _align_arrays(so, to)
     n = doc_base.size
-    chunk_doc = np.searchsorted(doc_base, spans[:, 0], "right") - 1
-    per_doc = np.bincount(chunk_doc, minlength=n)
+    # Documents are consecutive in chunk order: document d's chunks run from the smaller first
+    # chunk id of its two sides to the larger last one (none if it has no token).
+    big = np.iinfo(np.int64).max
+    first = np.full(n, big, dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    for ids, doc in ((s_ids, s_doc), (t_ids, t_doc)):
+        if ids.size:
+            starts = np.flatnonzero(np.diff(doc, prepend=-1))
+            ends = np.append(starts[1:], ids.size) - 1
+            d = doc[starts]
+            first[d] = np.minimum(first[d], ids[starts])
+            last[d] = np.maximum(last[d], ids[ends])
+    has = last >= 0
+    per_doc = np.where(has, last - first + 1, 0)
     base = np.zeros(n, dtype=np.int64)
     if n > 1:
         base[1:] = np.cumsum(per_doc)[:-1]
@@ -560,6 +579,11 @@ def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) 
     if len(student_offsets) != len(teacher_offsets):
         raise XTokenError(f"align_offsets_batch: {len(student_offsets)} student and {len(teacher_offsets)} teacher documents")
     def cat(side: str, offs: list[Any]) -> tuple[np.ndarray, list[int]]:
+        try:  # fast path: a list of int [n_i, 2] arrays
+            n = [o.shape[0] for o in offs]
+            return _check_offsets(f"{side}_offsets", np.concatenate(offs + [np.zeros((0, 2), np.int64)])), n
+        except (AttributeError, ValueError, XTokenError):
+            pass
         arrs = [np.asarray(o).reshape(-1, 2) if np.size(o) else np.zeros((0, 2), np.int64) for o in offs]
         n = [a.shape[0] for a in arrs]
         try:
