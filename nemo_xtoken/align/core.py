@@ -212,8 +212,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """Per-token chunk ids of both sides, the number of chunks and the chunk spans."""
     sc, sreach, sok = _cuts(so)
     tc, treach, tok = _cuts(to)
-    svals = sreach[sok]
-    tvals = treach[tok]
+    svals = sreach if sok.all() else sreach[sok]
+    tvals = treach if tok.all() else treach[tok]
     # Common cut values (both strictly increasing): mark the teacher's, look up the student's.
     if svals.size and tvals.size:
         marks = np.zeros(int(max(svals[-1], tvals[-1])) + 1, dtype=bool)
@@ -234,8 +234,11 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
         n = off.shape[0]
         boundary = np.zeros(content.size, dtype=bool)
         if content.size and k_content:
-            okidx = np.flatnonzero(ok)
-            boundary[okidx] = marks[reach[okidx]]
+            if ok.all():
+                boundary = marks[reach]
+            else:
+                okidx = np.flatnonzero(ok)
+                boundary[okidx] = marks[reach[okidx]]
         # content chunk of each content token
         cchunk = np.zeros(content.size, dtype=np.int64)
         if content.size > 1:
@@ -272,6 +275,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     def ids_for(n: int, content: np.ndarray, cchunk: np.ndarray, zw: np.ndarray, info: np.ndarray, gap_tok: np.ndarray,
                 ids_one: np.ndarray) -> np.ndarray:
+        if content.size == n:  # no zero-width token on this side
+            return content_id[cchunk]
         out = np.empty(n, dtype=np.int64)
         out[content] = content_id[cchunk]
         inner = ~gap_tok  # interior zero-width tokens: the chunk of the previous content token
@@ -284,8 +289,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
     spans = np.zeros((n_chunks, 2), dtype=np.int64)
     if k_content:
         # each content chunk starts where its first token starts, alike on both sides
-        s_lo = so[sc[s_first], 0]
-        t_lo = to[tc[t_first], 0]
+        s_lo = so[sc[s_first] if sc.size != so.shape[0] else s_first, 0]
+        t_lo = to[tc[t_first] if tc.size != to.shape[0] else t_first, 0]
         if not np.array_equal(s_lo, t_lo):
             bad = int(np.flatnonzero(s_lo != t_lo)[0])
             raise XTokenError(
