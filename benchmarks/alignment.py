@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--student", default="llama3")
     ap.add_argument("--teacher", default="qwen3")
     ap.add_argument("--repeat", type=int, default=3, help="best of N for the alignment timings")
-    ap.add_argument("--batch", type=int, default=256, help="documents per batched call (= preprocess shard size)")
+    ap.add_argument("--batch", type=int, default=1000, help="documents per batched call (= preprocess shard size)")
     ap.add_argument("--skip-preprocess", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
