@@ -134,12 +134,12 @@ def _prepare(
             )
         if ids.numel() and int(ids.max()) >= al.n_chunks:
             raise XTokenError(f"alignment.{side}_chunk_ids has id {int(ids.max())} >= n_chunks = {al.n_chunks}")
-    s_ids = al.student_chunk_ids
     if mask is not None:
-        m = mask.reshape(-1).to(s.device).bool()
-        if m.shape[0] != s.shape[0]:
-            raise XTokenError(f"mask has {m.shape[0]} entries (shape {tuple(mask.shape)}) but there are {s.shape[0]} student positions")
-        s_ids = torch.where(m, s_ids, torch.full_like(s_ids, -1))
+        raise XTokenError(
+            "mask cannot be combined with alignment: put the loss mask into the alignment "
+            "(positions_from_token_chunks(..., student_loss_mask=...))"
+        )
+    s_ids = al.student_chunk_ids
     if merge == "chain":
         tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group)
         tt = al.teacher_targets if teacher_id_map is None else teacher_id_map(al.teacher_targets)
@@ -269,6 +269,8 @@ def vocab_parallel_p_kl(
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
     eps: float = P_KL_EPS,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
     """KL(p_T ‖ Wᵀp_S) on vocab shards, exact over the whole vocabulary.
@@ -286,7 +288,10 @@ def vocab_parallel_p_kl(
     plan = projection
     if not isinstance(plan, PKLPlan):
         projection_csr(projection)  # validates the type with a clear error
-        plan = PKLPlan.build(projection, tp, s.shape[1] * tp, t.shape[1] * tp)
+        plan = PKLPlan.build(
+            projection, tp, s.shape[1] * tp, t.shape[1] * tp,
+            student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+        )
     if plan.tp != tp:
         raise XTokenError(f"the P-KL plan was built for tp = {plan.tp} but the group has {tp} ranks: rebuild it")
     if (plan.student_padded, plan.teacher_padded) != (s.shape[1] * tp, t.shape[1] * tp):
@@ -307,3 +312,150 @@ def vocab_parallel_p_kl(
     partial = _kl_terms(items.lp_t, p_tilde.clamp_min(eps).log())
     loss = sum_partials(partial, group)
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+# ---- ULD, GOLD, H-KL (rank-sorted L1: exact, through an all-gather of the item probabilities) ---
+def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+    """Per-item Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|, the narrower side zero-padded."""
+    width = max(ps.shape[1], pt.shape[1])
+    if width == 0:
+        return ps.new_zeros(ps.shape[0])
+    a = torch.nn.functional.pad(torch.sort(ps, dim=1, descending=True).values, (0, width - ps.shape[1]))
+    b = torch.nn.functional.pad(torch.sort(pt, dim=1, descending=True).values, (0, width - pt.shape[1]))
+    return (a - b).abs().sum(dim=1)
+
+
+def _gathered_probs(items: _Items, v_s: int, v_t: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary item log-probabilities on every rank (real columns only); backward = own slice."""
+    ls = all_gather_columns(items.lp_s, group)[:, :v_s]
+    lt = all_gather_columns(items.lp_t, group)[:, :v_t]
+    return ls, lt
+
+
+def vocab_parallel_uld(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    group: Any = None,
+) -> torch.Tensor:
+    """ULD on vocab shards, exact: softmax and merge sharded, the sort on the gathered item rows."""
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    _, tp = group_rank_size(group)
+    vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
+    vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=vs, teacher_vocab=vt, teacher_valid=None, teacher_id_map=None,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    ls, lt = _gathered_probs(items, vs, vt, group)
+    loss = _sorted_l1(ls.exp(), lt.exp())  # replicated: computed once per rank, not summed over ranks
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+def _hybrid(
+    student_logits, teacher_logits, projection, relaxed, alignment, merge, mask, temperature, reduction,
+    scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+) -> torch.Tensor:
+    from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
+
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    rank, tp = group_rank_size(group)
+    w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+    v_s, v_t = w.shape
+    s = _flatten(student_logits, "student_logits")
+    t = _flatten(teacher_logits, "teacher_logits")
+    for side, x, v in (("student", s, v_s), ("teacher", t, v_t)):
+        if x.shape[1] * tp < v:
+            raise XTokenError(
+                f"{side}_logits shards {tuple(x.shape)} on {tp} ranks cover {x.shape[1] * tp} columns but W {w.shape} "
+                f"needs {v}: W was built for other tokenizers, or the logits are not the full vocabulary"
+            )
+        if x.shape[1] * tp % tp:
+            raise XTokenError(f"{side} padded vocabulary not divisible by tp = {tp}")
+    common = top1_common_set(w) if relaxed else exact_common_set(w)
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise XTokenError("matched_weight and unmatched_weight must both be numbers or both be None (adaptive)")
+    if matched_weight is None:  # TRL GOLD's adaptive weighting, as the reference
+        matched_weight = common.teacher_ids.numel() / max(1, v_t)
+        unmatched_weight = 1.0 - matched_weight
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=v_s, teacher_vocab=v_t, teacher_valid=None, teacher_id_map=None,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    ls, lt = _gathered_probs(items, v_s, v_t, group)
+    dev = ls.device
+    sid, grp, tid = common.student_ids.to(dev), common.group.to(dev), common.teacher_ids.to(dev)
+    if common.one_to_one:
+        log_q = ls.index_select(1, sid)
+    else:
+        grouped = ls.new_zeros(ls.shape[0], tid.numel()).index_add(1, grp, ls.index_select(1, sid).exp())
+        log_q = grouped.clamp_min(P_KL_EPS).log()
+    matched = _kl_terms(lt.index_select(1, tid), log_q)
+    s_keep = torch.ones(v_s, dtype=torch.bool, device=dev)
+    s_keep[sid] = False
+    t_keep = torch.ones(v_t, dtype=torch.bool, device=dev)
+    t_keep[tid] = False
+    unmatched = _sorted_l1(
+        ls.index_select(1, torch.nonzero(s_keep, as_tuple=True)[0]).exp(),
+        lt.index_select(1, torch.nonzero(t_keep, as_tuple=True)[0]).exp(),
+    )
+    loss = float(matched_weight) * matched + float(unmatched_weight) * unmatched  # replicated, not summed
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+def vocab_parallel_gold(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: Any,
+    *,
+    matched_weight: float | None = 1.0,
+    unmatched_weight: float | None = 1.0,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards, exact."""
+    return _hybrid(
+        student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+    )
+
+
+def vocab_parallel_h_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: Any,
+    *,
+    matched_weight: float | None = 1.0,
+    unmatched_weight: float | None = 1.0,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards, exact."""
+    return _hybrid(
+        student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+    )

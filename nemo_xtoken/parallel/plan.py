@@ -56,8 +56,9 @@ def _check_padded(tp: int, student_padded: int, teacher_padded: int, shape: tupl
         raise XTokenError(f"tensor-parallel size must be >= 1, got {tp}")
     if student_padded < v_s or teacher_padded < v_t:
         raise XTokenError(
-            f"W has shape {shape} but the logits are only [.., {student_padded}] (student) and [.., {teacher_padded}] "
-            "(teacher) wide: the padded vocabularies must be at least the tokenizers' (was W built for other tokenizers?)"
+            f"W has shape {shape} but student_logits cover {student_padded} and teacher_logits {teacher_padded} "
+            "vocabulary columns (all shards): the padded vocabularies must be at least the tokenizers' "
+            "(was W built for other tokenizers?)"
         )
     for side, size in (("student", student_padded), ("teacher", teacher_padded)):
         if size % tp:
@@ -138,15 +139,27 @@ class PKLPlan:
         teacher_padded: int | None = None,
         *,
         teacher_perm: np.ndarray | None = None,
+        student_vocab_size: int | None = None,
+        teacher_vocab_size: int | None = None,
     ) -> "PKLPlan":
         """Build the exchange plan for ``tp`` ranks (``*_padded`` default to W's sizes).
 
         ``teacher_perm`` (from :func:`teacher_permutation`) says the teacher's logits columns are
         permuted: position ``j`` holds original teacher id ``teacher_perm[j]``.
+        ``*_vocab_size``: the tokenizers' real sizes when W is a CSR tensor wider than them.
         """
-        indptr, indices, data, shape = projection_csr(projection)
-        sp = shape[0] if student_padded is None else int(student_padded)
-        tpd = shape[1] if teacher_padded is None else int(teacher_padded)
+        indptr, indices, data, wshape = projection_csr(projection)
+        shape = (
+            wshape[0] if student_vocab_size is None else int(student_vocab_size),
+            wshape[1] if teacher_vocab_size is None else int(teacher_vocab_size),
+        )
+        if shape[0] > wshape[0] or shape[1] > wshape[1]:
+            raise XTokenError(f"W has shape {wshape} but the tokenizers have {shape} ids: W was built for other tokenizers")
+        if len(indices) and (int(np.repeat(np.arange(wshape[0]), np.diff(indptr)).max()) >= shape[0] or int(indices.max()) >= shape[1]):
+            raise XTokenError(f"W {wshape} has non-zeros beyond the real vocabulary sizes {shape}: it was built for other tokenizers")
+        indptr = indptr[: shape[0] + 1]
+        sp = wshape[0] if student_padded is None else int(student_padded)
+        tpd = wshape[1] if teacher_padded is None else int(teacher_padded)
         _check_padded(tp, sp, tpd, shape)
         inv = None
         if teacher_perm is not None:
