@@ -289,3 +289,81 @@ def test_teacher_permutation_is_a_permutation_that_localizes():
         plain = PKLPlan.build(W, tp, VS_PAD, VT_PAD).values_sent_per_token().sum()
         permuted = PKLPlan.build(W, tp, VS_PAD, VT_PAD, teacher_perm=perm).values_sent_per_token().sum()
         assert permuted < plain
+
+
+# ---- multi-teacher, CE and the total loss --------------------------------------------------------
+WEIGHTING_SCHEMES = ("static", "ce", "entropy", "max_prob")
+
+
+def make_combine_inputs() -> dict:
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    n = 10
+    al = random_alignment(rng, VS, VT)
+    return dict(
+        s=torch.randn(n, VS_PAD, generator=g) * 2,
+        s_al=torch.randn(al.student_chunk_ids.numel(), VS_PAD, generator=g) * 2,
+        t1=torch.randn(n, VT_PAD, generator=g) * 2,
+        t1_al=torch.randn(al.teacher_chunk_ids.numel(), VT_PAD, generator=g) * 2,
+        t2=torch.randn(n, VS_PAD, generator=g) * 2,  # a same-tokenizer teacher (KL)
+        targets=torch.from_numpy(rng.integers(0, VS, size=n)),
+        t1_targets=torch.from_numpy(rng.integers(0, VT, size=n)),
+        t2_targets=torch.from_numpy(rng.integers(0, VS, size=n)),
+        mask=torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool),
+        al=al,
+    )
+
+
+def _combine_ref(inp: dict, scheme: str, world: int | None, rank: int = 0):
+    """Reference (world None) or parallel (on a rank) multi-teacher + CE + dynamic total; value and grad."""
+    from nemo_xtoken.losses import Teacher, multi_teacher, total_loss
+
+    import nemo_xtoken.parallel as P
+
+    W = random_projection()
+    def shard(x, v):
+        if world is None:
+            return x
+        w = v // world
+        return x[:, rank * w : (rank + 1) * w]
+
+    s = shard(inp["s"], VS_PAD).clone().requires_grad_(True)
+    t1 = shard(inp["t1"], VT_PAD)
+    t2 = shard(inp["t2"], VS_PAD)
+    if world is None:
+        teachers = [Teacher("p_kl", W, 0.7), Teacher("kl", None, 0.3, dict(student_vocab_size=VS, teacher_vocab_size=VS))]
+        out = multi_teacher(s, [t1, t2], teachers, mask=inp["mask"], weighting=scheme,
+                            teacher_targets=[inp["t1_targets"], inp["t2_targets"]], temperature=1.3)
+        ce = torch.nn.functional.cross_entropy(s[:, :VS][inp["mask"]], inp["targets"][inp["mask"]])
+        tot = total_loss(ce, out.loss)
+    else:
+        plan = PKLPlan.build(W, world, VS_PAD, VT_PAD)
+        teachers = [Teacher("p_kl", plan, 0.7), Teacher("kl", None, 0.3, dict(student_vocab_size=VS, teacher_vocab_size=VS))]
+        out = P.vocab_parallel_multi_teacher(s, [t1, t2], teachers, mask=inp["mask"], weighting=scheme,
+                                             teacher_targets=[inp["t1_targets"], inp["t2_targets"]], temperature=1.3)
+        ce = P.vocab_parallel_cross_entropy(s, inp["targets"], vocab_size=VS, mask=inp["mask"])
+        tot = P.total_loss(ce, out.loss)
+    tot.backward()
+    return tot.detach(), out.alphas, ce.detach(), s.grad
+
+
+def _rank_run_combine(rank: int, world: int, inp: dict) -> list:
+    return [_combine_ref(inp, scheme, world, rank) for scheme in WEIGHTING_SCHEMES]
+
+
+@pytest.mark.parametrize("tp", (2, 4))
+def test_multi_teacher_ce_and_total_parity(tp):
+    """Multi-teacher (static and the three adaptive weightings), CE and the dynamic total = reference."""
+    inp = make_combine_inputs()
+    refs = [_combine_ref(inp, scheme, None) for scheme in WEIGHTING_SCHEMES]
+    per_rank = run_distributed(_rank_run_combine, tp, inp, timeout=300)
+    for k, scheme in enumerate(WEIGHTING_SCHEMES):
+        tot, alphas, ce, grad = refs[k]
+        for rank in range(tp):
+            ptot, palphas, pce, _ = per_rank[rank][k]
+            torch.testing.assert_close(palphas, alphas, rtol=1e-5, atol=1e-6, msg=lambda m: f"{scheme}: alphas {m}")
+            torch.testing.assert_close(pce, ce, rtol=1e-5, atol=1e-6, msg=lambda m: f"{scheme}: ce {m}")
+            torch.testing.assert_close(ptot, tot, rtol=1e-5, atol=1e-6, msg=lambda m: f"{scheme}: total {m}")
+        pgrad = torch.cat([per_rank[r][k][3] for r in range(tp)], dim=1)
+        torch.testing.assert_close(pgrad, grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{scheme}: gradient {m}")
+    assert len({round(float(r[1][0]), 6) for r in refs}) > 1  # adaptive weights differ from static

@@ -35,7 +35,7 @@ from nemo_xtoken.parallel.comm import (
     sum_partials,
 )
 from nemo_xtoken.parallel.plan import PKLPlan, projection_csr
-from nemo_xtoken.parallel.primitives import local_valid_columns, vocab_parallel_gather, vocab_parallel_log_softmax
+from nemo_xtoken.parallel.primitives import vocab_parallel_gather, vocab_parallel_log_softmax
 
 __all__ = [
     "vocab_parallel_kl",
