@@ -37,7 +37,8 @@ def random_projection(seed: int = 0) -> Projection:
             indices.append(t), data.append(1.0), kind.append(ROW_EXACT)
         elif s < 45:
             L = int(rng.integers(2, 5))
-            ts = rng.choice(VT, size=L, replace=False)
+            ts = rng.choice(targets[30:-1], size=L, replace=False)
+            ts[1] = targets[-1]  # a hub teacher token (like a digit): partial sums beat sending rows
             w = 0.9 * 0.1 ** np.arange(L)
             w = w / w.sum()
             indices.extend(int(x) for x in ts), data.extend(float(x) for x in w), kind.append(ROW_MULTI)
@@ -107,6 +108,7 @@ def make_cases() -> list[dict]:
                 variants.append(dict(tag="adaptive", s=logits(n, vsp), t=logits(n, vtp), opts=dict(matched_weight=None, unmatched_weight=None)))
         if name == "p_kl":
             variants.append(dict(tag="permuted-teacher", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al), permute=True))
+            variants.append(dict(tag="columns-only-plan", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al), columns_only=True))
         for v in variants:
             cases.append({**base, **v, "W": W if name in ("p_kl", "gold", "h_kl") else None})
     return cases
@@ -144,7 +146,7 @@ def _rank_run(rank: int, world: int, cases: list[dict]) -> list[tuple[torch.Tens
             t_full = t_full[:, torch.from_numpy(perm)]  # the teacher's output rows permuted once
             W = PKLPlan.build(W, world, VS_PAD, VT_PAD, teacher_perm=perm)
         elif case["loss"] == "p_kl" and not case.get("csr"):
-            W = PKLPlan.build(W, world, VS_PAD, VT_PAD)
+            W = PKLPlan.build(W, world, VS_PAD, VT_PAD, partial_sums=not case.get("columns_only"))
         elif case.get("csr"):
             W = W.to_torch(student_padded=VS_PAD, teacher_padded=VT_PAD)
             opts.update(student_vocab_size=VS, teacher_vocab_size=VT)
@@ -261,24 +263,67 @@ def test_plan_rejects_tp_not_dividing_padded_vocab():
         PKLPlan.build(W, 2, VS_PAD, VT_PAD, teacher_perm=np.zeros(VT_PAD, dtype=np.int64))
 
 
-def test_plan_sends_exactly_the_needed_columns():
-    """The plan's (r → r') lists equal the brute-force set of student rows linked to r's teacher shard."""
+def _max_matching_size(edges: list[tuple[int, int]]) -> int:
+    """Independent check: Kuhn's algorithm, recursive, on a small bipartite graph."""
+    adj: dict[int, list[int]] = {}
+    for a, b in edges:
+        adj.setdefault(a, []).append(b)
+    match: dict[int, int] = {}
+
+    def try_(u: int, seen: set) -> bool:
+        for v in adj[u]:
+            if v not in seen:
+                seen.add(v)
+                if v not in match or try_(match[v], seen):
+                    match[v] = u
+                    return True
+        return False
+
+    return sum(try_(u, set()) for u in adj)
+
+
+def _dense_w() -> np.ndarray:
     W = random_projection()
     dense = np.zeros((VS, VT))
     for s in range(VS):
         for t, w in W.row(s):
             dense[s, t] = w
+    return dense
+
+
+def test_plan_columns_only_sends_exactly_the_needed_columns():
+    """partial_sums=False: the (r → r') lists equal the brute-force set of rows linked to r's teacher shard."""
+    W, dense = random_projection(), _dense_w()
     for tp in (2, 4):
-        plan = PKLPlan.build(W, tp, VS_PAD, VT_PAD)
+        plan = PKLPlan.build(W, tp, VS_PAD, VT_PAD, partial_sums=False)
         ws, wt = VS_PAD // tp, VT_PAD // tp
         for r in range(tp):
             rp = plan.ranks[r]
+            assert rp.n_partial == 0
             off = np.cumsum([0] + rp.send_splits)
             for r2 in range(tp):
                 got = rp.send_cols[off[r2] : off[r2 + 1]].numpy() + r * ws
                 block = dense[r * ws : min((r + 1) * ws, VS), r2 * wt : min((r2 + 1) * wt, VT)]
                 want = np.nonzero(block.any(axis=1))[0] + r * ws if block.size else np.zeros(0)
                 assert np.array_equal(np.sort(got), want)
+
+
+def test_plan_partial_sums_send_a_minimum_vertex_cover():
+    """Default plan: per rank pair, as many values as a maximum matching (König: the optimum), fewer than rows."""
+    W, dense = random_projection(), _dense_w()
+    for tp in (2, 4):
+        plain = PKLPlan.build(W, tp, VS_PAD, VT_PAD, partial_sums=False)
+        plan = PKLPlan.build(W, tp, VS_PAD, VT_PAD)
+        ws, wt = VS_PAD // tp, VT_PAD // tp
+        for r in range(tp):
+            for r2 in range(tp):
+                if r == r2:
+                    continue
+                block = dense[r * ws : min((r + 1) * ws, VS), r2 * wt : min((r2 + 1) * wt, VT)]
+                edges = [(int(a), int(b)) for a, b in zip(*np.nonzero(block))]
+                assert plan.sent[r, r2] == _max_matching_size(edges)
+        assert plan.values_sent_per_token().sum() < plain.values_sent_per_token().sum()
+        assert any(rp.n_partial > 0 for rp in plan.ranks)  # the partial-sum path is exercised by the parity tests
 
 
 def test_teacher_permutation_is_a_permutation_that_localizes():

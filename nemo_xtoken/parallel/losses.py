@@ -228,14 +228,19 @@ def vocab_parallel_kl(
 
 # ---- P-KL ---------------------------------------------------------------------------------------
 class _ExchangeProject(torch.autograd.Function):
-    """``p̃_S`` on this teacher shard from student shards: all-to-all of the planned columns, then
-    the sparse block of W; backward: sparse Wᵀ block, reverse all-to-all, scatter-add."""
+    """``p̃_S`` on this teacher shard from student shards: one all-to-all of the planned values
+    (student columns and partial sums), then the sparse block of W; backward: the transposed
+    sparse block, the reverse all-to-all, scatter-add into the student shard."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, plan, group) -> torch.Tensor:  # q [n, w_S]
         ctx.plan, ctx.group, ctx.w_s = plan, group, q.shape[1]
         n = q.shape[0]
-        send = q.index_select(1, plan.send_cols).t().contiguous()  # [K_send, n]
+        parts = [q.index_select(1, plan.send_cols)]
+        if plan.n_partial:
+            contrib = q.index_select(1, plan.p_rows) * plan.p_w
+            parts.append(q.new_zeros(n, plan.n_partial).index_add_(1, plan.p_slot, contrib))
+        send = torch.cat(parts, 1).index_select(1, plan.send_order).t().contiguous()  # [K_send, n]
         recv = all_to_all_columns(send, plan.send_splits, plan.recv_splits, group)  # [K_recv, n]
         w_t = plan.proj_t.shape[0]
         if n == 0 or recv.shape[0] == 0:
@@ -247,13 +252,15 @@ class _ExchangeProject(torch.autograd.Function):
         plan = ctx.plan
         n = g.shape[0]
         k_recv = plan.proj.shape[0]
-        if n == 0 or k_recv == 0:
-            grecv = g.new_zeros(k_recv, n)
-        else:
-            grecv = plan.proj @ g.t().contiguous().float()
-        gsend = all_to_all_columns(grecv, plan.recv_splits, plan.send_splits, ctx.group)
+        g = g.float()
+        grecv = g.new_zeros(k_recv, n) if n == 0 or k_recv == 0 else plan.proj @ g.t().contiguous()
+        gsend = all_to_all_columns(grecv, plan.recv_splits, plan.send_splits, ctx.group)  # [K_send, n]
+        gbuf = g.new_zeros(n, gsend.shape[0]).index_copy_(1, plan.send_order, gsend.t())
+        kc = plan.send_cols.numel()
         gq = g.new_zeros(n, ctx.w_s)
-        gq.index_add_(1, plan.send_cols, gsend.t())
+        gq.index_add_(1, plan.send_cols, gbuf[:, :kc])
+        if plan.n_partial:
+            gq.index_add_(1, plan.p_rows, gbuf[:, kc:].index_select(1, plan.p_slot) * plan.p_w)
         return gq, None, None
 
 
