@@ -16,6 +16,7 @@ from nemo_xtoken.errors import XTokenError
 # Each module defines register(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES = [
     "nemo_xtoken.cli.vocab_cmds",
+    "nemo_xtoken.cli.align_cmds",
 ]
 
 

@@ -1,0 +1,244 @@
+"""Alignment speed: ours vs TRL's GOLD byte-offset walk, share of tokenization time, preprocess workers.
+
+Usage: ``XTOKEN_CACHE=... python benchmarks/alignment.py [--mb 1.0] [--student llama3] [--teacher qwen3]``
+
+Corpus: generated deterministically here (seed 0), >= 1 MB of mixed documents: English-like prose
+(sentences of common English words with capitals and punctuation), Python-like code, numbers
+(prices, dates, decimals, large integers), CJK text (common Han characters with CJK punctuation)
+and emoji (including ZWJ sequences).  It is synthetic, not real prose: documented here and in
+the output.
+
+TRL: ``trl.experimental.gold.gold_trainer`` imports accelerate/datasets (not installed in this
+project's venv), so the benchmark loads TRL's own ``GOLDTrainer._align_by_byte_offsets`` source
+from the installed TRL package (``pip install --no-deps --target $XTOKEN_CACHE/bench-site
+trl==1.16.0``) with ``ast`` and compiles that function alone, unmodified.  If TRL is not
+installed it says so and skips the comparison.  Both aligners get the same byte offsets; TRL gets
+them as Python lists (as ``.tolist()`` in its trainer; the conversion is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nemo_xtoken.align import align_offsets  # noqa: E402
+from nemo_xtoken.align.core import _byte_offsets, token_bytes  # noqa: E402
+from nemo_xtoken.assets import cache_dir, tokenizer_path  # noqa: E402
+from nemo_xtoken.vocab import load_tokenizer  # noqa: E402
+
+WORDS = (
+    "the of and to in is that it was for on are as with his they at be this from have or by one had not but what all "
+    "were when we there can an your which their said if do will each about how up out them then she many some so these "
+    "would other into has more her two like him see time could no make than first been its who now people my made over "
+    "did down only way find use may water long little very after words called just where most know get through back "
+    "much before go good new write our used me man too any day same right look think also around another came come work "
+    "three word must because does part even place well such here take why things help put years different away again "
+    "off went old number great tell men say small every found still between name should home big give air line set own "
+    "under read last never us left end along while might next sound below saw something thought both few those always "
+    "looked show large often together asked house don't world going want school important until form food keep children"
+).split()
+CODE = [
+    "def {f}(x, y=None):\n    if y is None:\n        y = {n}\n    return [v * y for v in range(x) if v % 3 == 0]\n",
+    "class {F}:\n    def __init__(self, items):\n        self.items = dict(items)\n\n    def __len__(self) -> int:\n        return len(self.items)\n",
+    "for i in range({n}):\n\tprint(f\"{{i:04d}}: {{i ** 2}}\")  # squares\n",
+    "const {f} = async (url) => {{ const r = await fetch(url); return r.json(); }};\n",
+]
+CJK = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计或司利受光王果亲界及今京务制解各任至清物台象记边共风战干接它许八特觉望直服毛林题建南度统色字请交爱让认算论百吃义科怎元社术结六功指思非流每青管夫连远资队跟带花快条院变联言权往展该领传近留红治决周保达办运武半候七必城父强步完革深区即求品士转量空甚众技轻程告江语英基派满式李息写呢识极令黄德收脸钱党倒未持取设始版双历越史商千片容研像找友孩站广改议形委早房音火际则首单据导影失拿网香似斯专石若兵弟谁校读志飞观争究包组造落视济喜离虽坐集编宝谈府拉黑且随格尽剑讲布杀微怕母调局根曾准团段终乐切级克精哪官示冷域读"
+PUNCT_CJK = "，。！？：；、"
+EMOJI = ["🎉", "😀", "🚀", "👍🏽", "👩‍👩‍👧", "🇫🇷", "❤️", "🤖", "✨", "🔥"]
+
+
+def make_corpus(target_bytes: int, seed: int = 0) -> list[str]:
+    """Deterministic mixed documents (prose, code, numbers, CJK, emoji) totalling >= target_bytes."""
+    rng = random.Random(seed)
+    docs, total = [], 0
+
+    def sentence() -> str:
+        w = [rng.choice(WORDS) for _ in range(rng.randint(5, 18))]
+        w[0] = w[0].capitalize()
+        if rng.random() < 0.3:
+            w.insert(rng.randint(1, len(w) - 1), rng.choice(["London", "NVIDIA", "Marie Curie", "Tuesday", "GPU"]))
+        return " ".join(w) + rng.choice([".", ".", ".", "?", "!", ";"])
+
+    def numbers() -> str:
+        return rng.choice([
+            f"In {rng.randint(1, 999)} days the price rose {rng.uniform(0, 100):.2f}% to ${rng.randint(1, 10**6):,}.",
+            f"On {rng.randint(1900, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} we measured {rng.random() * 1e4:.4f} ms.",
+            f"x = {rng.randint(-10**9, 10**9)}; y = {rng.random():.6e}; z = {rng.randint(0, 255):#04x}",
+        ])
+
+    def cjk() -> str:
+        return "".join(rng.choice(CJK) for _ in range(rng.randint(8, 40))) + rng.choice(PUNCT_CJK)
+
+    while total < target_bytes:
+        parts = []
+        for _ in range(rng.randint(4, 16)):
+            r = rng.random()
+            if r < 0.5:
+                parts.append(sentence())
+            elif r < 0.65:
+                parts.append("\n" + rng.choice(CODE).format(f=rng.choice(WORDS) + "_fn", F=rng.choice(WORDS).title(), n=rng.randint(0, 99)))
+            elif r < 0.8:
+                parts.append(numbers())
+            elif r < 0.93:
+                parts.append(cjk())
+            else:
+                parts.append(" ".join(rng.choice(EMOJI) for _ in range(rng.randint(1, 4))))
+        doc = " ".join(parts)
+        docs.append(doc)
+        total += len(doc.encode("utf-8"))
+    return docs
+
+
+def load_trl_walk():
+    """TRL's ``GOLDTrainer._align_by_byte_offsets``, compiled from the installed TRL source alone."""
+    site = cache_dir() / "bench-site"
+    sys.path.insert(0, str(site))
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("trl")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "TRL is not installed (pip install --no-deps --target $XTOKEN_CACHE/bench-site trl==1.16.0)"
+        root = Path(list(spec.submodule_search_locations)[0])
+        src_path = root / "experimental" / "gold" / "gold_trainer.py"
+        version = "?"
+        for d in site.glob("trl-*.dist-info"):
+            version = d.name.split("-")[1]
+        tree = ast.parse(src_path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "_align_by_byte_offsets":
+                node.decorator_list = []
+                mod = ast.Module(body=[node], type_ignores=[])
+                ns: dict = {}
+                exec(compile(mod, str(src_path), "exec"), ns)
+                return ns["_align_by_byte_offsets"], f"TRL {version}: GOLDTrainer._align_by_byte_offsets from {src_path}"
+        return None, f"{src_path} has no _align_by_byte_offsets"
+    finally:
+        sys.path.remove(str(site))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=1.0)
+    ap.add_argument("--student", default="llama3")
+    ap.add_argument("--teacher", default="qwen3")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N for the alignment timings")
+    ap.add_argument("--skip-preprocess", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    docs = make_corpus(int(args.mb * 1e6))
+    nbytes = sum(len(d.encode()) for d in docs)
+    S = load_tokenizer(str(tokenizer_path(args.student)))
+    T = load_tokenizer(str(tokenizer_path(args.teacher)))
+    st, tt = S.tokenizer, T.tokenizer
+    stb, ttb = token_bytes(S), token_bytes(T)
+    print(f"corpus: {len(docs)} synthetic mixed documents, {nbytes / 1e6:.2f} MB (prose-like, code, numbers, CJK, emoji; seed 0)")
+    print(f"tokenizers: student {args.student}, teacher {args.teacher}; one process, TOKENIZERS_PARALLELISM=false")
+
+    # 1. tokenization of both sides (single-document encode, one core)
+    t0 = time.perf_counter()
+    s_enc = [st.encode(d) for d in docs]
+    t_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    t_enc = [tt.encode(d) for d in docs]
+    t_t = time.perf_counter() - t0
+    t_tok = t_s + t_t
+
+    # 2. our byte offsets + exactness check (the part of `align` beyond tokenizing)
+    def to_bytes():
+        out = []
+        for d, es, et in zip(docs, s_enc, t_enc):
+            data = d.encode()
+            so = _byte_offsets(d, data, np.asarray(es.ids, np.int64), np.asarray(es.offsets, np.int64).reshape(-1, 2), stb, "s")
+            to = _byte_offsets(d, data, np.asarray(et.ids, np.int64), np.asarray(et.offsets, np.int64).reshape(-1, 2), ttb, "t")
+            out.append((so, to))
+        return out
+
+    best_bytes, offs = float("inf"), None
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        offs = to_bytes()
+        best_bytes = min(best_bytes, time.perf_counter() - t0)
+    n_s = sum(len(o[0]) for o in offs)
+    n_t = sum(len(o[1]) for o in offs)
+
+    # 3. alignment alone: ours vs TRL on the same byte offsets
+    best_ours = float("inf")
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        ours = [align_offsets(so, to) for so, to in offs]
+        best_ours = min(best_ours, time.perf_counter() - t0)
+    trl, note = load_trl_walk()
+    print(f"TRL: {note}")
+    best_trl = None
+    agree = None
+    if trl is not None:
+        lists = [(so.tolist(), to.tolist()) for so, to in offs]
+        best_trl = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            trl_out = [trl(so, to) for so, to in lists]
+            best_trl = min(best_trl, time.perf_counter() - t0)
+        # same chunks? (no zero-width tokens here: specials off in this encode, so both must agree)
+        agree = sum(
+            [list(range(a, b)) for a, b in al.student_chunks] == g_s and [list(range(a, b)) for a, b in al.teacher_chunks] == g_t
+            for al, (g_s, g_t) in zip(ours, trl_out)
+        )
+
+    rows = [
+        ("documents", f"{len(docs)}"),
+        ("student / teacher tokens", f"{n_s} / {n_t}"),
+        ("chunks", f"{sum(a.n_chunks for a in ours)}"),
+        ("tokenize student + teacher", f"{t_tok:.3f} s ({t_s:.3f} + {t_t:.3f})"),
+        ("byte offsets + exactness check", f"{best_bytes:.3f} s"),
+        ("align_offsets (ours)", f"{best_ours:.3f} s = {n_s / best_ours / 1e6:.2f} M student tokens/s"),
+    ]
+    if best_trl is not None:
+        rows += [
+            ("TRL GOLD walk", f"{best_trl:.3f} s = {n_s / best_trl / 1e6:.2f} M student tokens/s"),
+            ("ours vs TRL (alignment alone)", f"{best_trl / best_ours:.1f}x faster; same chunks on {agree}/{len(docs)} documents"),
+        ]
+    rows += [
+        ("alignment share of tokenizing", f"align_offsets {100 * best_ours / t_tok:.1f}%; with byte offsets + check {100 * (best_ours + best_bytes) / t_tok:.1f}%"),
+    ]
+
+    if not args.skip_preprocess:
+        from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+
+        with tempfile.TemporaryDirectory() as tmp:
+            inp = Path(tmp) / "docs.jsonl"
+            with open(inp, "w") as f:
+                for d in docs:
+                    f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+            times = {}
+            for w in (1, 2):
+                opts = PreprocessOptions(str(tokenizer_path(args.student)), str(tokenizer_path(args.teacher)), shard_size=64)
+                t0 = time.perf_counter()
+                rep = preprocess(inp, Path(tmp) / f"out{w}", opts, workers=w, progress=False)
+                times[w] = time.perf_counter() - t0
+                assert rep["documents"] == len(docs), rep
+            rows += [
+                ("xtoken preprocess, 1 worker", f"{times[1]:.2f} s ({nbytes / 1e6 / times[1]:.2f} MB/s)"),
+                ("xtoken preprocess, 2 workers", f"{times[2]:.2f} s ({nbytes / 1e6 / times[2]:.2f} MB/s), speed-up {times[1] / times[2]:.2f}x"),
+            ]
+    w = max(len(r[0]) for r in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,667 @@
+"""Span alignment: one text under two tokenizers → minimal chunk pairs of equal text.
+
+**Rule.**  A chunk boundary is a text position where *both* sides may cut: every token before it
+ends at or before it and every token after it starts at or after it.  The boundaries are exactly
+the positions common to the two sides' cut sets, so each chunk pair covers the same text span and
+no smaller pair does (the chunks are the minimal ones).  Tokens of zero width (a BOS/EOS the
+tokenizer adds, a chat-template token) are gap moves of the dynamic programme: each becomes a
+one-sided chunk of its own (start == end on the other side) where it stands between chunks, so one
+disagreement never merges the rest of the sequence (the flaw of buffer-flush alignment).  A
+zero-width token strictly inside a chunk adds no text and stays in that chunk.
+
+**Offsets.**  :func:`align_offsets` is the hot path: vectorized numpy over ``[n, 2]`` (start, end)
+offsets in the same unit on both sides.  :func:`align` tokenizes, turns character offsets into
+byte offsets (byte-level tokens that split one multi-byte character share its character range in
+Hugging Face ``tokenizers``; on bytes they are disjoint, so CJK and emoji align byte by byte), and
+checks that every token's bytes equal the text under its offsets: a normalizer that changes the
+text (lowercasing, NFC/NFKC) is reported with the span, never misaligned silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nemo_xtoken.errors import XTokenError
+
+__all__ = ["Alignment", "AlignmentBatch", "align", "align_batch", "align_offsets", "align_offsets_batch", "encode_for_alignment", "TokenBytes", "token_bytes"]
+
+_FORMAT = "nemo_xtoken.alignment/1"
+
+
+@dataclass
+class Alignment:
+    """Chunk pairs of one text under two tokenizers.
+
+    ``student_chunks[k] = (a, b)``: chunk ``k`` is student tokens ``a … b-1`` (``a == b``: the
+    student has no token in it, a teacher-only chunk); likewise ``teacher_chunks``.  Chunks are in
+    text order and cover every token of both sides.  ``*_chunk_ids[i]`` is the chunk of token ``i``.
+    ``spans[k]`` is the chunk's (start, end) offset in the text (bytes for :func:`align`), width 0
+    for a one-sided chunk.
+    """
+
+    student_chunks: np.ndarray  # int64 [n_chunks, 2]
+    teacher_chunks: np.ndarray  # int64 [n_chunks, 2]
+    student_chunk_ids: np.ndarray  # int64 [n_student]
+    teacher_chunk_ids: np.ndarray  # int64 [n_teacher]
+    spans: np.ndarray | None = None  # int64 [n_chunks, 2]
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunks (two-sided and one-sided)."""
+        return int(self.student_chunks.shape[0])
+
+    def one_sided(self) -> np.ndarray:
+        """bool [n_chunks]: chunks with tokens on one side only."""
+        s = self.student_chunks[:, 1] > self.student_chunks[:, 0]
+        t = self.teacher_chunks[:, 1] > self.teacher_chunks[:, 0]
+        return s != t
+
+    def pairs(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """The chunk pairs as Python tuples ``((s_start, s_end), (t_start, t_end))``."""
+        return [((int(a), int(b)), (int(c), int(d))) for (a, b), (c, d) in zip(self.student_chunks, self.teacher_chunks)]
+
+    @staticmethod
+    def from_chunk_ids(student_chunk_ids: np.ndarray, teacher_chunk_ids: np.ndarray, n_chunks: int) -> "Alignment":
+        """Rebuild an alignment from per-token chunk ids (non-decreasing, as stored on disk)."""
+        s = np.asarray(student_chunk_ids, dtype=np.int64)
+        t = np.asarray(teacher_chunk_ids, dtype=np.int64)
+        for name, ids in (("student_chunk_ids", s), ("teacher_chunk_ids", t)):
+            if ids.ndim != 1 or (ids.size and (ids[0] < 0 or ids[-1] >= n_chunks or np.any(np.diff(ids) < 0))):
+                raise XTokenError(
+                    f"{name} (shape {ids.shape}) must be 1-D, non-decreasing and within 0…{n_chunks - 1}: the file "
+                    "is not an alignment written by nemo_xtoken; re-run `xtoken preprocess`"
+                )
+        k = np.arange(n_chunks)
+        sc = np.stack([np.searchsorted(s, k, "left"), np.searchsorted(s, k, "right")], 1).astype(np.int64)
+        tc = np.stack([np.searchsorted(t, k, "left"), np.searchsorted(t, k, "right")], 1).astype(np.int64)
+        return Alignment(sc, tc, s, t)
+
+    def to_positions(self, student_ids: Any, teacher_ids: Any, student_loss_mask: Any = None):
+        """Per-position chunk ids and targets for the losses (applies the next-token shift)."""
+        import torch
+
+        from nemo_xtoken.align.merge import positions_from_token_chunks
+
+        sid = torch.as_tensor(np.asarray(student_ids), dtype=torch.long)
+        tid = torch.as_tensor(np.asarray(teacher_ids), dtype=torch.long)
+        if sid.shape != (self.student_chunk_ids.shape[0],) or tid.shape != (self.teacher_chunk_ids.shape[0],):
+            raise XTokenError(
+                f"to_positions: ids of shape student {tuple(sid.shape)} / teacher {tuple(tid.shape)} do not match the "
+                f"alignment ({self.student_chunk_ids.shape[0]} student, {self.teacher_chunk_ids.shape[0]} teacher tokens): "
+                "pass the ids the alignment was computed for"
+            )
+        mask = None if student_loss_mask is None else torch.as_tensor(np.asarray(student_loss_mask))
+        return positions_from_token_chunks(
+            torch.from_numpy(self.student_chunk_ids.astype(np.int64)),
+            torch.from_numpy(self.teacher_chunk_ids.astype(np.int64)),
+            sid,
+            tid,
+            self.n_chunks,
+            student_loss_mask=mask,
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a ``.npz`` (numpy) or ``.safetensors`` file; never pickle."""
+        arrays = {
+            "student_chunk_ids": self.student_chunk_ids.astype(np.int64),
+            "teacher_chunk_ids": self.teacher_chunk_ids.astype(np.int64),
+            "n_chunks": np.array([self.n_chunks], dtype=np.int64),
+        }
+        if self.spans is not None:
+            arrays["spans"] = self.spans.astype(np.int64)
+        p = str(path)
+        if p.endswith(".safetensors"):
+            from safetensors.numpy import save_file
+
+            save_file(arrays, p, metadata={"format": _FORMAT})
+        else:
+            arrays["format"] = np.frombuffer(_FORMAT.encode(), dtype=np.uint8)
+            with open(p, "wb") as f:
+                np.savez(f, **arrays)
+
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> "Alignment":
+        """Read a file written by :meth:`save`."""
+        p = str(path)
+        try:
+            if p.endswith(".safetensors"):
+                from safetensors.numpy import load_file
+
+                arrays = load_file(p)
+            else:
+                with np.load(p, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise XTokenError(f"alignment file {p} does not exist") from None
+        except Exception as e:
+            raise XTokenError(f"cannot read alignment file {p} ({type(e).__name__}: {e}); write it with Alignment.save") from None
+        missing = {"student_chunk_ids", "teacher_chunk_ids", "n_chunks"} - set(arrays)
+        if missing:
+            raise XTokenError(f"{p} is not an alignment file (missing {sorted(missing)}); write it with Alignment.save")
+        a = Alignment.from_chunk_ids(arrays["student_chunk_ids"], arrays["teacher_chunk_ids"], int(arrays["n_chunks"][0]))
+        a.spans = arrays.get("spans")
+        return a
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Alignment):
+            return NotImplemented
+        return (
+            np.array_equal(self.student_chunks, other.student_chunks)
+            and np.array_equal(self.teacher_chunks, other.teacher_chunks)
+            and np.array_equal(self.student_chunk_ids, other.student_chunk_ids)
+            and np.array_equal(self.teacher_chunk_ids, other.teacher_chunk_ids)
+        )
+
+
+def _check_offsets(name: str, off: Any) -> np.ndarray:
+    a = np.asarray(off)
+    if a.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if a.ndim != 2 or a.shape[1] != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise XTokenError(f"{name} must be an integer array [n, 2] of (start, end) offsets; got dtype {a.dtype}, shape {a.shape}")
+    a = a.astype(np.int64, copy=False)
+    bad = np.flatnonzero((a[:, 1] < a[:, 0]) | (a[:, 0] < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise XTokenError(f"{name}[{i}] = {tuple(a[i].tolist())} is not a (start, end) offset with 0 <= start <= end")
+    return a
+
+
+def _cuts(off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Content-token indices, the cut value after each, and whether a cut there is allowed."""
+    content = np.flatnonzero(off[:, 1] > off[:, 0])
+    st = off[content, 0]
+    en = off[content, 1]
+    reach = np.maximum.accumulate(en) if en.size else en
+    nxt = np.empty_like(st)
+    if st.size:
+        nxt[:-1] = np.minimum.accumulate(st[::-1])[::-1][1:]
+        nxt[-1] = np.iinfo(np.int64).max
+    return content, reach, reach <= nxt
+
+
+def align_offsets(student_offsets: Any, teacher_offsets: Any) -> Alignment:
+    """Align two tokenizations of one text given their ``[n, 2]`` (start, end) offsets (same unit).
+
+    Vectorized (no Python loop over tokens).  Raises :class:`XTokenError` when the two sides do
+    not cover the same text (a token span on one side only, or different ends).
+    """
+    so = _check_offsets("student_offsets", student_offsets)
+    to = _check_offsets("teacher_offsets", teacher_offsets)
+    s_ids, t_ids, n_chunks, spans = _align_arrays(so, to)
+    a = Alignment.from_chunk_ids(s_ids, t_ids, n_chunks)
+    a.spans = spans
+    return a
+
+
+def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Per-token chunk ids of both sides, the number of chunks and the chunk spans."""
+    sc, sreach, sok = _cuts(so)
+    tc, treach, tok = _cuts(to)
+    svals = sreach[sok]
+    tvals = treach[tok]
+    # Common cut values (both sorted, strictly increasing).
+    if svals.size and tvals.size:
+        j = np.searchsorted(tvals, svals).clip(max=tvals.size - 1)
+        common_mask_s = tvals[j] == svals
+        common = svals[common_mask_s]
+    else:
+        common = svals[:0]
+    k_content = int(common.size)
+    if (sc.size == 0) != (tc.size == 0) or (
+        sc.size and (k_content == 0 or sreach[-1] != common[-1] or treach[-1] != common[-1])
+    ):
+        _raise_mismatch(so, sc, sreach, to, tc, treach, common)
+
+    def side(off: np.ndarray, content: np.ndarray, reach: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = off.shape[0]
+        boundary = np.zeros(content.size, dtype=bool)
+        if content.size and k_content:
+            okidx = np.flatnonzero(ok)
+            r = reach[okidx]
+            hit = np.searchsorted(common, r).clip(max=k_content - 1)
+            boundary[okidx[common[hit] == r]] = True
+        # content chunk of each content token
+        cchunk = np.zeros(content.size, dtype=np.int64)
+        if content.size > 1:
+            cchunk[1:] = np.cumsum(boundary[:-1])
+        # chunk starts at token positions: each content chunk's first chunk token
+        zw = np.flatnonzero(off[:, 1] == off[:, 0])
+        # number of content tokens before each zero-width token
+        before = np.searchsorted(content, zw)
+        prev_boundary = np.ones(zw.size, dtype=bool)
+        has_prev = before > 0
+        prev_boundary[has_prev] = boundary[before[has_prev] - 1]
+        # gap index (content chunks before) for boundary zero-width tokens; chunk of others
+        prev_chunk = np.where(has_prev, cchunk[np.maximum(before - 1, 0)] if content.size else 0, -1)
+        gap = np.where(prev_boundary, prev_chunk + 1, -1)  # gap g: before content chunk g
+        return cchunk, zw, np.stack([gap, prev_chunk])
+
+    s_cchunk, s_zw, s_info = side(so, sc, sreach, sok)
+    t_cchunk, t_zw, t_info = side(to, tc, treach, tok)
+    s_gap_tok = s_info[0] >= 0
+    t_gap_tok = t_info[0] >= 0
+    s_gz, t_gz = s_zw[s_gap_tok], t_zw[t_gap_tok]
+    # One-sided chunks, in text order: by gap, then position, then student before teacher.
+    g = np.concatenate([s_info[0][s_gap_tok], t_info[0][t_gap_tok]])
+    gpos = np.concatenate([so[s_gz, 0], to[t_gz, 0]])
+    gside = np.concatenate([np.zeros(s_gz.size, np.int64), np.ones(t_gz.size, np.int64)])
+    order = np.lexsort((np.arange(g.size), gside, gpos, g))
+    one_id = np.empty(g.size, dtype=np.int64)
+    one_id[order] = np.arange(g.size) + g[order]  # r-th one-sided chunk, after g content chunks
+    incl = np.cumsum(np.bincount(g, minlength=k_content + 1))
+    n_chunks = k_content + int(incl[-1])
+    content_id = np.arange(k_content) + incl[:k_content]  # final id of content chunk k
+
+    def ids_for(n: int, content: np.ndarray, cchunk: np.ndarray, zw: np.ndarray, info: np.ndarray, gap_tok: np.ndarray,
+                ids_one: np.ndarray) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        out[content] = content_id[cchunk]
+        inner = ~gap_tok  # interior zero-width tokens: the chunk of the previous content token
+        out[zw[inner]] = content_id[info[1][inner]]
+        out[zw[gap_tok]] = ids_one
+        return out
+
+    s_ids = ids_for(so.shape[0], sc, s_cchunk, s_zw, s_info, s_gap_tok, one_id[: s_gz.size])
+    t_ids = ids_for(to.shape[0], tc, t_cchunk, t_zw, t_info, t_gap_tok, one_id[s_gz.size:])
+    spans = np.zeros((n_chunks, 2), dtype=np.int64)
+    if k_content:
+        # each content chunk starts where its first token starts, alike on both sides
+        k = np.arange(k_content)
+        s_lo = so[sc[np.searchsorted(s_cchunk, k)], 0]
+        t_lo = to[tc[np.searchsorted(t_cchunk, k)], 0]
+        if not np.array_equal(s_lo, t_lo):
+            bad = int(np.flatnonzero(s_lo != t_lo)[0])
+            raise XTokenError(
+                f"the two tokenizations cover different text before offset {int(common[bad])}: the chunk ending there "
+                f"starts at {int(s_lo[bad])} on the student side and at {int(t_lo[bad])} on the teacher side "
+                "(one tokenizer skips text the other keeps); offsets must index the same text in the same unit"
+            )
+        spans[content_id, 0] = s_lo
+        spans[content_id, 1] = common
+    spans[one_id, 0] = gpos  # a one-sided chunk: its token's (zero-width) position
+    spans[one_id, 1] = gpos
+    return s_ids, t_ids, n_chunks, spans
+
+
+def _raise_mismatch(so, sc, sreach, to, tc, treach, common) -> None:
+    """Name the first text span that the two sides do not cover alike."""
+    last = int(common[-1]) if common.size else (int(min(so[sc[0], 0], to[tc[0], 0])) if sc.size and tc.size else 0)
+    s_next = so[sc[np.searchsorted(sreach, last, "right")]] if sc.size and sreach[-1] > last else None
+    t_next = to[tc[np.searchsorted(treach, last, "right")]] if tc.size and treach[-1] > last else None
+    raise XTokenError(
+        "the two tokenizations do not cover the same text after offset "
+        f"{last}: next student token span {None if s_next is None else tuple(s_next.tolist())}, next teacher token span "
+        f"{None if t_next is None else tuple(t_next.tolist())} (student ends at {int(sreach[-1]) if sreach.size else 0}, "
+        f"teacher at {int(treach[-1]) if treach.size else 0}); offsets must index the same text in the same unit"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# From text: tokenization, byte offsets, exactness check.
+
+
+@dataclass
+class TokenBytes:
+    """Per-id token bytes of one tokenizer, flat (for vectorized byte checks)."""
+
+    buf: np.ndarray  # uint8, all token byte strings concatenated
+    start: np.ndarray  # int64 [V] offset of id i in buf
+    length: np.ndarray  # int64 [V]
+    special: np.ndarray  # bool [V]
+
+
+def token_bytes(info: Any) -> TokenBytes:
+    """The bytes each id stands for (special tokens: their literal content), cached on the info."""
+    cached = getattr(info, "_align_token_bytes", None)
+    if cached is not None:
+        return cached
+    from nemo_xtoken.vocab import canonical_vocab
+
+    cv = canonical_vocab(info)
+    pieces = []
+    for i in range(cv.size):
+        t = cv.text[i]
+        if t is None:
+            t = (cv.raw[i] or "").encode("utf-8") if cv.special[i] is not None else b""
+        pieces.append(t)
+    length = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    start = np.zeros(len(pieces), dtype=np.int64)
+    if len(pieces) > 1:
+        start[1:] = np.cumsum(length[:-1])
+    buf = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    special = np.array([s is not None for s in cv.special], dtype=bool)
+    tb = TokenBytes(buf, start, length, special)
+    info._align_token_bytes = tb  # type: ignore[attr-defined]
+    return tb
+
+
+def _bos_id(info: Any) -> int:
+    bos = info.config.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    tid = info.tokenizer.token_to_id(bos) if isinstance(bos, str) else None
+    if tid is None:
+        raise XTokenError(
+            f"tokenizer {info.source} declares no BOS token (tokenizer_config.json bos_token); "
+            "pass add_bos=False or a tokenizer whose config names one"
+        )
+    return int(tid)
+
+
+def encode_for_alignment(text: str, tokenizer: Any, *, special_tokens: bool = True, add_bos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize ``text``: ids ``[n]`` and byte offsets ``[n, 2]`` (checked against the text's bytes).
+
+    ``special_tokens`` runs the tokenizer's post-processor (its BOS/EOS template);
+    ``add_bos`` prepends the BOS named by its ``tokenizer_config.json`` unless already there
+    (the npm Llama-3 ``tokenizer.json`` has no BOS template).
+    """
+    from nemo_xtoken.vocab import load_tokenizer
+
+    info = load_tokenizer(tokenizer)
+    enc = info.tokenizer.encode(text, add_special_tokens=special_tokens)
+    ids = np.asarray(enc.ids, dtype=np.int64)
+    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    if add_bos:
+        b = _bos_id(info)
+        if ids.size == 0 or ids[0] != b:
+            ids = np.concatenate([[b], ids])
+            off = np.concatenate([np.zeros((1, 2), dtype=np.int64), off])
+    data = text.encode("utf-8", "surrogatepass")
+    return ids, _byte_offsets(text, data, ids, off, token_bytes(info), info.source)
+
+
+def _char_to_byte(text: str, data: bytes) -> np.ndarray:
+    """c2b[i] = byte offset of character i (length len(text)+1)."""
+    if len(data) == len(text):
+        return np.arange(len(text) + 1, dtype=np.int64)
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    ln = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    c2b = np.zeros(len(text) + 1, dtype=np.int64)
+    np.cumsum(ln, out=c2b[1:])
+    return c2b
+
+
+def _byte_offsets(text: str, data: bytes, ids: np.ndarray, off: np.ndarray, tb: TokenBytes, source: str) -> np.ndarray:
+    n = ids.size
+    if n == 0:
+        return off
+    if ids.max() >= tb.length.size or ids.min() < 0:
+        raise XTokenError(f"{source} produced ids outside its vocabulary (max {int(ids.max())}, vocab {tb.length.size})")
+    c2b = _char_to_byte(text, data)
+    if off.max() > len(text):
+        raise XTokenError(f"{source} returned offsets beyond the text ({int(off.max())} > {len(text)} characters)")
+    zero = off[:, 1] == off[:, 0]
+    L = np.where(zero, 0, tb.length[ids])
+    # Tokens that share a character with an earlier one (a split multi-byte char) continue in
+    # bytes where the previous token stopped; group heads start at their character's byte.
+    prev_reach = np.empty(n, dtype=np.int64)
+    prev_reach[0] = -1
+    if n > 1:
+        prev_reach[1:] = np.maximum.accumulate(np.where(zero, -1, off[:, 1]))[:-1]
+    head = zero | (off[:, 0] >= prev_reach)
+    cum = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(L, out=cum[1:])
+    head_idx = np.maximum.accumulate(np.where(head, np.arange(n), 0))
+    bstart = c2b[off[head_idx, 0]] + (cum[:-1] - cum[head_idx])
+    bend = bstart + L
+    # Exactness: the last token of every group must end at its character end, and the token
+    # bytes must equal the text bytes under them.
+    last = np.ones(n, dtype=bool)
+    last[:-1] = head[1:]
+    bad = np.flatnonzero(last & ~zero & (bend != c2b[off[:, 1]]))
+    if bad.size == 0:
+        nz = np.flatnonzero(~zero)
+        tot = int(L[nz].sum())
+        if tot:
+            ln = L[nz]
+            rep_excl = np.repeat(np.cumsum(ln) - ln, ln)
+            within = np.arange(tot, dtype=np.int64) - rep_excl
+            tok_b = tb.buf[np.repeat(tb.start[ids[nz]], ln) + within]
+            txt_b = np.frombuffer(data, dtype=np.uint8)[np.repeat(bstart[nz], ln) + within]
+            diff = np.flatnonzero(tok_b != txt_b)
+            if diff.size:
+                bad = nz[np.searchsorted(np.cumsum(ln), diff[:1], "right")]
+    if bad.size:
+        i = int(bad[0])
+        s, e = int(off[i, 0]), int(off[i, 1])
+        tok = tb.buf[tb.start[ids[i]]: tb.start[ids[i]] + tb.length[ids[i]]].tobytes().decode("utf-8", "backslashreplace")
+        raise XTokenError(
+            f"{source} changes the text: token {i} (id {int(ids[i])}, {tok!r}) stands for text[{s}:{e}] = "
+            f"{text[s:e]!r}; its normalizer (e.g. lowercasing, NFC/NFKC) or decoder does not preserve the input. "
+            "Normalize the corpus first (the same way), or use a tokenizer without a text-changing normalizer"
+        )
+    return np.stack([bstart, bend], 1)
+
+
+def align(
+    text: str,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    student_special_tokens: bool = True,
+    teacher_special_tokens: bool = True,
+    student_add_bos: bool = False,
+    teacher_add_bos: bool = False,
+    return_ids: bool = False,
+) -> Any:
+    """Tokenize ``text`` with both tokenizers and align the two sequences (byte offsets).
+
+    ``*_special_tokens`` apply each tokenizer's template (BOS/EOS); ``*_add_bos`` prepend the
+    BOS of ``tokenizer_config.json``.  Returns the :class:`Alignment`, or
+    ``(alignment, student_ids, teacher_ids)`` with ``return_ids=True``.
+    """
+    if not isinstance(text, str):
+        raise XTokenError(f"align needs a str text, got {type(text).__name__}")
+    s_ids, s_off = encode_for_alignment(text, student_tokenizer, special_tokens=student_special_tokens, add_bos=student_add_bos)
+    t_ids, t_off = encode_for_alignment(text, teacher_tokenizer, special_tokens=teacher_special_tokens, add_bos=teacher_add_bos)
+    a = align_offsets(s_off, t_off)
+    return (a, s_ids, t_ids) if return_ids else a
+
+
+@dataclass
+class AlignmentBatch:
+    """Alignments of many documents in flat arrays (what `xtoken preprocess` stores).
+
+    Document ``d`` has student tokens ``student_ids[student_offsets[d]:student_offsets[d+1]]``
+    whose chunk ids (local to the document) are the same slice of ``student_chunk_ids``;
+    likewise for the teacher.  ``index[d]`` is the document's position in the input list.
+    """
+
+    student_ids: np.ndarray  # int64 [S]
+    teacher_ids: np.ndarray  # int64 [T]
+    student_offsets: np.ndarray  # int64 [n+1]
+    teacher_offsets: np.ndarray  # int64 [n+1]
+    student_chunk_ids: np.ndarray  # int64 [S]
+    teacher_chunk_ids: np.ndarray  # int64 [T]
+    n_chunks: np.ndarray  # int64 [n]
+    index: np.ndarray  # int64 [n]
+    rejected: list[tuple[int, str]]
+
+    def __len__(self) -> int:
+        return int(self.n_chunks.shape[0])
+
+    def __getitem__(self, d: int) -> tuple[np.ndarray, np.ndarray, Alignment]:
+        """(student ids, teacher ids, Alignment) of document ``d``."""
+        s0, s1 = int(self.student_offsets[d]), int(self.student_offsets[d + 1])
+        t0, t1 = int(self.teacher_offsets[d]), int(self.teacher_offsets[d + 1])
+        a = Alignment.from_chunk_ids(self.student_chunk_ids[s0:s1], self.teacher_chunk_ids[t0:t1], int(self.n_chunks[d]))
+        return self.student_ids[s0:s1], self.teacher_ids[t0:t1], a
+
+    def one_sided_token_counts(self) -> tuple[int, int]:
+        """Tokens in one-sided chunks (student, teacher) over the whole batch."""
+        base = _doc_offsets(self.n_chunks.tolist())
+        total = int(base[-1])
+        gs = self.student_chunk_ids + np.repeat(base[:-1], np.diff(self.student_offsets))
+        gt = self.teacher_chunk_ids + np.repeat(base[:-1], np.diff(self.teacher_offsets))
+        cs, ct = np.bincount(gs, minlength=total), np.bincount(gt, minlength=total)
+        return int(cs[ct == 0].sum()), int(ct[cs == 0].sum())
+
+
+def _doc_offsets(lengths: list[int]) -> np.ndarray:
+    o = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=o[1:])
+    return o
+
+
+def _localize(so: np.ndarray, to: np.ndarray, s_doc: np.ndarray, t_doc: np.ndarray, doc_base: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Align concatenated documents in one call; chunk ids made local to each document."""
+    s_ids, t_ids, n_chunks, spans = _align_arrays(so, to)
+    n = doc_base.size
+    chunk_doc = np.searchsorted(doc_base, spans[:, 0], "right") - 1
+    per_doc = np.bincount(chunk_doc, minlength=n)
+    base = np.zeros(n, dtype=np.int64)
+    if n > 1:
+        base[1:] = np.cumsum(per_doc)[:-1]
+    return s_ids - base[s_doc], t_ids - base[t_doc], per_doc.astype(np.int64)
+
+
+def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) -> AlignmentBatch:
+    """Align many documents at once (one vectorized pass): per-document ``[n, 2]`` offsets.
+
+    Equal to :func:`align_offsets` document by document; much faster on short documents.
+    A document whose two sides do not cover the same text raises, naming the document.
+    """
+    if len(student_offsets) != len(teacher_offsets):
+        raise XTokenError(f"align_offsets_batch: {len(student_offsets)} student and {len(teacher_offsets)} teacher documents")
+    so_l = [_check_offsets(f"student_offsets[{i}]", o) for i, o in enumerate(student_offsets)]
+    to_l = [_check_offsets(f"teacher_offsets[{i}]", o) for i, o in enumerate(teacher_offsets)]
+    ns, nt = [o.shape[0] for o in so_l], [o.shape[0] for o in to_l]
+    extent = [max(int(a[:, 1].max()) if a.size else 0, int(b[:, 1].max()) if b.size else 0) + 1 for a, b in zip(so_l, to_l)]
+    doc_base = _doc_offsets(extent)[:-1]
+    s_doc = np.repeat(np.arange(len(ns)), ns)
+    t_doc = np.repeat(np.arange(len(nt)), nt)
+    so = np.concatenate(so_l + [np.zeros((0, 2), np.int64)]) + doc_base[s_doc, None]
+    to = np.concatenate(to_l + [np.zeros((0, 2), np.int64)]) + doc_base[t_doc, None]
+    try:
+        sc, tc, nc = _localize(so, to, s_doc, t_doc, doc_base)
+    except XTokenError:
+        for i, (a, b) in enumerate(zip(so_l, to_l)):
+            try:
+                align_offsets(a, b)
+            except XTokenError as e:
+                raise XTokenError(f"document {i}: {e}") from None
+        raise
+    z = np.zeros(0, np.int64)
+    return AlignmentBatch(z, z, _doc_offsets(ns), _doc_offsets(nt), sc, tc, nc, np.arange(len(ns)), [])
+
+
+def align_batch(
+    texts: list[str],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    student_special_tokens: bool = True,
+    teacher_special_tokens: bool = True,
+    student_add_bos: bool = False,
+    teacher_add_bos: bool = False,
+    on_error: str = "raise",
+) -> AlignmentBatch:
+    """Tokenize and align many texts with one vectorized pass (the data-pipeline path).
+
+    Equal to :func:`align` text by text.  ``on_error="skip"`` leaves out texts that cannot be
+    aligned (a text-changing normalizer, a non-string) and lists them in ``rejected`` with the
+    reason; ``"raise"`` raises for the first, naming it.
+    """
+    from nemo_xtoken.vocab import load_tokenizer
+
+    if on_error not in ("raise", "skip"):
+        raise XTokenError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    S, T = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
+    sides = [(S, student_special_tokens, student_add_bos), (T, teacher_special_tokens, teacher_add_bos)]
+    good = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    rejected = [(i, f"not a string ({type(t).__name__})") for i, t in enumerate(texts) if not isinstance(t, str)]
+    if rejected and on_error == "raise":
+        raise XTokenError(f"document {rejected[0][0]}: {rejected[0][1]}")
+    enc = []
+    for info, special, bos in sides:
+        encs = [info.tokenizer.encode(texts[i], add_special_tokens=special) for i in good]
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        off = [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encs]
+        if bos:
+            b = _bos_id(info)
+            for k in range(len(ids)):
+                if ids[k].size == 0 or ids[k][0] != b:
+                    ids[k] = np.concatenate([[b], ids[k]])
+                    off[k] = np.concatenate([np.zeros((1, 2), np.int64), off[k]])
+        enc.append((ids, off))
+    while True:
+        try:
+            return _align_encoded(texts, good, enc, (S, T), rejected)
+        except _DocError as e:
+            if on_error == "raise":
+                raise XTokenError(f"document {good[e.k]}: {e.msg}") from None
+            rejected.append((good[e.k], e.msg))
+            del good[e.k]
+            for ids, off in enc:
+                del ids[e.k], off[e.k]
+
+
+class _DocError(Exception):
+    def __init__(self, k: int, msg: str) -> None:
+        self.k, self.msg = k, msg
+
+
+def _align_encoded(texts, good, enc, infos, rejected) -> AlignmentBatch:
+    """Byte offsets of all documents at once (one joined text, one byte between documents), then align."""
+    docs = [texts[i] for i in good]
+    joined = "\x00".join(docs)
+    data = joined.encode("utf-8", "surrogatepass")
+    char_base = _doc_offsets([len(d) + 1 for d in docs])[:-1]
+    byte_base = _doc_offsets([len(d.encode("utf-8", "surrogatepass")) + 1 for d in docs])[:-1]
+    out = []
+    for (ids, off), info in zip(enc, infos):
+        n = [x.size for x in ids]
+        doc = np.repeat(np.arange(len(docs)), n)
+        cat_ids = np.concatenate(ids + [np.zeros(0, np.int64)])
+        cat_off = np.concatenate(off + [np.zeros((0, 2), np.int64)]) + char_base[doc, None]
+        try:
+            boff = _byte_offsets(joined, data, cat_ids, cat_off, token_bytes(info), info.source)
+        except XTokenError:
+            for k, d in enumerate(docs):  # find the document, with its own offsets in the message
+                try:
+                    _byte_offsets(d, d.encode("utf-8", "surrogatepass"), ids[k], off[k], token_bytes(info), info.source)
+                except XTokenError as e:
+                    raise _DocError(k, str(e)) from None
+            raise
+        out.append((cat_ids, boff, doc, n))
+    (s_ids, s_off, s_doc, ns), (t_ids, t_off, t_doc, nt) = out
+    try:
+        sc, tc, nc = _localize(s_off, t_off, s_doc, t_doc, byte_base)
+    except XTokenError:
+        for k in range(len(docs)):
+            try:
+                align_offsets(s_off[s_doc == k] - byte_base[k], t_off[t_doc == k] - byte_base[k])
+            except XTokenError as e:
+                raise _DocError(k, str(e)) from None
+        raise
+    return AlignmentBatch(s_ids, t_ids, _doc_offsets(ns), _doc_offsets(nt), sc, tc, nc,
+                          np.asarray(good, dtype=np.int64), sorted(rejected))
+
+
+def alignment_to_json(a: Alignment, text: str, student_ids: np.ndarray, teacher_ids: np.ndarray, student: Any, teacher: Any) -> list[dict]:
+    """Chunk pairs with their token ids and texts (for the CLI and debugging)."""
+    from nemo_xtoken.vocab import canonical_vocab, load_tokenizer
+
+    scv, tcv = canonical_vocab(load_tokenizer(student)), canonical_vocab(load_tokenizer(teacher))
+    data = text.encode("utf-8", "surrogatepass")
+    out = []
+    for k, ((a0, a1), (b0, b1)) in enumerate(a.pairs()):
+        span = a.spans[k] if a.spans is not None else (0, 0)
+        out.append(
+            {
+                "chunk": k,
+                "text": data[int(span[0]): int(span[1])].decode("utf-8", "backslashreplace"),
+                "student": [a0, a1],
+                "teacher": [b0, b1],
+                "student_tokens": [scv.display(int(i)) for i in student_ids[a0:a1]],
+                "teacher_tokens": [tcv.display(int(i)) for i in teacher_ids[b0:b1]],
+                "one_sided": (a0 == a1) != (b0 == b1),
+            }
+        )
+    return out

@@ -1,0 +1,217 @@
+"""Multi-teacher weighting, the student's cross-entropy and the total loss on vocab shards.
+
+Thin: every vocab-parallel loss already returns the full value on every rank, so combining them
+is scalar arithmetic.  What needs the TP group is the adaptive teachers' scores (CE, entropy,
+max-probability over a sharded vocabulary; no gradient) and the student's own cross-entropy.
+``total_loss`` (dynamic scaling ``sg(L_CE/|L_KD|)·L_KD + L_CE`` or fixed weights) is the
+reference function itself: it works unchanged on the replicated scalars.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from nemo_xtoken.align.merge import AlignedPositions
+from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, adaptive_weights
+from nemo_xtoken.losses.total import dynamic_scale, total_loss
+from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, sum_partials
+from nemo_xtoken.parallel.losses import (
+    vocab_parallel_gold,
+    vocab_parallel_h_kl,
+    vocab_parallel_kl,
+    vocab_parallel_p_kl,
+    vocab_parallel_uld,
+)
+from nemo_xtoken.parallel.plan import PKLPlan
+from nemo_xtoken.parallel.primitives import vocab_parallel_log_softmax
+
+__all__ = [
+    "PARALLEL_LOSSES",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_teacher_score",
+    "vocab_parallel_multi_teacher",
+    "total_loss",
+    "dynamic_scale",
+]
+
+PARALLEL_LOSSES = {
+    "kl": vocab_parallel_kl,
+    "p_kl": vocab_parallel_p_kl,
+    "uld": vocab_parallel_uld,
+    "gold": vocab_parallel_gold,
+    "h_kl": vocab_parallel_h_kl,
+}
+_NEEDS_W = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True}
+
+
+def _pick_local(lp: torch.Tensor, targets: torch.Tensor, rank: int) -> torch.Tensor:
+    """This shard's ``lp[i, targets[i]]`` where it owns the column, else 0 (a per-rank partial)."""
+    w = lp.shape[1]
+    t = targets.reshape(-1).long().to(lp.device)
+    own = (t >= rank * w) & (t < (rank + 1) * w)
+    li = torch.where(own, t - rank * w, torch.zeros_like(t))
+    picked = lp.gather(1, li.unsqueeze(1)).squeeze(1) if w else lp.new_zeros(t.shape)
+    return torch.where(own, picked, torch.zeros_like(picked))
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    group: Any = None,
+) -> torch.Tensor:
+    """The student's next-token CE on vocab shards (``-log p[target]``), full value on every rank."""
+    group = resolve_group(group)
+    rank, _ = group_rank_size(group)
+    x = logits.reshape(-1, logits.shape[-1])
+    t = targets.reshape(-1)
+    if t.shape[0] != x.shape[0]:
+        raise XTokenError(f"targets {tuple(targets.shape)} do not match the {x.shape[0]} positions of logits {tuple(logits.shape)}")
+    lp = vocab_parallel_log_softmax(x, vocab_size=vocab_size, group=group, name="logits")
+    nll = -sum_partials(_pick_local(lp, t, rank), group)  # each rank back-propagates its own copy
+    sel = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask.reshape(-1).bool().to(nll.device)
+    nll = torch.where(sel, nll, torch.zeros_like(nll))
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.sum() / sel.sum().clamp(min=1).to(nll.dtype)
+    raise XTokenError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+@torch.no_grad()
+def vocab_parallel_teacher_score(
+    teacher_logits: torch.Tensor,
+    scheme: str,
+    *,
+    vocab_size: int | None = None,
+    valid: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """Mean CE / entropy / max-probability of one teacher on its vocab shards (detached, every rank alike)."""
+    if scheme not in WEIGHTINGS[1:]:
+        raise XTokenError(f"adaptive weighting must be one of {WEIGHTINGS[1:]}, got {scheme!r}")
+    group = resolve_group(group)
+    rank, tp = group_rank_size(group)
+    x = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    lp = vocab_parallel_log_softmax(x, vocab_size=vocab_size, valid=valid, group=group, name="teacher_logits")
+    sel = torch.ones(lp.shape[0], dtype=torch.bool, device=lp.device) if positions is None else positions.reshape(-1).bool()
+    if sel.shape[0] != lp.shape[0]:
+        raise XTokenError(f"positions {tuple(sel.shape)} do not match teacher_logits {tuple(teacher_logits.shape)}")
+    if scheme == "ce":
+        if targets is None:
+            raise XTokenError("the 'ce' weighting needs each teacher's next-token ids (teacher_targets or an alignment)")
+        tg = targets.reshape(-1).long().to(lp.device)
+        if tg.shape[0] != lp.shape[0]:
+            raise XTokenError(f"teacher targets {tuple(targets.shape)} do not match teacher_logits {tuple(teacher_logits.shape)}")
+        per = -_pick_local(lp, torch.where(sel, tg, torch.zeros_like(tg)), rank)
+        op = dist.ReduceOp.SUM
+    elif scheme == "entropy":
+        p = lp.exp()
+        per = -torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(1)
+        op = dist.ReduceOp.SUM
+    else:
+        per = lp.max(dim=1).values.exp() if lp.shape[1] else lp.new_zeros(lp.shape[0])
+        op = dist.ReduceOp.MAX
+    if tp > 1:
+        dist.all_reduce(per, op=op, group=group)
+    per = torch.where(sel, per, torch.zeros_like(per))
+    return per.sum() / sel.sum().clamp(min=1)
+
+
+def vocab_parallel_multi_teacher(
+    student_logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    teachers: Sequence[Teacher],
+    *,
+    alignments: Sequence[AlignedPositions | None] | None = None,
+    mask: torch.Tensor | None = None,
+    weighting: str = "static",
+    weighting_temperature: float = 1.0,
+    teacher_targets: Sequence[torch.Tensor | None] | None = None,
+    merge: str = "chain",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    group: Any = None,
+) -> MultiTeacherOutput:
+    """``Σ_m α_m · L_m`` on vocab shards: :func:`nemo_xtoken.losses.multi_teacher` with parallel losses.
+
+    A teacher's ``projection`` may be a :class:`PKLPlan` for ``p_kl`` (with a permuted teacher,
+    the permutation is taken into account by the scores as well).
+    """
+    group = resolve_group(group)
+    rank, _ = group_rank_size(group)
+    m = len(teachers)
+    if m == 0 or len(teacher_logits) != m:
+        raise XTokenError(f"multi_teacher needs one teacher_logits tensor per Teacher: got {len(teacher_logits)} tensors for {m} teachers")
+    if weighting not in WEIGHTINGS:
+        raise XTokenError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    aligns = list(alignments) if alignments is not None else [None] * m
+    targets = list(teacher_targets) if teacher_targets is not None else [None] * m
+    if len(aligns) != m or len(targets) != m:
+        raise XTokenError(f"alignments ({len(aligns)}) and teacher_targets ({len(targets)}) need one entry per teacher ({m})")
+    losses = []
+    for k, (tch, logits, align) in enumerate(zip(teachers, teacher_logits, aligns)):
+        if tch.loss not in PARALLEL_LOSSES:
+            raise XTokenError(f"teacher {k}: loss must be one of {tuple(PARALLEL_LOSSES)}, got {tch.loss!r}")
+        kw: dict[str, Any] = dict(
+            alignment=align, merge=merge, temperature=temperature, reduction=reduction,
+            scale_by_temperature_squared=scale_by_temperature_squared, group=group, **tch.options,
+        )
+        if align is None:
+            kw["mask"] = mask
+        if _NEEDS_W[tch.loss]:
+            if tch.projection is None:
+                raise XTokenError(f"teacher {k}: loss {tch.loss!r} needs a projection W")
+            losses.append(PARALLEL_LOSSES[tch.loss](student_logits, logits, tch.projection, **kw))
+        else:
+            losses.append(PARALLEL_LOSSES[tch.loss](student_logits, logits, **kw))
+    if reduction == "none" and len({tuple(x.shape) for x in losses}) > 1:
+        raise XTokenError(
+            "reduction='none' needs the same items for every teacher; per-teacher alignments give "
+            f"different chunk counts {[tuple(x.shape) for x in losses]}: use 'mean' or 'sum'"
+        )
+    dev, dt = losses[0].device, losses[0].dtype
+    scores = None
+    if weighting == "static":
+        alphas = torch.tensor([float(t.weight) for t in teachers], dtype=dt, device=dev)
+    else:
+        vals = []
+        for tch, logits, align, tg in zip(teachers, teacher_logits, aligns, targets):
+            plan = tch.projection if isinstance(tch.projection, PKLPlan) else None
+            if align is not None:
+                cm = align.chunk_mask().to(logits.device)
+                ids = align.teacher_chunk_ids.to(logits.device)
+                pos = (ids >= 0) & cm[ids.clamp(min=0)] if ids.numel() else ids >= 0
+                tg = align.teacher_targets if tg is None else tg
+            else:
+                pos = None if mask is None else mask.reshape(-1).bool()
+            valid, vocab = None, tch.options.get("teacher_vocab_size")
+            if plan is not None:
+                w = logits.shape[-1]
+                valid = torch.from_numpy(plan.teacher_valid()[rank * w : (rank + 1) * w]).to(logits.device)
+                tg = plan.map_teacher_ids(tg) if tg is not None else None
+            elif vocab is None and tch.projection is not None:
+                from nemo_xtoken.losses.reference import resolve_projection
+
+                vocab = resolve_projection(tch.projection).teacher_vocab_size
+            vals.append(
+                vocab_parallel_teacher_score(
+                    logits, weighting, vocab_size=vocab, valid=valid, positions=pos, targets=tg, group=group
+                )
+            )
+        scores = torch.stack([v.to(dev) for v in vals])
+        alphas = adaptive_weights(scores, weighting, weighting_temperature).to(dt)
+    total = sum((alphas[k] * losses[k] for k in range(m)), torch.zeros((), dtype=dt, device=dev))
+    return MultiTeacherOutput(total, alphas.detach(), losses, scores)

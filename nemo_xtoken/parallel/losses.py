@@ -1,0 +1,468 @@
+"""The five distillation losses on vocab-parallel logits (Megatron's vocabulary-sharded output).
+
+Every function takes this rank's shards (student ``[N, V_S'/tp]``, teacher ``[N, V_T'/tp]``,
+``[B, S, V/tp]`` accepted), returns the SAME full loss on every rank of ``group``, and when every
+rank back-propagates its copy, each rank's gradient on its shard is exactly the slice of the
+single-device reference gradient (see :mod:`nemo_xtoken.parallel.comm`).  The value is already
+reduced over the TP group: a host loss function must not all-reduce it again (ModelOpt's
+``tp_reduce`` = False).  Arguments mirror :mod:`nemo_xtoken.losses`.
+
+Communication per item (position or aligned chunk), besides the softmax statistics (2 scalar
+all-reduces per side) and one scalar all-reduce of the partial losses:
+
+* ``kl``: nothing else;
+* ``p_kl``: one all-to-all of the student probabilities the :class:`PKLPlan` lists (forward),
+  the reverse all-to-all (backward);
+* ``uld``, ``gold``, ``h_kl``: exact, by an all-gather of both sides' item probabilities (the
+  rank-sorted L1 needs a global order); cost = an all-gather of the (chunk-merged) logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs
+from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.parallel.comm import (
+    all_gather_columns,
+    all_to_all_columns,
+    group_rank_size,
+    resolve_group,
+    sum_partials,
+)
+from nemo_xtoken.parallel.plan import PKLPlan, projection_csr
+from nemo_xtoken.parallel.primitives import vocab_parallel_gather, vocab_parallel_log_softmax
+
+__all__ = [
+    "vocab_parallel_kl",
+    "vocab_parallel_p_kl",
+    "vocab_parallel_uld",
+    "vocab_parallel_gold",
+    "vocab_parallel_h_kl",
+    "P_KL_EPS",
+]
+
+P_KL_EPS = 1e-12  # log(max(p̃_S, eps)) where the teacher has mass and the projection has none
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---- shared preparation -------------------------------------------------------------------------
+@dataclass
+class _Items:
+    """Log-distributions of the counted items (positions or chunks), on this rank's shards."""
+
+    lp_s: torch.Tensor  # [n, w_S] fp32
+    lp_t: torch.Tensor  # [n, w_T] fp32
+    index: torch.Tensor  # int64 [n]: where the items sit among all positions/chunks
+    n_total: int
+
+
+def _flatten(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise XTokenError(f"{name} must be a [N, V/tp] or [B, S, V/tp] tensor, got {shape}")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _check_vocab(name: str, width: int, tp: int, vocab: int | None) -> None:
+    if vocab is not None and vocab > width * tp:
+        raise XTokenError(
+            f"{name} shards are {width} wide on {tp} ranks ({width * tp} columns) but the vocabulary has {vocab} ids: "
+            "the logits must cover the whole (padded) vocabulary"
+        )
+
+
+def _prepare(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_vocab: int | None,
+    teacher_vocab: int | None,
+    teacher_valid: np.ndarray | None,
+    teacher_id_map: Any,
+    alignment: AlignedPositions | None,
+    merge: str,
+    mask: torch.Tensor | None,
+    temperature: float,
+    group: Any,
+) -> _Items:
+    s = _flatten(student_logits, "student_logits")
+    t = _flatten(teacher_logits, "teacher_logits")
+    rank, tp = group_rank_size(group)
+    _check_vocab("student_logits", s.shape[1], tp, student_vocab)
+    _check_vocab("teacher_logits", t.shape[1], tp, teacher_vocab)
+    if temperature <= 0:
+        raise XTokenError(f"temperature must be > 0, got {temperature}")
+    if merge not in MERGES:
+        raise XTokenError(f"merge must be one of {MERGES}, got {merge!r}")
+    t_valid = None
+    if teacher_valid is not None:
+        a = rank * t.shape[1]
+        t_valid = torch.from_numpy(np.ascontiguousarray(teacher_valid[a : a + t.shape[1]])).to(t.device)
+    lp_s = vocab_parallel_log_softmax(s, vocab_size=student_vocab, group=group, temperature=temperature, name="student_logits")
+    lp_t = vocab_parallel_log_softmax(
+        t, vocab_size=teacher_vocab, valid=t_valid, group=group, temperature=temperature, name="teacher_logits"
+    )
+    if alignment is None:
+        if s.shape[0] != t.shape[0]:
+            raise XTokenError(
+                f"without an alignment, student_logits ({s.shape[0]} positions, shape {tuple(student_logits.shape)}) and "
+                f"teacher_logits ({t.shape[0]} positions, shape {tuple(teacher_logits.shape)}) must have as many positions: "
+                "pass an alignment for different tokenizations"
+            )
+        if mask is None:
+            index = torch.arange(s.shape[0], device=s.device)
+        else:
+            m = mask.reshape(-1)
+            if m.shape[0] != s.shape[0]:
+                raise XTokenError(f"mask has {m.shape[0]} entries (shape {tuple(mask.shape)}) but there are {s.shape[0]} positions")
+            index = torch.nonzero(m.to(s.device).bool(), as_tuple=True)[0]
+        return _Items(lp_s[index], lp_t[index], index, s.shape[0])
+    al = alignment.to(s.device)
+    for side, ids, tg, n in (
+        ("student", al.student_chunk_ids, al.student_targets, s.shape[0]),
+        ("teacher", al.teacher_chunk_ids, al.teacher_targets, t.shape[0]),
+    ):
+        if ids.shape != (n,) or tg.shape != (n,):
+            raise XTokenError(
+                f"alignment.{side}_chunk_ids has shape {tuple(ids.shape)} and {side}_targets {tuple(tg.shape)}, "
+                f"but {side}_logits has {n} positions: the alignment belongs to another batch"
+            )
+        if ids.numel() and int(ids.max()) >= al.n_chunks:
+            raise XTokenError(f"alignment.{side}_chunk_ids has id {int(ids.max())} >= n_chunks = {al.n_chunks}")
+    if mask is not None:
+        raise XTokenError(
+            "mask cannot be combined with alignment: put the loss mask into the alignment "
+            "(positions_from_token_chunks(..., student_loss_mask=...))"
+        )
+    s_ids = al.student_chunk_ids
+    if merge == "chain":
+        tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group)
+        tt = al.teacher_targets if teacher_id_map is None else teacher_id_map(al.teacher_targets)
+        tlp_t = vocab_parallel_gather(lp_t, tt, group=group)
+    else:
+        tlp_s = tlp_t = None
+    ms = merge_log_probs(lp_s, s_ids, al.n_chunks, mode=merge, target_log_probs=tlp_s)
+    mt = merge_log_probs(lp_t, al.teacher_chunk_ids, al.n_chunks, mode=merge, target_log_probs=tlp_t)
+    cm = torch.zeros(al.n_chunks, dtype=torch.bool, device=s.device)
+    if al.n_chunks:
+        cs, ct = torch.zeros_like(cm), torch.zeros_like(cm)
+        cs[s_ids[s_ids >= 0]] = True
+        ct[al.teacher_chunk_ids[al.teacher_chunk_ids >= 0]] = True
+        cm = cs & ct
+    index = torch.nonzero(cm, as_tuple=True)[0]
+    return _Items(ms[index], mt[index], index, al.n_chunks)
+
+
+def _reduce(item_loss: torch.Tensor, items: _Items, reduction: str, scale: float) -> torch.Tensor:
+    if scale != 1.0:
+        item_loss = item_loss * scale
+    if reduction == "none":
+        out = item_loss.new_zeros(items.n_total)
+        return out.index_put((items.index,), item_loss)
+    total = item_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / max(int(items.index.numel()), 1)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise XTokenError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _kl_terms(lp_t: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_v p_T (log p_T − log q) over this shard, terms with p_T = 0 exactly 0 (no NaN from −inf)."""
+    p_t = lp_t.exp()
+    pos = p_t > 0
+    diff = torch.where(pos, lp_t - log_q, torch.zeros_like(lp_t))
+    return (p_t * diff).sum(-1)
+
+
+# ---- KL -----------------------------------------------------------------------------------------
+def vocab_parallel_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    group: Any = None,
+) -> torch.Tensor:
+    """Same-tokenizer KL(p_T ‖ p_S) on vocab shards: the baseline every other loss is timed against."""
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    _, tp = group_rank_size(group)
+    sv = _flatten(student_logits, "student_logits").shape[1]
+    tv = _flatten(teacher_logits, "teacher_logits").shape[1]
+    vs = student_vocab_size if student_vocab_size is not None else sv * tp
+    vt = teacher_vocab_size if teacher_vocab_size is not None else tv * tp
+    if vs != vt:
+        raise XTokenError(
+            f"kl needs one tokenizer: student vocabulary {vs} != teacher vocabulary {vt} "
+            f"(student_logits {tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)}); use p_kl"
+        )
+    if sv != tv and tp > 1:
+        raise XTokenError(
+            f"kl on {tp} ranks needs equal padded vocabularies (shards student {sv}, teacher {tv} wide): "
+            "pad both models to the same size"
+        )
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=vs, teacher_vocab=vt, teacher_valid=None, teacher_id_map=None,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    w = min(items.lp_s.shape[1], items.lp_t.shape[1])  # tp = 1 with unequal padding: real columns only
+    partial = _kl_terms(items.lp_t[:, :w], items.lp_s[:, :w])
+    loss = sum_partials(partial, group)
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+# ---- P-KL ---------------------------------------------------------------------------------------
+class _ExchangeProject(torch.autograd.Function):
+    """``p̃_S`` on this teacher shard from student shards: one all-to-all of the planned values
+    (student columns and partial sums), then the sparse block of W; backward: the transposed
+    sparse block, the reverse all-to-all, scatter-add into the student shard."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, plan, group) -> torch.Tensor:  # q [n, w_S]
+        ctx.plan, ctx.group, ctx.w_s = plan, group, q.shape[1]
+        n = q.shape[0]
+        parts = [q.index_select(1, plan.send_cols)]
+        if plan.n_partial:
+            contrib = q.index_select(1, plan.p_rows) * plan.p_w
+            parts.append(q.new_zeros(n, plan.n_partial).index_add_(1, plan.p_slot, contrib))
+        send = torch.cat(parts, 1).index_select(1, plan.send_order).t().contiguous()  # [K_send, n]
+        recv = all_to_all_columns(send, plan.send_splits, plan.recv_splits, group)  # [K_recv, n]
+        w_t = plan.proj_t.shape[0]
+        if n == 0 or recv.shape[0] == 0:
+            return q.new_zeros(n, w_t)
+        return (plan.proj_t @ recv).t().contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        plan = ctx.plan
+        n = g.shape[0]
+        k_recv = plan.proj.shape[0]
+        g = g.float()
+        grecv = g.new_zeros(k_recv, n) if n == 0 or k_recv == 0 else plan.proj @ g.t().contiguous()
+        gsend = all_to_all_columns(grecv, plan.recv_splits, plan.send_splits, ctx.group)  # [K_send, n]
+        gbuf = g.new_zeros(n, gsend.shape[0]).index_copy_(1, plan.send_order, gsend.t())
+        kc = plan.send_cols.numel()
+        gq = g.new_zeros(n, ctx.w_s)
+        gq.index_add_(1, plan.send_cols, gbuf[:, :kc])
+        if plan.n_partial:
+            gq.index_add_(1, plan.p_rows, gbuf[:, kc:].index_select(1, plan.p_slot) * plan.p_w)
+        return gq, None, None
+
+
+def vocab_parallel_p_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: Any,
+    *,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    eps: float = P_KL_EPS,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """KL(p_T ‖ Wᵀp_S) on vocab shards, exact over the whole vocabulary.
+
+    ``projection``: a :class:`PKLPlan` (build it once: ``PKLPlan.build(W, tp, V_S', V_T')``, with
+    ``teacher_perm`` if the teacher's output rows were permuted), or W itself (a plan is then
+    built on every call: fine for tests, slow for training).  Teacher targets in ``alignment``
+    stay original teacher ids; the plan maps them to permuted columns.
+    """
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    rank, tp = group_rank_size(group)
+    s = _flatten(student_logits, "student_logits")
+    t = _flatten(teacher_logits, "teacher_logits")
+    plan = projection
+    if not isinstance(plan, PKLPlan):
+        projection_csr(projection)  # validates the type with a clear error
+        plan = PKLPlan.build(
+            projection, tp, s.shape[1] * tp, t.shape[1] * tp,
+            student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+        )
+    if plan.tp != tp:
+        raise XTokenError(f"the P-KL plan was built for tp = {plan.tp} but the group has {tp} ranks: rebuild it")
+    if (plan.student_padded, plan.teacher_padded) != (s.shape[1] * tp, t.shape[1] * tp):
+        raise XTokenError(
+            f"the P-KL plan expects padded vocabularies ({plan.student_padded}, {plan.teacher_padded}) but "
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} on {tp} ranks "
+            f"cover ({s.shape[1] * tp}, {t.shape[1] * tp}): W (shape ({plan.student_vocab_size}, {plan.teacher_vocab_size})) "
+            "or the plan belongs to other models"
+        )
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=plan.student_vocab_size, teacher_vocab=None,
+        teacher_valid=plan.teacher_valid(), teacher_id_map=plan.map_teacher_ids,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    rp = plan.rank_plan(rank, items.lp_s.device)
+    q = items.lp_s.exp()
+    p_tilde = _ExchangeProject.apply(q, rp, group)
+    partial = _kl_terms(items.lp_t, p_tilde.clamp_min(eps).log())
+    loss = sum_partials(partial, group)
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+# ---- ULD, GOLD, H-KL (rank-sorted L1: exact, through an all-gather of the item probabilities) ---
+def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+    """Per-item Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|, the narrower side zero-padded."""
+    width = max(ps.shape[1], pt.shape[1])
+    if width == 0:
+        return ps.new_zeros(ps.shape[0])
+    a = torch.nn.functional.pad(torch.sort(ps, dim=1, descending=True).values, (0, width - ps.shape[1]))
+    b = torch.nn.functional.pad(torch.sort(pt, dim=1, descending=True).values, (0, width - pt.shape[1]))
+    return (a - b).abs().sum(dim=1)
+
+
+def _gathered_probs(items: _Items, v_s: int, v_t: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary item log-probabilities on every rank (real columns only); backward = own slice."""
+    ls = all_gather_columns(items.lp_s, group)[:, :v_s]
+    lt = all_gather_columns(items.lp_t, group)[:, :v_t]
+    return ls, lt
+
+
+def vocab_parallel_uld(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    group: Any = None,
+) -> torch.Tensor:
+    """ULD on vocab shards, exact: softmax and merge sharded, the sort on the gathered item rows."""
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    _, tp = group_rank_size(group)
+    vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
+    vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=vs, teacher_vocab=vt, teacher_valid=None, teacher_id_map=None,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    ls, lt = _gathered_probs(items, vs, vt, group)
+    loss = _sorted_l1(ls.exp(), lt.exp())  # replicated: computed once per rank, not summed over ranks
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+def _hybrid(
+    student_logits, teacher_logits, projection, relaxed, alignment, merge, mask, temperature, reduction,
+    scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+) -> torch.Tensor:
+    from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
+
+    _check_reduction(reduction)
+    group = resolve_group(group)
+    rank, tp = group_rank_size(group)
+    w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+    v_s, v_t = w.shape
+    s = _flatten(student_logits, "student_logits")
+    t = _flatten(teacher_logits, "teacher_logits")
+    for side, x, v in (("student", s, v_s), ("teacher", t, v_t)):
+        if x.shape[1] * tp < v:
+            raise XTokenError(
+                f"{side}_logits shards {tuple(x.shape)} on {tp} ranks cover {x.shape[1] * tp} columns but W {w.shape} "
+                f"needs {v}: W was built for other tokenizers, or the logits are not the full vocabulary"
+            )
+        if x.shape[1] * tp % tp:
+            raise XTokenError(f"{side} padded vocabulary not divisible by tp = {tp}")
+    common = top1_common_set(w) if relaxed else exact_common_set(w)
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise XTokenError("matched_weight and unmatched_weight must both be numbers or both be None (adaptive)")
+    if matched_weight is None:  # TRL GOLD's adaptive weighting, as the reference
+        matched_weight = common.teacher_ids.numel() / max(1, v_t)
+        unmatched_weight = 1.0 - matched_weight
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=v_s, teacher_vocab=v_t, teacher_valid=None, teacher_id_map=None,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    ls, lt = _gathered_probs(items, v_s, v_t, group)
+    dev = ls.device
+    sid, grp, tid = common.student_ids.to(dev), common.group.to(dev), common.teacher_ids.to(dev)
+    if common.one_to_one:
+        log_q = ls.index_select(1, sid)
+    else:
+        grouped = ls.new_zeros(ls.shape[0], tid.numel()).index_add(1, grp, ls.index_select(1, sid).exp())
+        log_q = grouped.clamp_min(P_KL_EPS).log()
+    matched = _kl_terms(lt.index_select(1, tid), log_q)
+    s_keep = torch.ones(v_s, dtype=torch.bool, device=dev)
+    s_keep[sid] = False
+    t_keep = torch.ones(v_t, dtype=torch.bool, device=dev)
+    t_keep[tid] = False
+    unmatched = _sorted_l1(
+        ls.index_select(1, torch.nonzero(s_keep, as_tuple=True)[0]).exp(),
+        lt.index_select(1, torch.nonzero(t_keep, as_tuple=True)[0]).exp(),
+    )
+    loss = float(matched_weight) * matched + float(unmatched_weight) * unmatched  # replicated, not summed
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+def vocab_parallel_gold(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: Any,
+    *,
+    matched_weight: float | None = 1.0,
+    unmatched_weight: float | None = 1.0,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards, exact."""
+    return _hybrid(
+        student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+    )
+
+
+def vocab_parallel_h_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: Any,
+    *,
+    matched_weight: float | None = 1.0,
+    unmatched_weight: float | None = 1.0,
+    alignment: AlignedPositions | None = None,
+    merge: str = "chain",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    scale_by_temperature_squared: bool = False,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards, exact."""
+    return _hybrid(
+        student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+    )

@@ -1,0 +1,371 @@
+"""Static exchange plan for vocab-parallel P-KL, and the optional teacher permutation.
+
+P-KL needs ``p̃_S = Wᵀ p_S`` on the teacher's vocabulary shards.  Teacher column ``t`` on rank
+``r'`` needs ``p_S[s]`` for every student row ``s`` with ``W[s, t] ≠ 0``; ``s`` lives on rank
+``s // (V_S'/tp)``.  The plan lists, for every pair ``(r, r')``, the student columns rank ``r``
+must send to ``r'`` (exactly those, once each), and for every receiver the sparse block of W that
+turns the received probabilities into its ``p̃_S`` columns.  The forward is one all-to-all of
+those per-token probabilities, the backward the reverse all-to-all: no all-gather of logits.
+
+The teacher is frozen, so its output-layer rows may be permuted once at load time
+(:func:`teacher_permutation`): teacher ids are placed on the rank whose student shard links to
+them most, and only a small halo of student columns crosses ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from nemo_xtoken.errors import XTokenError
+
+__all__ = ["PKLPlan", "teacher_permutation", "projection_csr"]
+
+
+def projection_csr(projection: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """``(indptr, indices, data, (V_S, V_T))`` of W given as a ``Projection`` or a torch sparse CSR tensor."""
+    if isinstance(projection, torch.Tensor):
+        if projection.layout != torch.sparse_csr or projection.dim() != 2:
+            raise XTokenError(
+                f"projection must be a nemo_xtoken Projection or a 2-D torch sparse CSR tensor [V_S, V_T]; "
+                f"got a tensor with layout {projection.layout} and shape {tuple(projection.shape)}"
+            )
+        p = projection.detach().cpu()
+        return (
+            p.crow_indices().numpy().astype(np.int64),
+            p.col_indices().numpy().astype(np.int64),
+            p.values().float().numpy(),
+            (int(p.shape[0]), int(p.shape[1])),
+        )
+    if hasattr(projection, "indptr") and hasattr(projection, "shape"):
+        return (
+            np.asarray(projection.indptr, dtype=np.int64),
+            np.asarray(projection.indices, dtype=np.int64),
+            np.asarray(projection.data, dtype=np.float32),
+            tuple(int(x) for x in projection.shape),
+        )
+    raise XTokenError(f"projection must be a nemo_xtoken Projection or a torch sparse CSR tensor, got {type(projection).__name__}")
+
+
+def _check_padded(tp: int, student_padded: int, teacher_padded: int, shape: tuple[int, int]) -> None:
+    v_s, v_t = shape
+    if tp < 1:
+        raise XTokenError(f"tensor-parallel size must be >= 1, got {tp}")
+    if student_padded < v_s or teacher_padded < v_t:
+        raise XTokenError(
+            f"W has shape {shape} but student_logits cover {student_padded} and teacher_logits {teacher_padded} "
+            "vocabulary columns (all shards): the padded vocabularies must be at least the tokenizers' "
+            "(was W built for other tokenizers?)"
+        )
+    for side, size in (("student", student_padded), ("teacher", teacher_padded)):
+        if size % tp:
+            raise XTokenError(
+                f"the {side} padded vocabulary ({size}) is not divisible by the tensor-parallel size {tp}: "
+                "pad the vocabulary to a multiple of tp (Megatron pads to 128*tp)"
+            )
+
+
+def teacher_permutation(projection: Any, tp: int, student_padded: int, teacher_padded: int) -> np.ndarray:
+    """A permutation of the padded teacher ids that keeps most non-zeros of W on one rank.
+
+    Returns ``perm`` (int64 ``[teacher_padded]``): new position ``j`` holds original teacher id
+    ``perm[j]``.  Apply it once to the frozen teacher's output layer (``weight[perm]``, bias
+    likewise) and build the plan with it; the losses map teacher targets through the inverse.
+    Greedy: each teacher column goes to the rank whose student shard has the most non-zeros in
+    it (heaviest columns first), within the ``teacher_padded / tp`` slots of each rank.
+    """
+    indptr, indices, _, shape = projection_csr(projection)
+    _check_padded(tp, student_padded, teacher_padded, shape)
+    w_s, cap = student_padded // tp, teacher_padded // tp
+    rows = np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(indptr))
+    counts = np.zeros((teacher_padded, tp), dtype=np.int64)
+    np.add.at(counts, (indices, rows // w_s), 1)
+    order_pref = np.argsort(-counts, axis=1, kind="stable")  # ranks by preference per column
+    strength = counts.max(axis=1)
+    linked = np.nonzero(strength > 0)[0]
+    linked = linked[np.argsort(-strength[linked], kind="stable")]
+    free = np.full(tp, cap, dtype=np.int64)
+    slots: list[list[int]] = [[] for _ in range(tp)]
+    for t in linked.tolist():
+        for r in order_pref[t].tolist():
+            if free[r] > 0:
+                slots[r].append(t)
+                free[r] -= 1
+                break
+    placed = np.zeros(teacher_padded, dtype=bool)
+    placed[linked] = True
+    rest = np.nonzero(~placed)[0].tolist()  # unlinked and padded ids fill the remaining slots, in order
+    k = 0
+    for r in range(tp):
+        need = int(free[r])
+        slots[r].extend(rest[k : k + need])
+        k += need
+    perm = np.concatenate([np.asarray(s, dtype=np.int64) for s in slots])
+    assert perm.shape == (teacher_padded,) and np.array_equal(np.sort(perm), np.arange(teacher_padded))
+    return perm
+
+
+def min_vertex_cover(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum vertex cover ``(row_ids, col_ids)`` of the bipartite graph with edges ``(rows[k], cols[k])``.
+
+    Maximum matching (greedy start, then augmenting paths, iterative), then König's construction:
+    from the unmatched rows, alternating reachability Z; cover = (rows ∖ Z) ∪ (cols ∩ Z).  Its
+    size is the fewest values that let a receiver obtain every linked ``Σ_s p_S[s] W[s, t]``.
+    """
+    if rows.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lu, li = np.unique(rows, return_inverse=True)
+    ru, ri = np.unique(cols, return_inverse=True)
+    nl, nr = lu.size, ru.size
+    order = np.argsort(li, kind="stable")
+    adj_ptr = np.concatenate([[0], np.cumsum(np.bincount(li, minlength=nl))])
+    adj = ri[order].tolist()
+    ptr = adj_ptr.tolist()
+    match_l = [-1] * nl
+    match_r = [-1] * nr
+    for u in range(nl):  # greedy start
+        for v in adj[ptr[u] : ptr[u + 1]]:
+            if match_r[v] < 0:
+                match_l[u], match_r[v] = v, u
+                break
+    for root in range(nl):  # augmenting paths (iterative DFS)
+        if match_l[root] >= 0:
+            continue
+        seen = set()
+        stack = [(root, ptr[root])]
+        parent: dict[int, tuple[int, int]] = {}
+        found = -1
+        while stack and found < 0:
+            u, k = stack[-1]
+            if k >= ptr[u + 1]:
+                stack.pop()
+                continue
+            stack[-1] = (u, k + 1)
+            v = adj[k]
+            if v in seen:
+                continue
+            seen.add(v)
+            parent[v] = (u, 0)
+            if match_r[v] < 0:
+                found = v
+            else:
+                w = match_r[v]
+                stack.append((w, ptr[w]))
+        if found >= 0:
+            v = found
+            while True:
+                u = parent[v][0]
+                prev = match_l[u]
+                match_l[u], match_r[v] = v, u
+                if u == root:
+                    break
+                v = prev
+    # König: alternating reachability from unmatched rows
+    z_l = [False] * nl
+    z_r = [False] * nr
+    queue = [u for u in range(nl) if match_l[u] < 0]
+    for u in queue:
+        z_l[u] = True
+    while queue:
+        nxt = []
+        for u in queue:
+            for v in adj[ptr[u] : ptr[u + 1]]:
+                if not z_r[v] and match_l[u] != v:
+                    z_r[v] = True
+                    w = match_r[v]
+                    if w >= 0 and not z_l[w]:
+                        z_l[w] = True
+                        nxt.append(w)
+        queue = nxt
+    cover_l = lu[~np.asarray(z_l, dtype=bool)]
+    cover_r = ru[np.asarray(z_r, dtype=bool)]
+    return cover_l, cover_r
+
+
+@dataclass
+class _RankPlan:
+    """One rank's part: what it sends (student columns and partial sums), how it uses what it receives."""
+
+    send_cols: torch.Tensor  # int64 [Kc]: local student columns sent as they are
+    p_rows: torch.Tensor  # int64 [E_p]: local student columns of the edges summed before sending
+    p_slot: torch.Tensor  # int64 [E_p]: which partial sum (0..Kp-1) each such edge feeds
+    p_w: torch.Tensor  # float32 [E_p]: the edge's weight W[s, t]
+    n_partial: int  # Kp
+    send_order: torch.Tensor  # int64 [Kc + Kp]: cat(columns, partials) → send buffer grouped by destination
+    send_splits: list[int]
+    recv_splits: list[int]
+    proj_t: torch.Tensor  # sparse CSR [w_T, K_recv]: p̃ᵀ = proj_t @ recv
+    proj: torch.Tensor  # sparse CSR [K_recv, w_T]: grad_recv = proj @ grad_p̃ᵀ
+
+
+@dataclass
+class PKLPlan:
+    """Which student values each teacher shard needs, built once from W (see module doc).
+
+    Between two ranks, every non-zero ``W[s, t]`` (``s`` on the sender, ``t`` on the receiver)
+    is carried either by sending ``p_S[s]`` or by sending the sender's partial sum
+    ``Σ_{s on sender} p_S[s] W[s, t]``; ``partial_sums=True`` (default) chooses the fewest values
+    (a minimum vertex cover of that bipartite graph), so a teacher token that many student rows
+    of one rank map to (a digit, a frequent piece) costs one value, not one per row.
+    """
+
+    tp: int
+    student_padded: int
+    teacher_padded: int
+    student_vocab_size: int
+    teacher_vocab_size: int
+    teacher_perm: np.ndarray | None  # new position → original teacher id, or None
+    sent: np.ndarray  # int64 [tp, tp]: values rank r sends to r' per token (diagonal = kept local)
+    ranks: list[_RankPlan] = field(repr=False)
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def build(
+        projection: Any,
+        tp: int,
+        student_padded: int | None = None,
+        teacher_padded: int | None = None,
+        *,
+        teacher_perm: np.ndarray | None = None,
+        student_vocab_size: int | None = None,
+        teacher_vocab_size: int | None = None,
+        partial_sums: bool = True,
+    ) -> "PKLPlan":
+        """Build the exchange plan for ``tp`` ranks (``*_padded`` default to W's sizes).
+
+        ``teacher_perm`` (from :func:`teacher_permutation`) says the teacher's logits columns are
+        permuted: position ``j`` holds original teacher id ``teacher_perm[j]``.
+        ``*_vocab_size``: the tokenizers' real sizes when W is a CSR tensor wider than them.
+        ``partial_sums=False`` sends student columns only.
+        """
+        indptr, indices, data, wshape = projection_csr(projection)
+        shape = (
+            wshape[0] if student_vocab_size is None else int(student_vocab_size),
+            wshape[1] if teacher_vocab_size is None else int(teacher_vocab_size),
+        )
+        if shape[0] > wshape[0] or shape[1] > wshape[1]:
+            raise XTokenError(f"W has shape {wshape} but the tokenizers have {shape} ids: W was built for other tokenizers")
+        rows = np.repeat(np.arange(wshape[0], dtype=np.int64), np.diff(indptr))
+        if len(indices) and (int(rows.max()) >= shape[0] or int(indices.max()) >= shape[1]):
+            raise XTokenError(f"W {wshape} has non-zeros beyond the real vocabulary sizes {shape}: it was built for other tokenizers")
+        sp = wshape[0] if student_padded is None else int(student_padded)
+        tpd = wshape[1] if teacher_padded is None else int(teacher_padded)
+        _check_padded(tp, sp, tpd, shape)
+        inv = None
+        if teacher_perm is not None:
+            teacher_perm = np.asarray(teacher_perm, dtype=np.int64)
+            if teacher_perm.shape != (tpd,) or not np.array_equal(np.sort(teacher_perm), np.arange(tpd)):
+                raise XTokenError(
+                    f"teacher_perm must be a permutation of the {tpd} padded teacher ids; got shape {teacher_perm.shape}"
+                )
+            inv = np.empty(tpd, dtype=np.int64)
+            inv[teacher_perm] = np.arange(tpd)
+        w_s, w_t = sp // tp, tpd // tp
+        cols = np.asarray(indices, dtype=np.int64) if inv is None else inv[indices]
+        keep = data != 0
+        rows, cols, vals = rows[keep], cols[keep], np.asarray(data, dtype=np.float32)[keep]
+        src, dst = rows // w_s, cols // w_t
+        pair = src * tp + dst
+        order = np.argsort(pair, kind="stable")
+        bounds = np.searchsorted(pair[order], np.arange(tp * tp + 1))
+        # per pair: (A rows sent as columns, B teacher columns sent as partial sums, edge split)
+        blocks: dict[tuple[int, int], tuple] = {}
+        sent = np.zeros((tp, tp), dtype=np.int64)
+        for r in range(tp):
+            for r2 in range(tp):
+                e = order[bounds[r * tp + r2] : bounds[r * tp + r2 + 1]]
+                er, ec, ev = rows[e], cols[e], vals[e]
+                if partial_sums and r != r2 and e.size:
+                    a_rows, b_cols = min_vertex_cover(er, ec)
+                else:
+                    a_rows, b_cols = np.unique(er), np.zeros(0, np.int64)
+                by_col = ~np.isin(er, a_rows)  # edges carried by a partial sum (their t is in B)
+                blocks[(r, r2)] = (a_rows, b_cols, er, ec, ev, by_col)
+                sent[r, r2] = a_rows.size + b_cols.size
+        ranks: list[_RankPlan] = []
+        for r in range(tp):
+            # sender side
+            a_all = [blocks[(r, r2)][0] for r2 in range(tp)]
+            b_all = [blocks[(r, r2)][1] for r2 in range(tp)]
+            kc = int(sum(a.size for a in a_all))
+            kp = int(sum(b.size for b in b_all))
+            send_cols = np.concatenate(a_all) - r * w_s if kc else np.zeros(0, np.int64)
+            p_rows, p_slot, p_w, send_order = [], [], [], []
+            c_off = p_off = 0
+            for r2 in range(tp):
+                a_rows, b_cols, er, ec, ev, by_col = blocks[(r, r2)]
+                send_order.append(np.arange(c_off, c_off + a_rows.size))
+                send_order.append(kc + np.arange(p_off, p_off + b_cols.size))
+                if by_col.any():
+                    p_rows.append(er[by_col] - r * w_s)
+                    p_slot.append(p_off + np.searchsorted(b_cols, ec[by_col]))
+                    p_w.append(ev[by_col])
+                c_off += a_rows.size
+                p_off += b_cols.size
+            cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+            # receiver side: blocks from each source r0 laid out [A_{r0,r}][B_{r0,r}]
+            er_all, ec_all, ev_all = [], [], []
+            base = 0
+            for r0 in range(tp):
+                a_rows, b_cols, er, ec, ev, by_col = blocks[(r0, r)]
+                direct = ~by_col
+                er_all.append(base + np.searchsorted(a_rows, er[direct]))
+                ec_all.append(ec[direct] - r * w_t)
+                ev_all.append(ev[direct])
+                er_all.append(base + a_rows.size + np.arange(b_cols.size))
+                ec_all.append(b_cols - r * w_t)
+                ev_all.append(np.ones(b_cols.size, dtype=np.float32))
+                base += a_rows.size + b_cols.size
+            k_recv = base
+            er_, ec_, ev_ = cat(er_all, np.int64), cat(ec_all, np.int64), cat(ev_all, np.float32)
+            proj = torch.sparse_coo_tensor(torch.from_numpy(np.stack([er_, ec_])), torch.from_numpy(ev_), (k_recv, w_t))
+            proj_t = torch.sparse_coo_tensor(torch.from_numpy(np.stack([ec_, er_])), torch.from_numpy(ev_), (w_t, k_recv))
+            ranks.append(
+                _RankPlan(
+                    send_cols=torch.from_numpy(send_cols.astype(np.int64)),
+                    p_rows=torch.from_numpy(cat(p_rows, np.int64)),
+                    p_slot=torch.from_numpy(cat(p_slot, np.int64)),
+                    p_w=torch.from_numpy(cat(p_w, np.float32)),
+                    n_partial=kp,
+                    send_order=torch.from_numpy(cat(send_order, np.int64)),
+                    send_splits=[int(x) for x in sent[r]],
+                    recv_splits=[int(x) for x in sent[:, r]],
+                    proj_t=proj_t.coalesce().to_sparse_csr(),
+                    proj=proj.coalesce().to_sparse_csr(),
+                )
+            )
+        return PKLPlan(tp, sp, tpd, shape[0], shape[1], teacher_perm, sent, ranks)
+
+    # ---- queries ---------------------------------------------------------------------------------
+    def rank_plan(self, rank: int, device: Any) -> _RankPlan:
+        """This rank's part of the plan on ``device`` (moved once, then cached)."""
+        key = (rank, str(device))
+        if key not in self._device_cache:
+            p = self.ranks[rank]
+            self._device_cache[key] = _RankPlan(
+                p.send_cols.to(device), p.p_rows.to(device), p.p_slot.to(device), p.p_w.to(device), p.n_partial,
+                p.send_order.to(device), p.send_splits, p.recv_splits, p.proj_t.to(device), p.proj.to(device),
+            )
+        return self._device_cache[key]
+
+    def teacher_valid(self) -> np.ndarray:
+        """bool ``[teacher_padded]`` in the (possibly permuted) column order: real teacher ids."""
+        ids = np.arange(self.teacher_padded) if self.teacher_perm is None else self.teacher_perm
+        return ids < self.teacher_vocab_size
+
+    def map_teacher_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original teacher token ids → column positions in the permuted logits."""
+        if self.teacher_perm is None:
+            return ids
+        inv = np.empty(self.teacher_padded, dtype=np.int64)
+        inv[self.teacher_perm] = np.arange(self.teacher_padded)
+        return torch.from_numpy(inv).to(ids.device)[ids.long()]
+
+    def values_sent_per_token(self) -> np.ndarray:
+        """int64 ``[tp]``: values (student probabilities or partial sums) each rank sends to others, per token."""
+        off = self.sent.copy()
+        np.fill_diagonal(off, 0)
+        return off.sum(axis=1)

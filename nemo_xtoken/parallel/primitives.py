@@ -1,0 +1,133 @@
+"""Vocab-parallel building blocks with exact backward: log-softmax over a sharded vocabulary and
+the target log-probability gather, in the style of Megatron-core's ``VocabParallelCrossEntropy``.
+
+A rank holds the contiguous columns ``[rank*w, (rank+1)*w)`` of a ``[N, V']`` logits tensor
+(Megatron's ``VocabUtility`` layout).  Columns ``>= vocab_size`` are padded vocabulary: their
+log-probability is ``-inf`` (probability exactly 0) and they receive zero gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.parallel.comm import all_reduce_sum, group_rank_size
+
+__all__ = ["shard_range", "local_valid_columns", "vocab_parallel_log_softmax", "vocab_parallel_gather"]
+
+
+def shard_range(width: int, rank: int) -> tuple[int, int]:
+    """Global column range ``[start, end)`` of a rank's shard of width ``width``."""
+    return rank * width, (rank + 1) * width
+
+
+def local_valid_columns(width: int, rank: int, vocab_size: int | None, device=None) -> torch.Tensor | None:
+    """bool ``[width]``: this shard's columns that are real vocabulary (None = all real)."""
+    a, b = shard_range(width, rank)
+    if vocab_size is None or vocab_size >= b:
+        return None
+    return torch.arange(a, b, device=device) < vocab_size
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """log-softmax over the full (sharded) vocabulary: all-reduce MAX, then SUM of exp.
+
+    Backward (exact, one all-reduce of a per-row scalar): ``dz = g - p * Σ_all-shards g``,
+    zero on padded columns.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, valid: torch.Tensor | None, group: Any) -> torch.Tensor:
+        z = z.float()
+        if valid is not None:
+            z = z.masked_fill(~valid, float("-inf"))
+        m = z.max(dim=-1, keepdim=True).values if z.shape[-1] else z.new_full((z.shape[0], 1), float("-inf"))
+        tp = group_rank_size(group)[1]
+        if tp > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        shifted = z - m
+        s = shifted.exp().sum(dim=-1, keepdim=True)
+        if tp > 1:
+            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+        lp = shifted - s.log()
+        lse = m + s.log()
+        ctx.mark_non_differentiable(lse)
+        ctx.group, ctx.tp = group, tp
+        ctx.save_for_backward(lp, valid if valid is not None else torch.empty(0, dtype=torch.bool))
+        ctx.has_valid = valid is not None
+        return lp, lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_lse: torch.Tensor | None = None):
+        lp, valid = ctx.saved_tensors
+        g = g.float()
+        if ctx.has_valid:
+            g = g.masked_fill(~valid, 0.0)
+        gs = g.sum(dim=-1, keepdim=True)
+        if ctx.tp > 1:
+            dist.all_reduce(gs, op=dist.ReduceOp.SUM, group=ctx.group)
+        dz = g - lp.exp() * gs
+        return dz, None, None
+
+
+def vocab_parallel_log_softmax(
+    logits: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+    valid: torch.Tensor | None = None,
+    group: Any = None,
+    temperature: float = 1.0,
+    name: str = "logits",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """fp32 log-probabilities of this rank's shard ``[N, w]`` over the whole sharded vocabulary.
+
+    ``vocab_size`` = the tokenizer's size (columns at or beyond it are padding, probability 0);
+    or ``valid``, a bool ``[w]`` mask of this shard's real columns (for permuted vocabularies).
+    ``check_finite`` raises on NaN/inf logits, on every rank alike (it reads the all-reduced
+    normalizer, so no extra collective), at the cost of one device sync.
+    """
+    if logits.dim() != 2:
+        raise XTokenError(f"vocab_parallel_log_softmax needs {name} [N, V/tp], got shape {tuple(logits.shape)}")
+    rank, _ = group_rank_size(group)
+    if valid is None:
+        valid = local_valid_columns(logits.shape[1], rank, vocab_size, device=logits.device)
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lp, lse = _VocabParallelLogSoftmax.apply(z, valid, group)
+    if check_finite and lse.numel() and not bool(torch.isfinite(lse).all()):
+        row = int(torch.nonzero(~torch.isfinite(lse.squeeze(1)))[0])
+        raise XTokenError(
+            f"{name} (shard shape {tuple(logits.shape)}) has NaN/inf values or no finite real column in row {row}: "
+            "check the model's output (and the padded vocabulary size)"
+        )
+    return lp
+
+
+def vocab_parallel_gather(values: torch.Tensor, index: torch.Tensor, *, group: Any = None, fill: float = 0.0) -> torch.Tensor:
+    """``values_full[i, index[i]]`` from column shards ``[N, w]``: local lookup + one SUM all-reduce.
+
+    Differentiable: the gathered value is replicated and used in every rank's partial, so its
+    backward sums the ranks' contributions and scatters the total into the owner's column.
+    Indices outside ``[0, w*tp)`` raise; ``fill`` is ignored (reserved).
+    """
+    if values.dim() != 2 or index.shape != values.shape[:1]:
+        raise XTokenError(
+            f"vocab_parallel_gather needs values [N, V/tp] and index [N]; got {tuple(values.shape)} and {tuple(index.shape)}"
+        )
+    rank, tp = group_rank_size(group)
+    w = values.shape[1]
+    a = rank * w
+    idx = index.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w * tp):
+        raise XTokenError(f"target ids must lie in [0, {w * tp}) (the padded vocabulary); got range [{int(idx.min())}, {int(idx.max())}]")
+    local = (idx >= a) & (idx < a + w)
+    li = torch.where(local, idx - a, torch.zeros_like(idx))
+    picked = values.gather(1, li.unsqueeze(1)).squeeze(1) if w else values.new_zeros(idx.shape)
+    picked = torch.where(local, picked, torch.zeros_like(picked))
+    return all_reduce_sum(picked, group)

@@ -1,0 +1,128 @@
+"""`xtoken preprocess` and `xtoken align`: output format, reader, workers, resumption, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from nemo_xtoken.align import align
+from nemo_xtoken.align.preprocess import PreprocessedCorpus, PreprocessOptions, preprocess
+from nemo_xtoken.cli.main import main
+from nemo_xtoken.errors import XTokenError
+
+DOCS = [
+    {"text": "In 201 days the price rose 3.5%."},
+    {"text": "你好，世界！🎉 emoji and CJK"},
+    {"body": "no text field"},
+    {"text": "def f(x):\n    return x ** 2\n"},
+    {"text": "e\u0301 decomposed"},  # Qwen3's NFC normalizer changes it: rejected with the span
+    {"text": ""},
+    {"text": 42},
+    {"text": "<|endoftext|> literal special token"},
+]
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    with open(p, "w") as f:
+        for d in DOCS:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        f.write("{not json\n")
+    return p
+
+
+def opts(llama3_path, qwen3_path, **kw):
+    return PreprocessOptions(student_tokenizer=llama3_path, teacher_tokenizer=qwen3_path, shard_size=3, student_add_bos=True, **kw)
+
+
+def test_preprocess_writes_aligned_documents(tmp_path, corpus_file, llama3_path, qwen3_path, llama3, qwen3):
+    r = preprocess(corpus_file, tmp_path / "out", opts(llama3_path, qwen3_path), progress=False)
+    assert r["input_documents"] == 9 and r["documents"] == 4 and r["rejected"] == 5 and r["shards"] == 3
+    reasons = {x["index"]: x["reason"] for x in r["rejected_documents"]}
+    assert "no string field 'text'" in reasons[2] and "changes the text" in reasons[4] and "empty" in reasons[5]
+    assert "no string field" in reasons[6] and "not JSON" in reasons[8]
+    c = PreprocessedCorpus(tmp_path / "out")
+    assert len(c) == 4 and [c.source_index(i) for i in range(4)] == [0, 1, 3, 7]
+    tot_s = tot_t = chunks = 0
+    for i in range(4):
+        s, t, a = c[i]
+        ref, rs, rt = align(DOCS[c.source_index(i)]["text"], llama3, qwen3, student_add_bos=True, return_ids=True)
+        assert np.array_equal(s, rs) and np.array_equal(t, rt) and a == ref
+        tot_s, tot_t, chunks = tot_s + len(s), tot_t + len(t), chunks + a.n_chunks
+    assert (r["student_tokens"], r["teacher_tokens"], r["chunks"]) == (tot_s, tot_t, chunks)
+    assert r["one_sided_student_tokens"] == 4 and r["one_sided_teacher_tokens"] == 0  # one BOS per document
+    s_len, t_len = c.lengths()
+    assert s_len.tolist() == [len(c[i][0]) for i in range(4)]
+    with pytest.raises(IndexError):
+        c[4]
+    # memory-mapped arrays on disk
+    assert isinstance(np.load(tmp_path / "out/shards/00000/student_ids.npy", mmap_mode="r"), np.memmap)
+
+
+def test_workers_give_identical_output(tmp_path, corpus_file, llama3_path, qwen3_path):
+    preprocess(corpus_file, tmp_path / "w1", opts(llama3_path, qwen3_path), workers=1, progress=False)
+    r2 = preprocess(corpus_file, tmp_path / "w2", opts(llama3_path, qwen3_path), workers=2, progress=False)
+    assert r2["documents"] == 4
+    for shard in ("00000", "00001", "00002"):
+        for f in sorted((tmp_path / "w1/shards" / shard).iterdir()):
+            assert f.read_bytes() == (tmp_path / "w2/shards" / shard / f.name).read_bytes(), f
+
+
+def test_resume_skips_completed_shards(tmp_path, corpus_file, llama3_path, qwen3_path):
+    out = tmp_path / "out"
+    preprocess(corpus_file, out, opts(llama3_path, qwen3_path), progress=False)
+    before = (out / "shards/00002/teacher_ids.npy").read_bytes()
+    shutil.rmtree(out / "shards/00001")  # as if interrupted before this shard was renamed into place
+    (out / "shards/.00002.tmp-999").mkdir()  # a half-written shard of a killed worker
+    (out / "shards/00002/DONE.json").unlink()  # no completion marker: redone
+    (out / "manifest.json").unlink()
+    r = preprocess(corpus_file, out, opts(llama3_path, qwen3_path), progress=False)
+    assert r["shards_skipped"] == 1 and r["documents"] == 4 and r["rejected"] == 5
+    assert (out / "shards/00002/teacher_ids.npy").read_bytes() == before
+    assert len(PreprocessedCorpus(out)) == 4
+    with pytest.raises(XTokenError, match="other settings .*shard_size"):
+        preprocess(corpus_file, out, PreprocessOptions(llama3_path, qwen3_path, shard_size=5, student_add_bos=True), progress=False)
+
+
+def test_input_errors(tmp_path, llama3_path, qwen3_path):
+    pq = tmp_path / "x.parquet"
+    pq.write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(XTokenError, match="needs pyarrow: `pip install pyarrow`"):
+            preprocess(pq, tmp_path / "o", opts(llama3_path, qwen3_path), progress=False)
+    with pytest.raises(XTokenError, match="does not exist"):
+        preprocess(tmp_path / "missing.jsonl", tmp_path / "o2", opts(llama3_path, qwen3_path), progress=False)
+    with pytest.raises(XTokenError, match="no manifest.json"):
+        PreprocessedCorpus(tmp_path)
+
+
+def test_parquet_input(tmp_path, llama3_path, qwen3_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["In 201 days", "hello"]}), tmp_path / "d.parquet")
+    r = preprocess(tmp_path / "d.parquet", tmp_path / "o", opts(llama3_path, qwen3_path, field="content"), progress=False)
+    assert r["documents"] == 2
+
+
+def test_cli_align_and_preprocess(tmp_path, corpus_file, llama3_path, qwen3_path, capsys):
+    assert main(["align", "-s", llama3_path, "-t", qwen3_path, "--text", "In 201 days", "--json", "--student-bos"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chunks"][0]["one_sided"] and out["chunks"][0]["student_tokens"] == ["<|begin_of_text|>"]
+    c = out["chunks"][3]
+    assert c["text"] == "201" and c["student_tokens"] == ["201"] and c["teacher_tokens"] == ["2", "0", "1"]
+    assert main(["align", "-s", llama3_path, "-t", qwen3_path, "--text", "In 201 days"]) == 0
+    assert "'201'" in capsys.readouterr().out
+    assert main(["align", "-s", llama3_path, "-t", qwen3_path, "--text", "e\u0301"]) == 2
+    assert "changes the text" in capsys.readouterr().err
+    rc = main(["preprocess", "-s", llama3_path, "-t", qwen3_path, "--input", str(corpus_file), "--output",
+               str(tmp_path / "cli"), "--shard-size", "4", "--workers", "2", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "documents: 4 aligned of 9 read (5 rejected)" in text and "rejected document 4" in text
