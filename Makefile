@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 export XTOKEN_CACHE ?= $(CURDIR)/.cache
-PY312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# A Python 3.12 that really runs (a pyenv shim for an inactive version does not): pyenv's first.
+PY312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1) $$(command -v python3.12); do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 STAMP := $(VENV)/.xtoken-setup-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 

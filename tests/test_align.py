@@ -287,3 +287,29 @@ def test_align_batch_equals_align_and_names_bad_documents(llama3, qwen3):
         from nemo_xtoken.align import align_offsets_batch
 
         align_offsets_batch([np.array([(0, 2)]), np.array([(0, 2)])], [np.array([(0, 2)]), np.array([(0, 1)])])
+
+
+def test_template_bos_eos_are_one_sided_chunks(llama3_path, llama3, qwen3):
+    """A tokenizer whose post-processor adds BOS and EOS: one one-sided chunk at each end."""
+    from tokenizers.processors import TemplateProcessing
+
+    from nemo_xtoken.align import align_batch
+
+    tok = Tokenizer.from_file(llama3_path)
+    tok.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", 128000), ("<|end_of_text|>", 128001)]
+    )
+    templ = load_tokenizer(tok)
+    text = "In 201 days <|end_of_text|> 🎉"  # the EOS text inside is a real (non-zero-width) special token
+    base = align(text, llama3, qwen3)
+    a, s, t = align(text, templ, qwen3, return_ids=True)
+    assert s[0] == 128000 and s[-1] == 128001
+    assert a.n_chunks == base.n_chunks + 2
+    assert a.one_sided().tolist() == [True] + [False] * base.n_chunks + [True]
+    np.testing.assert_array_equal(a.student_chunks[1:-1], base.student_chunks + 1)
+    np.testing.assert_array_equal(a.teacher_chunks[1:-1], base.teacher_chunks)
+    assert a.spans[-1].tolist() == [len(text.encode()), len(text.encode())]
+    b = align_batch([text, "x", text], templ, qwen3)
+    assert b[0][2] == a and b[2][2] == a and b[1][2].pairs() == [((0, 1), (0, 0)), ((1, 2), (0, 1)), ((2, 3), (1, 1))]
+    # without the template, no one-sided chunk
+    assert align(text, templ, qwen3, student_special_tokens=False) == base

@@ -34,7 +34,7 @@ def test_constraints_hold_for_any_parameter_values():
     sums = torch.zeros(V_S, dtype=w.dtype).index_add(0, lw.rows, w)
     nonempty = torch.tensor([len(r) > 0 for r in ROWS])
     torch.testing.assert_close(sums[nonempty], torch.ones(int(nonempty.sum()), dtype=w.dtype))
-    assert float(sums[~nonempty].sum()) == 0.0  # the empty row stays empty
+    assert float(sums[~nonempty].sum().detach()) == 0.0  # the empty row stays empty
     dense = lw.to_sparse_csr().to_dense()
     pattern = bf.dense_w(ROWS, V_S, V_T) != 0
     assert torch.all(dense[~pattern] == 0)  # sparsity pattern fixed
@@ -86,7 +86,15 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     assert not torch.allclose(other.weights(), lw.weights())
     other.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     torch.testing.assert_close(other.weights(), lw.weights())
-    assert set(lw.state_dict()) == {"logits", "rows", "cols", "exact_rows"}
+    assert set(lw.state_dict()) == {"logits", "rows", "cols", "exact_rows", "size"}
+    # A checkpoint of another W is refused, with the reason.
+    other_rows = [list(r) for r in ROWS]
+    other_rows[4] = [(5, 1.0)]
+    rows_csr = make_csr(other_rows)
+    with pytest.raises(XTokenError, match="sparsity pattern"):
+        LearnableProjection(rows_csr).load_state_dict(lw.state_dict())
+    with pytest.raises(XTokenError, match=r"shape \(7, 6\).*\(7, 8\)"):
+        LearnableProjection(make_csr(v_t=8)).load_state_dict(lw.state_dict())
 
 
 def test_bad_input():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,9 @@ def make_csr(rows=ROWS, v_s=V_S, v_t=V_T, dtype=torch.float64) -> torch.Tensor:
     crow = torch.tensor([0] + list(np.cumsum([len(r) for r in rows])), dtype=torch.int64)
     col = torch.tensor([t for r in rows for t, _ in r], dtype=torch.int64)
     val = torch.tensor([w for r in rows for _, w in r], dtype=dtype)
-    return torch.sparse_csr_tensor(crow, col, val, size=(v_s, v_t))
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, val, size=(v_s, v_t), check_invariants=False)
 
 
 def hand_alignment(merge_targets_seed: int = 0) -> tuple[AlignedPositions, dict]:
@@ -96,7 +100,8 @@ def grads(out, s, t, seed=7):
     if out.dim() == 1:  # "none": a random weighting checks every item's gradient
         g = torch.Generator().manual_seed(seed)
         out = (out * torch.rand(out.shape, generator=g, dtype=out.dtype)).sum()
-    return torch.autograd.grad(out, (s, t), allow_unused=True)
+    g = torch.autograd.grad(out, (s, t), allow_unused=True)
+    return tuple(torch.zeros_like(x) if gx is None else gx for x, gx in zip((s, t), g))  # unused = zero gradient
 
 
 @pytest.mark.parametrize("name", ["kl", "p_kl", "uld", "gold", "h_kl"])
@@ -280,3 +285,165 @@ def test_resolve_projection_exact_rows_and_top1():
     assert w.top1().tolist() == [0, 2, 2, 1, -1, 2, 3]
     p = resolve_projection(make_projection())
     assert p.exact_rows.tolist() == w.exact_rows.tolist() and p.top1().tolist() == w.top1().tolist()
+
+
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl"])
+def test_resolved_sparse_w_is_accepted_and_caches_common_sets(name):
+    s, t = logits(4, V_S, 14), logits(4, V_T, 15)
+    sw = resolve_projection(make_projection())
+    torch.testing.assert_close(call_ref(name, s, t, sw), call_ref(name, s, t, make_projection()))
+    if name != "p_kl":
+        first = sw.cache["exact_common_set" if name == "gold" else "top1_common_set"]
+        call_ref(name, s, t, sw)
+        assert sw.cache["exact_common_set" if name == "gold" else "top1_common_set"] is first
+    with pytest.raises(XTokenError, match="other tokenizers"):
+        call_ref(name, s, t, sw, student_vocab_size=V_S - 1)
+
+
+@pytest.mark.parametrize("name", ["p_kl", "gold", "h_kl"])
+def test_memory_invariant_no_dense_w_no_n_vs_vt(name):
+    """Largest single allocation stays at the size of the logits / W's non-zeros, far from V_S × V_T."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(0)
+    v_s, v_t, n = 20_000, 30_000, 4
+    rows = []
+    for i in range(v_s):
+        k = int(rng.integers(0, 4))
+        cols = rng.choice(v_t, size=k, replace=False)
+        rows.append([(int(c), 1.0 / k) for c in cols])
+    kinds = [ROW_EXACT if len(r) == 1 else ROW_MULTI if r else ROW_EMPTY for r in rows]
+    w = make_projection(rows, kinds, v_t)
+    s = torch.randn(n, v_s + 64, requires_grad=True)
+    t = torch.randn(n, v_t + 64)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call_ref(name, s, t, w).backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    dense_w_bytes = v_s * v_t * 4
+    print(f"{name}: largest single allocation {biggest} bytes, dense W {dense_w_bytes} bytes")
+    assert 0 < biggest < 64 * 2**20 < dense_w_bytes // 32, (biggest, dense_w_bytes)
+
+
+# ---- random W, random sizes (hypothesis) ------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def random_case(draw):
+    v_s = draw(st.integers(2, 6))
+    v_t = draw(st.integers(2, 6))
+    rows = []
+    for _ in range(v_s):
+        k = draw(st.integers(0, min(3, v_t)))
+        cols = draw(st.lists(st.integers(0, v_t - 1), min_size=k, max_size=k, unique=True))
+        ws = draw(st.lists(st.floats(0.05, 1.0), min_size=k, max_size=k))
+        total = sum(ws)
+        rows.append([(c, x / total) for c, x in zip(cols, ws)])
+    n = draw(st.integers(0, 4))
+    pad_s, pad_t = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**16))
+    temperature = draw(st.sampled_from([0.5, 1.0, 3.0]))
+    return v_s, v_t, rows, n, pad_s, pad_t, seed, temperature
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_case(), st.sampled_from(["p_kl", "h_kl", "gold"]))
+def test_random_w_matches_bruteforce(case, name):
+    v_s, v_t, rows, n, pad_s, pad_t, seed, temperature = case
+    s, t = logits(n, v_s + pad_s, seed), logits(n, v_t + pad_t, seed + 1)
+    w = make_csr(rows, v_s, v_t)
+    got = {"p_kl": p_kl, "h_kl": h_kl, "gold": gold}[name](s, t, w, temperature=temperature, reduction="sum")
+    dense = bf.dense_w(rows, v_s, v_t)
+    exact = [len(r) == 1 and r[0][1] == 1.0 for r in rows]
+    want = s.new_zeros(())
+    for i in range(n):
+        ps, pt = bf.probs(s[i], v_s, temperature)[:v_s], bf.probs(t[i], v_t, temperature)[:v_t]
+        if name == "p_kl":
+            want = want + bf.pkl_item(ps, pt, dense)
+        elif name == "h_kl":
+            want = want + bf.hybrid_item(ps, pt, bf.top1_groups(rows), v_s, v_t, 1.0, 1.0)
+        else:
+            groups = {tt: [ss] for ss, tt in bf.gold_pairs(rows, exact)}
+            want = want + bf.hybrid_item(ps, pt, groups, v_s, v_t, 1.0, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if n:
+        for a, b in zip(grads(got, s, t), grads(want, s, t)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+def _random_alignment_case(seed: int):
+    """A random W, loss, sizes, padding, temperature, reduction and a random monotone alignment."""
+    import random
+
+    r = random.Random(seed)
+    name = r.choice(["kl", "p_kl", "uld", "gold", "h_kl"])
+    v_s = r.randint(2, 6)
+    v_t = v_s if name == "kl" else r.randint(2, 6)
+    rows = []
+    for _ in range(v_s):
+        cols = r.sample(range(v_t), r.randint(0, min(3, v_t)))
+        ws = [r.uniform(0.05, 1.0) for _ in cols]
+        rows.append([(c, x / sum(ws)) for c, x in zip(cols, ws)])
+    k = r.randint(1, 4)
+
+    def chunk_ids(n):
+        out, c = [], 0
+        for _ in range(n):
+            if r.random() < 0.2:
+                out.append(-1)
+                continue
+            if r.random() < 0.4:
+                c = min(k - 1, c + 1)
+            out.append(c)
+        return out
+
+    n_s, n_t = r.randint(0, 6), r.randint(0, 6)
+    chunks = {
+        "n_chunks": k, "s_ids": chunk_ids(n_s), "t_ids": chunk_ids(n_t),
+        "s_tg": [r.randrange(v_s) for _ in range(n_s)], "t_tg": [r.randrange(v_t) for _ in range(n_t)],
+        "merge": r.choice(["chain", "mean"]),
+    }
+    return name, v_s, v_t, rows, chunks, r.choice([0.7, 1.0, 2.0]), r.randint(0, 2), r.randint(0, 2), r.choice(REDUCTIONS_ALL)
+
+
+REDUCTIONS_ALL = ["mean", "sum", "none"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_alignments_match_bruteforce(seed):
+    name, v_s, v_t, rows, ch, temperature, pad_s, pad_t, reduction = _random_alignment_case(seed)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    a = AlignedPositions(long(ch["s_ids"]), long(ch["t_ids"]), long(ch["s_tg"]), long(ch["t_tg"]), ch["n_chunks"])
+    s = logits(len(ch["s_ids"]), v_s + pad_s, seed)
+    t = logits(len(ch["t_ids"]), v_t + pad_t, seed + 1000)
+    kw = dict(alignment=a, merge=ch["merge"], temperature=temperature, reduction=reduction)
+    if name in ("kl", "uld"):
+        got = {"kl": kl, "uld": uld}[name](s, t, student_vocab_size=v_s, teacher_vocab_size=v_t, **kw)
+    else:
+        got = {"p_kl": p_kl, "gold": gold, "h_kl": h_kl}[name](s, t, make_csr(rows, v_s, v_t), **kw)
+    dense = bf.dense_w(rows, v_s, v_t)
+    exact = [len(x) == 1 and x[0][1] == 1.0 for x in rows]
+    its = bf.items(s, t, v_s, v_t, temperature, ch, None)
+    vals = []
+    for ps, pt, counted in its:
+        if not counted:
+            vals.append(s.new_zeros(()))
+            continue
+        ps, pt = ps[:v_s], pt[:v_t]
+        if name == "kl":
+            vals.append(bf.kl_item(ps, pt))
+        elif name == "uld":
+            vals.append(bf.sorted_l1(ps, pt))
+        elif name == "p_kl":
+            vals.append(bf.pkl_item(ps, pt, dense))
+        elif name == "h_kl":
+            vals.append(bf.hybrid_item(ps, pt, bf.top1_groups(rows), v_s, v_t, 1.0, 1.0))
+        else:
+            vals.append(bf.hybrid_item(ps, pt, {tt: [ss] for ss, tt in bf.gold_pairs(rows, exact)}, v_s, v_t, 1.0, 1.0))
+    want = bf.reduce(vals, [c for _, _, c in its], reduction, s)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    g_want = grads(want, s, t) if want.requires_grad else (torch.zeros_like(s), torch.zeros_like(t))
+    for x, y in zip(grads(got, s, t), g_want):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)

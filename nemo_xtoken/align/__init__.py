@@ -1,4 +1,10 @@
-"""Span alignment of one text under two tokenizers, alignment storage, and chunk merge operators."""
+"""Span alignment of one text under two tokenizers, alignment storage, and chunk merge operators.
+
+The merge operators need torch and load on first use, so that the alignment and preprocessing
+(numpy only) start fast in worker processes.
+"""
+
+from typing import Any
 
 from nemo_xtoken.align.core import (
     Alignment,
@@ -10,19 +16,28 @@ from nemo_xtoken.align.core import (
     encode_for_alignment,
     token_bytes,
 )
-from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, positions_from_token_chunks
+
+_MERGE_NAMES = ("MERGES", "AlignedPositions", "merge_log_probs", "positions_from_token_chunks")
 
 __all__ = [
     "MERGES",
     "AlignedPositions",
     "Alignment",
     "AlignmentBatch",
-    "align_batch",
-    "align_offsets_batch",
     "align",
+    "align_batch",
     "align_offsets",
+    "align_offsets_batch",
     "encode_for_alignment",
     "merge_log_probs",
     "positions_from_token_chunks",
     "token_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MERGE_NAMES:
+        from nemo_xtoken.align import merge
+
+        return getattr(merge, name)
+    raise AttributeError(f"module 'nemo_xtoken.align' has no attribute {name!r}")

@@ -75,10 +75,13 @@ class Alignment:
                     f"{name} (shape {ids.shape}) must be 1-D, non-decreasing and within 0…{n_chunks - 1}: the file "
                     "is not an alignment written by nemo_xtoken; re-run `xtoken preprocess`"
                 )
-        k = np.arange(n_chunks)
-        sc = np.stack([np.searchsorted(s, k, "left"), np.searchsorted(s, k, "right")], 1).astype(np.int64)
-        tc = np.stack([np.searchsorted(t, k, "left"), np.searchsorted(t, k, "right")], 1).astype(np.int64)
-        return Alignment(sc, tc, s, t)
+
+        def chunks(ids: np.ndarray) -> np.ndarray:
+            end = np.cumsum(np.bincount(ids, minlength=n_chunks)[:n_chunks])
+            cnt = np.diff(end, prepend=0)
+            return np.stack([end - cnt, end], 1).astype(np.int64)
+
+        return Alignment(chunks(s), chunks(t), s, t)
 
     def to_positions(self, student_ids: Any, teacher_ids: Any, student_loss_mask: Any = None):
         """Per-position chunk ids and targets for the losses (applies the next-token shift)."""
@@ -173,9 +176,16 @@ def _check_offsets(name: str, off: Any) -> np.ndarray:
 
 def _cuts(off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Content-token indices, the cut value after each, and whether a cut there is allowed."""
-    content = np.flatnonzero(off[:, 1] > off[:, 0])
-    st = off[content, 0]
-    en = off[content, 1]
+    width = off[:, 1] > off[:, 0]
+    if width.all():  # common case: no zero-width token
+        content = np.arange(off.shape[0])
+        st, en = off[:, 0], off[:, 1]
+    else:
+        content = np.flatnonzero(width)
+        st = off[content, 0]
+        en = off[content, 1]
+    if st.size and bool((st[1:] >= en[:-1]).all()):  # common case: tokens in order, no overlap
+        return content, en, np.ones(en.size, dtype=bool)
     reach = np.maximum.accumulate(en) if en.size else en
     nxt = np.empty_like(st)
     if st.size:
@@ -202,15 +212,18 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """Per-token chunk ids of both sides, the number of chunks and the chunk spans."""
     sc, sreach, sok = _cuts(so)
     tc, treach, tok = _cuts(to)
-    svals = sreach[sok]
-    tvals = treach[tok]
-    # Common cut values (both sorted, strictly increasing).
+    svals = sreach if sok.all() else sreach[sok]
+    tvals = treach if tok.all() else treach[tok]
+    # Common cut values (both strictly increasing): mark the teacher's, look up the student's.
     if svals.size and tvals.size:
-        j = np.searchsorted(tvals, svals).clip(max=tvals.size - 1)
-        common_mask_s = tvals[j] == svals
-        common = svals[common_mask_s]
+        marks = np.zeros(int(max(svals[-1], tvals[-1])) + 1, dtype=bool)
+        marks[tvals] = True
+        common = svals[marks[svals]]
+        marks[:] = False
+        marks[common] = True  # now: the common cuts
     else:
         common = svals[:0]
+        marks = np.zeros(0, dtype=bool)
     k_content = int(common.size)
     if (sc.size == 0) != (tc.size == 0) or (
         sc.size and (k_content == 0 or sreach[-1] != common[-1] or treach[-1] != common[-1])
@@ -221,10 +234,11 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
         n = off.shape[0]
         boundary = np.zeros(content.size, dtype=bool)
         if content.size and k_content:
-            okidx = np.flatnonzero(ok)
-            r = reach[okidx]
-            hit = np.searchsorted(common, r).clip(max=k_content - 1)
-            boundary[okidx[common[hit] == r]] = True
+            if ok.all():
+                boundary = marks[reach]
+            else:
+                okidx = np.flatnonzero(ok)
+                boundary[okidx] = marks[reach[okidx]]
         # content chunk of each content token
         cchunk = np.zeros(content.size, dtype=np.int64)
         if content.size > 1:
@@ -239,10 +253,12 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
         # gap index (content chunks before) for boundary zero-width tokens; chunk of others
         prev_chunk = np.where(has_prev, cchunk[np.maximum(before - 1, 0)] if content.size else 0, -1)
         gap = np.where(prev_boundary, prev_chunk + 1, -1)  # gap g: before content chunk g
-        return cchunk, zw, np.stack([gap, prev_chunk])
+        first = np.flatnonzero(boundary[:-1]) + 1  # first content token of each content chunk
+        first = np.concatenate([np.zeros(min(content.size, 1), np.int64), first])
+        return cchunk, zw, np.stack([gap, prev_chunk]), first
 
-    s_cchunk, s_zw, s_info = side(so, sc, sreach, sok)
-    t_cchunk, t_zw, t_info = side(to, tc, treach, tok)
+    s_cchunk, s_zw, s_info, s_first = side(so, sc, sreach, sok)
+    t_cchunk, t_zw, t_info, t_first = side(to, tc, treach, tok)
     s_gap_tok = s_info[0] >= 0
     t_gap_tok = t_info[0] >= 0
     s_gz, t_gz = s_zw[s_gap_tok], t_zw[t_gap_tok]
@@ -259,6 +275,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     def ids_for(n: int, content: np.ndarray, cchunk: np.ndarray, zw: np.ndarray, info: np.ndarray, gap_tok: np.ndarray,
                 ids_one: np.ndarray) -> np.ndarray:
+        if content.size == n:  # no zero-width token on this side
+            return content_id[cchunk]
         out = np.empty(n, dtype=np.int64)
         out[content] = content_id[cchunk]
         inner = ~gap_tok  # interior zero-width tokens: the chunk of the previous content token
@@ -271,9 +289,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
     spans = np.zeros((n_chunks, 2), dtype=np.int64)
     if k_content:
         # each content chunk starts where its first token starts, alike on both sides
-        k = np.arange(k_content)
-        s_lo = so[sc[np.searchsorted(s_cchunk, k)], 0]
-        t_lo = to[tc[np.searchsorted(t_cchunk, k)], 0]
+        s_lo = so[sc[s_first] if sc.size != so.shape[0] else s_first, 0]
+        t_lo = to[tc[t_first] if tc.size != to.shape[0] else t_first, 0]
         if not np.array_equal(s_lo, t_lo):
             bad = int(np.flatnonzero(s_lo != t_lo)[0])
             raise XTokenError(
@@ -363,16 +380,41 @@ def encode_for_alignment(text: str, tokenizer: Any, *, special_tokens: bool = Tr
     from nemo_xtoken.vocab import load_tokenizer
 
     info = load_tokenizer(tokenizer)
-    enc = info.tokenizer.encode(text, add_special_tokens=special_tokens)
-    ids = np.asarray(enc.ids, dtype=np.int64)
-    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-    if add_bos:
-        b = _bos_id(info)
-        if ids.size == 0 or ids[0] != b:
-            ids = np.concatenate([[b], ids])
-            off = np.concatenate([np.zeros((1, 2), dtype=np.int64), off])
+    enc = _encode_many(info, [text], special_tokens, add_bos)
     data = text.encode("utf-8", "surrogatepass")
-    return ids, _byte_offsets(text, data, ids, off, token_bytes(info), info.source)
+    fast = _fast_byte_offsets(np.frombuffer(data, np.uint8), enc.ids[0], enc.zero[0], np.zeros(enc.ids[0].size, np.int64),
+                              np.zeros(1, np.int64), np.array([len(data)]), token_bytes(info))
+    if fast is not None:
+        return enc.ids[0], fast
+    return enc.ids[0], _byte_offsets(text, data, enc.ids[0], enc.offsets(0), token_bytes(info), info.source)
+
+
+def _fast_byte_offsets(data: np.ndarray, ids: np.ndarray, zero: np.ndarray, doc: np.ndarray, byte_base: np.ndarray,
+                       doc_nbytes: np.ndarray, tb: "TokenBytes") -> np.ndarray | None:
+    """Byte offsets from the ids alone: each document's token bytes, laid end to end, must be its text.
+
+    Exact by construction when it returns (every byte is compared); ``None`` when the tokens do
+    not spell the text (a normalizer changed it, or the tokenizer drops text): the caller then
+    uses the tokenizer's own offsets to accept the tokenization or name the offending span.
+    """
+    if ids.size and (ids.max() >= tb.length.size or ids.min() < 0):
+        return None
+    L = np.where(zero, 0, tb.length[ids])
+    cum = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(L, out=cum[1:])
+    tok_off = np.zeros(byte_base.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(doc, minlength=byte_base.size), out=tok_off[1:])
+    if not np.array_equal(cum[tok_off[1:]] - cum[tok_off[:-1]], doc_nbytes):
+        return None
+    start = byte_base[doc] + cum[:-1] - cum[tok_off[:-1]][doc]
+    tot = int(cum[-1])
+    if tot:
+        nz = L > 0
+        ln = L[nz]
+        within = np.arange(tot, dtype=np.int64) - np.repeat(cum[:-1][nz], ln)
+        if not np.array_equal(tb.buf[np.repeat(tb.start[ids[nz]], ln) + within], data[np.repeat(start[nz], ln) + within]):
+            return None
+    return np.stack([start, start + L], 1)
 
 
 def _char_to_byte(text: str, data: bytes) -> np.ndarray:
@@ -513,8 +555,20 @@ def _localize(so: np.ndarray, to: np.ndarray, s_doc: np.ndarray, t_doc: np.ndarr
     """Align concatenated documents in one call; chunk ids made local to each document."""
     s_ids, t_ids, n_chunks, spans = _align_arrays(so, to)
     n = doc_base.size
-    chunk_doc = np.searchsorted(doc_base, spans[:, 0], "right") - 1
-    per_doc = np.bincount(chunk_doc, minlength=n)
+    # Documents are consecutive in chunk order: document d's chunks run from the smaller first
+    # chunk id of its two sides to the larger last one (none if it has no token).
+    big = np.iinfo(np.int64).max
+    first = np.full(n, big, dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    for ids, doc in ((s_ids, s_doc), (t_ids, t_doc)):
+        if ids.size:
+            starts = np.flatnonzero(np.diff(doc, prepend=-1))
+            ends = np.append(starts[1:], ids.size) - 1
+            d = doc[starts]
+            first[d] = np.minimum(first[d], ids[starts])
+            last[d] = np.maximum(last[d], ids[ends])
+    has = last >= 0
+    per_doc = np.where(has, last - first + 1, 0)
     base = np.zeros(n, dtype=np.int64)
     if n > 1:
         base[1:] = np.cumsum(per_doc)[:-1]
@@ -529,18 +583,44 @@ def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) 
     """
     if len(student_offsets) != len(teacher_offsets):
         raise XTokenError(f"align_offsets_batch: {len(student_offsets)} student and {len(teacher_offsets)} teacher documents")
-    so_l = [_check_offsets(f"student_offsets[{i}]", o) for i, o in enumerate(student_offsets)]
-    to_l = [_check_offsets(f"teacher_offsets[{i}]", o) for i, o in enumerate(teacher_offsets)]
-    ns, nt = [o.shape[0] for o in so_l], [o.shape[0] for o in to_l]
-    extent = [max(int(a[:, 1].max()) if a.size else 0, int(b[:, 1].max()) if b.size else 0) + 1 for a, b in zip(so_l, to_l)]
-    doc_base = _doc_offsets(extent)[:-1]
+    def cat(side: str, offs: list[Any]) -> tuple[np.ndarray, list[int]]:
+        try:  # fast path: a list of int [n_i, 2] arrays
+            n = [o.shape[0] for o in offs]
+            return _check_offsets(f"{side}_offsets", np.concatenate(offs + [np.zeros((0, 2), np.int64)])), n
+        except (AttributeError, ValueError, XTokenError):
+            pass
+        arrs = [np.asarray(o).reshape(-1, 2) if np.size(o) else np.zeros((0, 2), np.int64) for o in offs]
+        n = [a.shape[0] for a in arrs]
+        try:
+            return _check_offsets(f"{side}_offsets", np.concatenate(arrs + [np.zeros((0, 2), np.int64)])), n
+        except XTokenError:
+            for i, a in enumerate(arrs):
+                _check_offsets(f"{side}_offsets[{i}]", a)
+            raise
+
+    so, ns = cat("student", student_offsets)
+    to, nt = cat("teacher", teacher_offsets)
     s_doc = np.repeat(np.arange(len(ns)), ns)
     t_doc = np.repeat(np.arange(len(nt)), nt)
-    so = np.concatenate(so_l + [np.zeros((0, 2), np.int64)]) + doc_base[s_doc, None]
-    to = np.concatenate(to_l + [np.zeros((0, 2), np.int64)]) + doc_base[t_doc, None]
+
+    def doc_max(ends: np.ndarray, n: list[int]) -> np.ndarray:
+        out = np.zeros(len(n), dtype=np.int64)
+        cnt = np.asarray(n, dtype=np.int64)
+        ne = np.flatnonzero(cnt > 0)
+        if ne.size:
+            out[ne] = np.maximum.reduceat(ends, (np.cumsum(cnt) - cnt)[ne])
+        return out
+
+    extent = np.maximum(doc_max(so[:, 1], ns), doc_max(to[:, 1], nt))  # per document: its largest offset
+    doc_base = _doc_offsets((extent + 1).tolist())[:-1]
+    s_raw, t_raw = so, to
+    so = so + doc_base[s_doc, None]
+    to = to + doc_base[t_doc, None]
     try:
         sc, tc, nc = _localize(so, to, s_doc, t_doc, doc_base)
     except XTokenError:
+        so_l = np.split(s_raw, np.cumsum(ns)[:-1]) if ns else []
+        to_l = np.split(t_raw, np.cumsum(nt)[:-1]) if nt else []
         for i, (a, b) in enumerate(zip(so_l, to_l)):
             try:
                 align_offsets(a, b)
@@ -578,18 +658,7 @@ def align_batch(
     rejected = [(i, f"not a string ({type(t).__name__})") for i, t in enumerate(texts) if not isinstance(t, str)]
     if rejected and on_error == "raise":
         raise XTokenError(f"document {rejected[0][0]}: {rejected[0][1]}")
-    enc = []
-    for info, special, bos in sides:
-        encs = [info.tokenizer.encode(texts[i], add_special_tokens=special) for i in good]
-        ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
-        off = [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encs]
-        if bos:
-            b = _bos_id(info)
-            for k in range(len(ids)):
-                if ids[k].size == 0 or ids[k][0] != b:
-                    ids[k] = np.concatenate([[b], ids[k]])
-                    off[k] = np.concatenate([np.zeros((1, 2), np.int64), off[k]])
-        enc.append((ids, off))
+    enc = [_encode_many(info, [texts[i] for i in good], special, bos) for info, special, bos in sides]
     while True:
         try:
             return _align_encoded(texts, good, enc, (S, T), rejected)
@@ -598,8 +667,51 @@ def align_batch(
                 raise XTokenError(f"document {good[e.k]}: {e.msg}") from None
             rejected.append((good[e.k], e.msg))
             del good[e.k]
-            for ids, off in enc:
-                del ids[e.k], off[e.k]
+            for side in enc:
+                side.remove(e.k)
+
+
+class _Encoded:
+    """Ids of each text, which tokens are zero-width (template/BOS), and the encodings (for offsets)."""
+
+    def __init__(self, encs: list[Any], bos: int | None, template: bool = True) -> None:
+        self.encs = encs
+        self.ids, self.zero, self.bos_added = [], [], []
+        for e in encs:
+            ids = np.asarray(e.ids, dtype=np.int64)
+            # special_tokens_mask marks the tokens the post-processor added (not specials in the text)
+            zero = np.asarray(e.special_tokens_mask, dtype=bool) if template else np.zeros(ids.size, dtype=bool)
+            added = bos is not None and (ids.size == 0 or ids[0] != bos)
+            if added:
+                ids = np.concatenate([[bos], ids])
+                zero = np.concatenate([[True], zero])
+            self.ids.append(ids)
+            self.zero.append(zero)
+            self.bos_added.append(added)
+
+    def offsets(self, k: int) -> np.ndarray:
+        """The tokenizer's character offsets of text ``k`` ([n, 2])."""
+        off = np.asarray(self.encs[k].offsets, dtype=np.int64).reshape(-1, 2)
+        return np.concatenate([np.zeros((1, 2), np.int64), off]) if self.bos_added[k] else off
+
+    def remove(self, k: int) -> None:
+        for lst in (self.encs, self.ids, self.zero, self.bos_added):
+            del lst[k]
+
+
+def _encode_many(info: Any, texts: list[str], special: bool, bos: bool) -> _Encoded:
+    """Tokenize each text (BOS prepended when asked and missing)."""
+    encs = [info.tokenizer.encode(t, add_special_tokens=special) for t in texts]
+    return _Encoded(encs, _bos_id(info) if bos else None, special and _adds_template_tokens(info))
+
+
+def _adds_template_tokens(info: Any) -> bool:
+    """Whether the tokenizer's post-processor adds tokens (a BOS/EOS template); cached."""
+    cached = getattr(info, "_align_template", None)
+    if cached is None:
+        cached = any(info.tokenizer.encode("a", add_special_tokens=True).special_tokens_mask)
+        info._align_template = cached
+    return cached
 
 
 class _DocError(Exception):
@@ -614,21 +726,28 @@ def _align_encoded(texts, good, enc, infos, rejected) -> AlignmentBatch:
     data = joined.encode("utf-8", "surrogatepass")
     char_base = _doc_offsets([len(d) + 1 for d in docs])[:-1]
     byte_base = _doc_offsets([len(d.encode("utf-8", "surrogatepass")) + 1 for d in docs])[:-1]
+    nbytes = np.asarray([len(d.encode("utf-8", "surrogatepass")) for d in docs], dtype=np.int64)
+    arr = np.frombuffer(data, dtype=np.uint8)
     out = []
-    for (ids, off), info in zip(enc, infos):
+    for side, info in zip(enc, infos):
+        ids, zero = side.ids, side.zero
         n = [x.size for x in ids]
         doc = np.repeat(np.arange(len(docs)), n)
         cat_ids = np.concatenate(ids + [np.zeros(0, np.int64)])
-        cat_off = np.concatenate(off + [np.zeros((0, 2), np.int64)]) + char_base[doc, None]
-        try:
-            boff = _byte_offsets(joined, data, cat_ids, cat_off, token_bytes(info), info.source)
-        except XTokenError:
-            for k, d in enumerate(docs):  # find the document, with its own offsets in the message
-                try:
-                    _byte_offsets(d, d.encode("utf-8", "surrogatepass"), ids[k], off[k], token_bytes(info), info.source)
-                except XTokenError as e:
-                    raise _DocError(k, str(e)) from None
-            raise
+        cat_zero = np.concatenate(zero + [np.zeros(0, bool)])
+        boff = _fast_byte_offsets(arr, cat_ids, cat_zero, doc, byte_base, nbytes, token_bytes(info))
+        if boff is None:  # some document's tokens do not spell it: the tokenizer's offsets decide
+            off = [side.offsets(k) for k in range(len(docs))]
+            cat_off = np.concatenate(off + [np.zeros((0, 2), np.int64)]) + char_base[doc, None]
+            try:
+                boff = _byte_offsets(joined, data, cat_ids, cat_off, token_bytes(info), info.source)
+            except XTokenError:
+                for k, d in enumerate(docs):  # find the document, with its own offsets in the message
+                    try:
+                        _byte_offsets(d, d.encode("utf-8", "surrogatepass"), ids[k], off[k], token_bytes(info), info.source)
+                    except XTokenError as e:
+                        raise _DocError(k, str(e)) from None
+                raise
         out.append((cat_ids, boff, doc, n))
     (s_ids, s_off, s_doc, ns), (t_ids, t_off, t_doc, nt) = out
     try:

@@ -17,6 +17,7 @@ from nemo_xtoken.errors import XTokenError
 COMMAND_MODULES = [
     "nemo_xtoken.cli.vocab_cmds",
     "nemo_xtoken.cli.align_cmds",
+    "nemo_xtoken.cli.demo_cmds",
 ]
 
 

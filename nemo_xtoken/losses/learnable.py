@@ -8,6 +8,8 @@ starts exactly at the built W.  Empty rows stay empty.  The indices are buffers,
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -51,8 +53,26 @@ class LearnableProjection(nn.Module):
         self.register_buffer("rows", rows_t.contiguous())
         self.register_buffer("cols", cols_t.contiguous())
         self.register_buffer("exact_rows", exact_t.bool().contiguous())
+        self.register_buffer("size", torch.tensor([v_s, v_t], dtype=torch.int64))
         # Zero weights would need log(0) = -inf; floor them so the pattern stays trainable.
         self.logits = nn.Parameter(torch.log(vals_t.clamp(min=min_weight)).float())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Refuse a checkpoint of a learnable W with another shape or sparsity pattern."""
+        size, rows, cols = (state_dict.get(prefix + k) for k in ("size", "rows", "cols"))
+        if size is not None and tuple(int(x) for x in size) != self.shape:
+            raise XTokenError(
+                f"learnable W checkpoint has shape {tuple(int(x) for x in size)}, this LearnableProjection {self.shape}: "
+                "it was trained for other tokenizers"
+            )
+        if rows is not None and cols is not None and (
+            rows.shape != self.rows.shape or not torch.equal(rows.cpu(), self.rows.cpu()) or not torch.equal(cols.cpu(), self.cols.cpu())
+        ):
+            raise XTokenError(
+                f"learnable W checkpoint has another sparsity pattern ({rows.numel()} non-zeros, this one {self.nnz}): "
+                "build the LearnableProjection from the same W the checkpoint was trained from"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,7 +98,9 @@ class LearnableProjection(nn.Module):
             0, self.rows, torch.ones_like(self.rows)
         )
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return torch.sparse_csr_tensor(crow, self.cols, self.weights().detach(), size=self.shape)
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, self.cols, self.weights().detach(), size=self.shape, check_invariants=False)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nnz={self.nnz}"

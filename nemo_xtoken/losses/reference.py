@@ -22,7 +22,7 @@ Memory: nothing of size ``N × V_S × V_T`` and no dense W; W enters only throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
@@ -53,7 +53,7 @@ __all__ = [
 EPS = 1e-12  # floor of the projected / grouped student probability inside log (P-KL, H-KL)
 REDUCTIONS = ("mean", "sum", "none")
 
-ProjectionLike = Union[Projection, torch.Tensor, "LearnableProjection"]  # noqa: F821 (see learnable.py)
+ProjectionLike = Union[Projection, torch.Tensor, "SparseW", "LearnableProjection"]  # noqa: F821 (see learnable.py)
 
 
 # ---- W as triplets -------------------------------------------------------------------------------
@@ -65,6 +65,8 @@ class SparseW:
 
     ``exact_rows[s]`` marks the student rows that count as exact matches for GOLD's common set
     (``row_kind == ROW_EXACT`` for a :class:`Projection`; a single weight-1 entry otherwise).
+    Every loss accepts a ``SparseW`` as its ``projection``: resolve W once (on the training device)
+    and the conversion and the common sets (cached here) are not recomputed per step.
     """
 
     rows: torch.Tensor  # int64 [nnz]
@@ -73,6 +75,12 @@ class SparseW:
     student_vocab_size: int
     teacher_vocab_size: int
     exact_rows: torch.Tensor  # bool [V_S]
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether W is fixed (no gradient into its values), so derived sets may be cached."""
+        return not self.values.requires_grad
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,9 +88,11 @@ class SparseW:
 
     def top1(self) -> torch.Tensor:
         """Each row's highest-weight teacher id (ties: lowest id), ``-1`` for empty rows (int64 [V_S])."""
+        if self.frozen and "top1" in self.cache:
+            return self.cache["top1"]
         rows = self.rows.cpu().numpy()
         cols = self.cols.cpu().numpy()
-        vals = self.values.detach().float().cpu().numpy()
+        vals = self.values.detach().double().cpu().numpy()
         out = np.full(self.student_vocab_size, -1, dtype=np.int64)
         if rows.size:
             order = np.lexsort((cols, -vals, rows))
@@ -90,7 +100,10 @@ class SparseW:
             first = np.ones(r.size, dtype=bool)
             first[1:] = r[1:] != r[:-1]
             out[r[first]] = cols[order][first]
-        return torch.from_numpy(out).to(self.rows.device)
+        top1 = torch.from_numpy(out).to(self.rows.device)
+        if self.frozen:
+            self.cache["top1"] = top1
+        return top1
 
 
 def _is_learnable(obj: Any) -> bool:
@@ -112,6 +125,9 @@ def resolve_projection(
     W when given: a W built for other tokenizers is refused.  For a CSR tensor wider than the real
     sizes (built with ``to_torch(student_padded=…)``) they give the real sizes.
     """
+    if isinstance(projection, SparseW):
+        _check_sizes(*projection.shape, student_vocab_size, teacher_vocab_size)
+        return projection if device is None else _to_device(projection, torch.device(device))
     if isinstance(projection, Projection):
         v_s, v_t = projection.shape
         counts = np.diff(projection.indptr)
@@ -119,11 +135,11 @@ def resolve_projection(
         cols = torch.from_numpy(projection.indices.astype(np.int64))
         values = torch.from_numpy(projection.data.astype(np.float32))
         exact = torch.from_numpy(projection.row_kind == ROW_EXACT)
-        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size, exact_only=True)
+        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size)
     elif _is_learnable(projection):
         v_s, v_t = projection.shape
         rows, cols, values, exact = projection.rows, projection.cols, projection.weights(), projection.exact_rows
-        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size, exact_only=True)
+        _check_sizes(v_s, v_t, student_vocab_size, teacher_vocab_size)
     elif isinstance(projection, torch.Tensor) and projection.layout == torch.sparse_csr:
         if projection.dim() != 2:
             raise XTokenError(f"projection: a sparse CSR W must be 2-D [V_S, V_T], got shape {tuple(projection.shape)}")
@@ -159,11 +175,17 @@ def resolve_projection(
     return w
 
 
-def _check_sizes(v_s: int, v_t: int, want_s: int | None, want_t: int | None, *, exact_only: bool) -> None:
-    if (want_s is not None and int(want_s) != v_s) or (want_t is not None and int(want_t) != v_t):
+def _check_sizes(v_s: int, v_t: int, want_s: int | None, want_t: int | None) -> None:
+    """Refuse a W whose shape is not the tokenizers' real vocabulary sizes (when those are given)."""
+    bad = [
+        f"{side} tokenizer has {want} ids, W has {have} {'rows' if side == 'student' else 'columns'}"
+        for side, want, have in (("student", want_s, v_s), ("teacher", want_t, v_t))
+        if want is not None and int(want) != have
+    ]
+    if bad:
         raise XTokenError(
-            f"projection: W has shape ({v_s}, {v_t}) but the tokenizers have ({want_s}, {want_t}) ids: "
-            "this W was built for other tokenizers; rebuild it with `xtoken build-projection` for this pair"
+            f"projection: W {(v_s, v_t)} was built for other tokenizers ({'; '.join(bad)}): "
+            "rebuild it with `xtoken build-projection` for this pair"
         )
 
 
@@ -190,6 +212,8 @@ class CommonSet:
 
 def exact_common_set(w: SparseW) -> CommonSet:
     """GOLD's strict common set: exact rows ``(s, top1[s])``; several rows on one ``t`` keep the lowest ``s``."""
+    if w.frozen and "exact_common_set" in w.cache:
+        return w.cache["exact_common_set"]
     top1 = w.top1()
     s = torch.nonzero(w.exact_rows & (top1 >= 0), as_tuple=True)[0]
     t = top1[s]
@@ -200,18 +224,26 @@ def exact_common_set(w: SparseW) -> CommonSet:
     sel = order[keep]
     sel = sel[np.argsort(sn[sel], kind="stable")]
     dev = w.rows.device
-    return CommonSet(
+    out = CommonSet(
         torch.from_numpy(sn[sel]).to(dev), torch.arange(sel.size, device=dev), torch.from_numpy(tn[sel]).to(dev)
     )
+    if w.frozen:
+        w.cache["exact_common_set"] = out
+    return out
 
 
 def top1_common_set(w: SparseW) -> CommonSet:
     """H-KL's relaxed common set: every non-empty student row with its top-1 teacher token."""
+    if w.frozen and "top1_common_set" in w.cache:
+        return w.cache["top1_common_set"]
     top1 = w.top1()
     s = torch.nonzero(top1 >= 0, as_tuple=True)[0]
     t = top1[s]
     uniq, group = torch.unique(t, sorted=True, return_inverse=True)
-    return CommonSet(s, group, uniq)
+    out = CommonSet(s, group, uniq)
+    if w.frozen:
+        w.cache["top1_common_set"] = out
+    return out
 
 
 # ---- input checks and per-item log-distributions ---------------------------------------------------
@@ -477,7 +509,8 @@ def p_kl(
 
 
 def _to_device(w: SparseW, device: torch.device) -> SparseW:
-    if w.rows.device == device:
+    here = w.rows.device
+    if here.type == device.type and (device.index is None or here.index == device.index):
         return w
     return SparseW(w.rows.to(device), w.cols.to(device), w.values.to(device), w.student_vocab_size, w.teacher_vocab_size, w.exact_rows.to(device))
 

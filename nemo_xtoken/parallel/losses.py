@@ -114,8 +114,8 @@ def _prepare(
                 f"teacher_logits ({t.shape[0]} positions, shape {tuple(teacher_logits.shape)}) must have as many positions: "
                 "pass an alignment for different tokenizations"
             )
-        if mask is None:
-            index = torch.arange(s.shape[0], device=s.device)
+        if mask is None:  # every position counts: no copy
+            return _Items(lp_s, lp_t, torch.arange(s.shape[0], device=s.device), s.shape[0])
         else:
             m = mask.reshape(-1)
             if m.shape[0] != s.shape[0]:
@@ -221,47 +221,90 @@ def vocab_parallel_kl(
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
     w = min(items.lp_s.shape[1], items.lp_t.shape[1])  # tp = 1 with unequal padding: real columns only
-    partial = _kl_terms(items.lp_t[:, :w], items.lp_s[:, :w])
+    partial = _KLPartial.apply(items.lp_t[:, :w], items.lp_s[:, :w], False, 0.0)
     loss = sum_partials(partial, group)
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
 # ---- P-KL ---------------------------------------------------------------------------------------
+def _mm(dense: torch.Tensor, csr: torch.Tensor) -> torch.Tensor | None:
+    """``dense [n, a] @ csr [a, b]``, None when the product is empty."""
+    if dense.shape[0] == 0 or csr.shape[1] == 0 or csr.shape[0] == 0 or csr.values().numel() == 0:
+        return None
+    return dense @ csr
+
+
 class _ExchangeProject(torch.autograd.Function):
-    """``p̃_S`` on this teacher shard from student shards: one all-to-all of the planned values
-    (student columns and partial sums), then the sparse block of W; backward: the transposed
-    sparse block, the reverse all-to-all, scatter-add into the student shard."""
+    """``p̃_S = Wᵀ p_S`` on this teacher shard from log-probability shards ``lp_S``.
+
+    Forward: ``q = exp(lp_S)``; the local block of W; one all-to-all of the planned values
+    (student columns and partial sums, ``q @ send_mat``); their sparse block.  Backward: the
+    transposed blocks, the reverse all-to-all, times ``q`` (recomputed; nothing but ``lp_S``
+    saved).
+    """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, plan, group) -> torch.Tensor:  # q [n, w_S]
-        ctx.plan, ctx.group, ctx.w_s = plan, group, q.shape[1]
-        n = q.shape[0]
-        parts = [q.index_select(1, plan.send_cols)]
-        if plan.n_partial:
-            contrib = q.index_select(1, plan.p_rows) * plan.p_w
-            parts.append(q.new_zeros(n, plan.n_partial).index_add_(1, plan.p_slot, contrib))
-        send = torch.cat(parts, 1).index_select(1, plan.send_order).t().contiguous()  # [K_send, n]
-        recv = all_to_all_columns(send, plan.send_splits, plan.recv_splits, group)  # [K_recv, n]
-        w_t = plan.proj_t.shape[0]
-        if n == 0 or recv.shape[0] == 0:
-            return q.new_zeros(n, w_t)
-        return (plan.proj_t @ recv).t().contiguous()
+    def forward(ctx, lp: torch.Tensor, plan, group) -> torch.Tensor:  # lp [n, w_S]
+        ctx.plan, ctx.group = plan, group
+        ctx.save_for_backward(lp)
+        n = lp.shape[0]
+        q = lp.exp()
+        out = _mm(q, plan.local)
+        out = q.new_zeros(n, plan.local.shape[1]) if out is None else out
+        if plan.exchange:  # the same decision on every rank
+            send = _mm(q, plan.send_mat)
+            send = q.new_zeros(n, plan.send_mat.shape[1]) if send is None else send
+            del q
+            recv = all_to_all_columns(send.t().contiguous(), plan.send_splits, plan.recv_splits, group)
+            add = _mm(recv.t(), plan.recv_mat)
+            if add is not None:
+                out.add_(add)
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        (lp,) = ctx.saved_tensors
         plan = ctx.plan
         n = g.shape[0]
-        k_recv = plan.proj.shape[0]
         g = g.float()
-        grecv = g.new_zeros(k_recv, n) if n == 0 or k_recv == 0 else plan.proj @ g.t().contiguous()
-        gsend = all_to_all_columns(grecv, plan.recv_splits, plan.send_splits, ctx.group)  # [K_send, n]
-        gbuf = g.new_zeros(n, gsend.shape[0]).index_copy_(1, plan.send_order, gsend.t())
-        kc = plan.send_cols.numel()
-        gq = g.new_zeros(n, ctx.w_s)
-        gq.index_add_(1, plan.send_cols, gbuf[:, :kc])
-        if plan.n_partial:
-            gq.index_add_(1, plan.p_rows, gbuf[:, kc:].index_select(1, plan.p_slot) * plan.p_w)
-        return gq, None, None
+        gq = _mm(g, plan.local_t)
+        gq = g.new_zeros(n, lp.shape[1]) if gq is None else gq
+        if plan.exchange:  # the same decision on every rank
+            grecv = _mm(g, plan.recv_mat_t)
+            grecv = g.new_zeros(n, plan.recv_mat_t.shape[1]) if grecv is None else grecv
+            gsend = all_to_all_columns(grecv.t().contiguous(), plan.recv_splits, plan.send_splits, ctx.group)
+            add = _mm(gsend.t(), plan.send_mat_t)
+            if add is not None:
+                gq.add_(add)
+        return gq.mul_(lp.exp()), None, None
+
+
+class _KLPartial(torch.autograd.Function):
+    """Per row ``Σ_v p_T (log p_T − log q)`` over this shard, terms with ``p_T = 0`` exactly 0.
+
+    ``q`` is given as ``log_q`` (KL) or as a probability floored at ``eps`` (P-KL,
+    ``log max(q, eps)``, no gradient through the floor).  Saves only its inputs; the
+    gradient flows to ``q`` / ``log_q`` (the teacher side is frozen: no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, lp_t: torch.Tensor, q: torch.Tensor, is_prob: bool, eps: float) -> torch.Tensor:
+        ctx.is_prob, ctx.eps = is_prob, eps
+        ctx.save_for_backward(lp_t, q)
+        p_t = lp_t.exp()
+        log_q = q.clamp_min(eps).log() if is_prob else q
+        diff = torch.where(p_t > 0, lp_t - log_q, torch.zeros((), dtype=lp_t.dtype, device=lp_t.device))
+        del log_q
+        return (diff.mul_(p_t)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        lp_t, q = ctx.saved_tensors
+        p_t = lp_t.exp()  # 0 where the teacher has no mass (and on padded columns)
+        gq = p_t.mul_(-g.unsqueeze(1))
+        if ctx.is_prob:
+            gq = torch.where(q >= ctx.eps, gq / q.clamp_min(ctx.eps), torch.zeros((), dtype=gq.dtype, device=gq.device))
+        return None, gq, None, None
 
 
 def vocab_parallel_p_kl(
@@ -314,9 +357,8 @@ def vocab_parallel_p_kl(
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
     rp = plan.rank_plan(rank, items.lp_s.device)
-    q = items.lp_s.exp()
-    p_tilde = _ExchangeProject.apply(q, rp, group)
-    partial = _kl_terms(items.lp_t, p_tilde.clamp_min(eps).log())
+    p_tilde = _ExchangeProject.apply(items.lp_s, rp, group)
+    partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
     loss = sum_partials(partial, group)
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 

@@ -185,20 +185,34 @@ def min_vertex_cover(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np
     return cover_l, cover_r
 
 
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 torch sparse CSR matrix from COO triplets (duplicates summed)."""
+    idx = torch.from_numpy(np.stack([rows.astype(np.int64), cols.astype(np.int64)]))
+    coo = torch.sparse_coo_tensor(idx, torch.from_numpy(vals.astype(np.float32)), shape, check_invariants=False)
+    return coo.coalesce().to_sparse_csr()
+
+
 @dataclass
 class _RankPlan:
-    """One rank's part: what it sends (student columns and partial sums), how it uses what it receives."""
+    """One rank's part of the plan, as sparse matrices (``dense @ CSR`` on the device).
 
-    send_cols: torch.Tensor  # int64 [Kc]: local student columns sent as they are
-    p_rows: torch.Tensor  # int64 [E_p]: local student columns of the edges summed before sending
-    p_slot: torch.Tensor  # int64 [E_p]: which partial sum (0..Kp-1) each such edge feeds
-    p_w: torch.Tensor  # float32 [E_p]: the edge's weight W[s, t]
-    n_partial: int  # Kp
-    send_order: torch.Tensor  # int64 [Kc + Kp]: cat(columns, partials) → send buffer grouped by destination
+    ``p̃_S`` on this teacher shard = ``q @ local`` + ``recv @ recv_mat``, where ``recv``
+    ``[n, K_recv]`` arrives by the all-to-all of every rank's ``q @ send_mat`` (columns grouped by
+    destination; a one-hot column sends ``p_S[s]`` itself, a weighted one a partial sum).
+    The ``*_t`` matrices are the transposes, for the backward.
+    """
+
+    local: torch.Tensor  # CSR [w_S, w_T]: W's block inside this rank
+    local_t: torch.Tensor  # CSR [w_T, w_S]
+    send_mat: torch.Tensor  # CSR [w_S, K_send]
+    send_mat_t: torch.Tensor  # CSR [K_send, w_S]
+    recv_mat: torch.Tensor  # CSR [K_recv, w_T]
+    recv_mat_t: torch.Tensor  # CSR [w_T, K_recv]
     send_splits: list[int]
     recv_splits: list[int]
-    proj_t: torch.Tensor  # sparse CSR [w_T, K_recv]: p̃ᵀ = proj_t @ recv
-    proj: torch.Tensor  # sparse CSR [K_recv, w_T]: grad_recv = proj @ grad_p̃ᵀ
+    send_cols: np.ndarray  # int64: local student columns sent as they are (introspection, tests)
+    n_partial: int  # partial sums sent (introspection, tests)
+    exchange: bool  # whether any rank sends anything: the all-to-all runs on all ranks or on none
 
 
 @dataclass
@@ -286,55 +300,57 @@ class PKLPlan:
                 blocks[(r, r2)] = (a_rows, b_cols, er, ec, ev, by_col)
                 sent[r, r2] = a_rows.size + b_cols.size
         ranks: list[_RankPlan] = []
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         for r in range(tp):
-            # sender side
-            a_all = [blocks[(r, r2)][0] for r2 in range(tp)]
-            b_all = [blocks[(r, r2)][1] for r2 in range(tp)]
-            kc = int(sum(a.size for a in a_all))
-            kp = int(sum(b.size for b in b_all))
-            send_cols = np.concatenate(a_all) - r * w_s if kc else np.zeros(0, np.int64)
-            p_rows, p_slot, p_w, send_order = [], [], [], []
-            c_off = p_off = 0
+            # local block
+            _, _, er, ec, ev, _ = blocks[(r, r)]
+            local = _csr(er - r * w_s, ec - r * w_t, ev, (w_s, w_t))
+            local_t = _csr(ec - r * w_t, er - r * w_s, ev, (w_t, w_s))
+            # sender side: per destination r2 ≠ r, columns [A rows one-hot][B partial sums]
+            s_r, s_c, s_v, send_cols = [], [], [], []
+            off, n_partial = 0, 0
             for r2 in range(tp):
+                if r2 == r:
+                    continue
                 a_rows, b_cols, er, ec, ev, by_col = blocks[(r, r2)]
-                send_order.append(np.arange(c_off, c_off + a_rows.size))
-                send_order.append(kc + np.arange(p_off, p_off + b_cols.size))
-                if by_col.any():
-                    p_rows.append(er[by_col] - r * w_s)
-                    p_slot.append(p_off + np.searchsorted(b_cols, ec[by_col]))
-                    p_w.append(ev[by_col])
-                c_off += a_rows.size
-                p_off += b_cols.size
-            cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-            # receiver side: blocks from each source r0 laid out [A_{r0,r}][B_{r0,r}]
-            er_all, ec_all, ev_all = [], [], []
+                s_r.append(a_rows - r * w_s)
+                s_c.append(off + np.arange(a_rows.size))
+                s_v.append(np.ones(a_rows.size, np.float32))
+                s_r.append(er[by_col] - r * w_s)
+                s_c.append(off + a_rows.size + np.searchsorted(b_cols, ec[by_col]))
+                s_v.append(ev[by_col])
+                send_cols.append(a_rows - r * w_s)
+                n_partial += b_cols.size
+                off += a_rows.size + b_cols.size
+            k_send = off
+            sr, sc, sv = cat(s_r, np.int64), cat(s_c, np.int64), cat(s_v, np.float32)
+            # receiver side: from each source r0 ≠ r, rows [A_{r0,r}][B_{r0,r}]
+            r_r, r_c, r_v = [], [], []
             base = 0
             for r0 in range(tp):
+                if r0 == r:
+                    continue
                 a_rows, b_cols, er, ec, ev, by_col = blocks[(r0, r)]
                 direct = ~by_col
-                er_all.append(base + np.searchsorted(a_rows, er[direct]))
-                ec_all.append(ec[direct] - r * w_t)
-                ev_all.append(ev[direct])
-                er_all.append(base + a_rows.size + np.arange(b_cols.size))
-                ec_all.append(b_cols - r * w_t)
-                ev_all.append(np.ones(b_cols.size, dtype=np.float32))
+                r_r.append(base + np.searchsorted(a_rows, er[direct]))
+                r_c.append(ec[direct] - r * w_t)
+                r_v.append(ev[direct])
+                r_r.append(base + a_rows.size + np.arange(b_cols.size))
+                r_c.append(b_cols - r * w_t)
+                r_v.append(np.ones(b_cols.size, dtype=np.float32))
                 base += a_rows.size + b_cols.size
             k_recv = base
-            er_, ec_, ev_ = cat(er_all, np.int64), cat(ec_all, np.int64), cat(ev_all, np.float32)
-            proj = torch.sparse_coo_tensor(torch.from_numpy(np.stack([er_, ec_])), torch.from_numpy(ev_), (k_recv, w_t))
-            proj_t = torch.sparse_coo_tensor(torch.from_numpy(np.stack([ec_, er_])), torch.from_numpy(ev_), (w_t, k_recv))
+            rr, rc, rv = cat(r_r, np.int64), cat(r_c, np.int64), cat(r_v, np.float32)
+            splits_s = [0 if r2 == r else int(sent[r, r2]) for r2 in range(tp)]
+            splits_r = [0 if r0 == r else int(sent[r0, r]) for r0 in range(tp)]
             ranks.append(
                 _RankPlan(
-                    send_cols=torch.from_numpy(send_cols.astype(np.int64)),
-                    p_rows=torch.from_numpy(cat(p_rows, np.int64)),
-                    p_slot=torch.from_numpy(cat(p_slot, np.int64)),
-                    p_w=torch.from_numpy(cat(p_w, np.float32)),
-                    n_partial=kp,
-                    send_order=torch.from_numpy(cat(send_order, np.int64)),
-                    send_splits=[int(x) for x in sent[r]],
-                    recv_splits=[int(x) for x in sent[:, r]],
-                    proj_t=proj_t.coalesce().to_sparse_csr(),
-                    proj=proj.coalesce().to_sparse_csr(),
+                    local=local, local_t=local_t,
+                    send_mat=_csr(sr, sc, sv, (w_s, k_send)), send_mat_t=_csr(sc, sr, sv, (k_send, w_s)),
+                    recv_mat=_csr(rr, rc, rv, (k_recv, w_t)), recv_mat_t=_csr(rc, rr, rv, (w_t, k_recv)),
+                    send_splits=splits_s, recv_splits=splits_r,
+                    send_cols=cat(send_cols, np.int64), n_partial=int(n_partial),
+                    exchange=bool((sent * (1 - np.eye(tp, dtype=np.int64))).sum() > 0),
                 )
             )
         return PKLPlan(tp, sp, tpd, shape[0], shape[1], teacher_perm, sent, ranks)
@@ -346,8 +362,9 @@ class PKLPlan:
         if key not in self._device_cache:
             p = self.ranks[rank]
             self._device_cache[key] = _RankPlan(
-                p.send_cols.to(device), p.p_rows.to(device), p.p_slot.to(device), p.p_w.to(device), p.n_partial,
-                p.send_order.to(device), p.send_splits, p.recv_splits, p.proj_t.to(device), p.proj.to(device),
+                p.local.to(device), p.local_t.to(device), p.send_mat.to(device), p.send_mat_t.to(device),
+                p.recv_mat.to(device), p.recv_mat_t.to(device), p.send_splits, p.recv_splits, p.send_cols, p.n_partial,
+                p.exchange,
             )
         return self._device_cache[key]
 

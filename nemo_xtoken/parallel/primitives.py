@@ -40,7 +40,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, valid: torch.Tensor | None, group: Any) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, valid: torch.Tensor | None, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
         z = z.float()
         if valid is not None:
             z = z.masked_fill(~valid, float("-inf"))
@@ -49,12 +49,13 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         if tp > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        shifted = z - m
-        s = shifted.exp().sum(dim=-1, keepdim=True)
+        lp = z - m  # the only [N, w] tensor kept; exp() below is a transient
+        s = lp.exp().sum(dim=-1, keepdim=True)
         if tp > 1:
             dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
-        lp = shifted - s.log()
-        lse = m + s.log()
+        log_s = s.log()
+        lp.sub_(log_s)
+        lse = m + log_s
         ctx.mark_non_differentiable(lse)
         ctx.group, ctx.tp = group, tp
         ctx.save_for_backward(lp, valid if valid is not None else torch.empty(0, dtype=torch.bool))
@@ -70,8 +71,8 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         gs = g.sum(dim=-1, keepdim=True)
         if ctx.tp > 1:
             dist.all_reduce(gs, op=dist.ReduceOp.SUM, group=ctx.group)
-        dz = g - lp.exp() * gs
-        return dz, None, None
+        dz = lp.exp().mul_(gs)  # p · Σ g, then g − that, in place
+        return dz.neg_().add_(g), None, None
 
 
 def vocab_parallel_log_softmax(

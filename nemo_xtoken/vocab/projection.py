@@ -27,6 +27,7 @@ from nemo_xtoken.vocab.tokenizer_io import TokenizerInfo, load_tokenizer
 __all__ = [
     "Projection",
     "build_projection",
+    "cached_projection",
     "load_projection",
     "FORMAT_VERSION",
     "ROW_EMPTY",
@@ -121,14 +122,19 @@ class Projection:
                 f"W has shape {self.shape} but the padded sizes asked for are ({rows}, {cols}): "
                 "the model's vocabulary must be at least the tokenizer's"
             )
+        import warnings
+
         indptr = np.concatenate([self.indptr, np.full(rows - self.student_vocab_size, self.indptr[-1], dtype=np.int64)])
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(indptr),
-            torch.from_numpy(self.indices.astype(np.int64)),
-            torch.from_numpy(self.data).to(dtype or torch.float32),
-            size=(rows, cols),
-            device=device,
-        )
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(indptr),
+                torch.from_numpy(self.indices.astype(np.int64)),
+                torch.from_numpy(self.data).to(dtype or torch.float32),
+                size=(rows, cols),
+                device=device,
+                check_invariants=False,  # validated on load (_validate)
+            )
 
     # ---- storage -------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
@@ -398,4 +404,36 @@ def build_projection(
         top_k=int(top_k),
     )
     proj.meta["rows"] = proj.counts()
+    return proj
+
+
+def cached_projection(
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **params: Any,
+) -> Projection:
+    """``build_projection`` cached by content: the key hashes both fingerprints and the parameters.
+
+    The file lives under ``<cache_dir>/projections/`` (default ``$XTOKEN_CACHE``); a damaged
+    cache file is rebuilt, never trusted.
+    """
+    import hashlib
+
+    from nemo_xtoken.assets import cache_dir as default_cache_dir
+
+    student = load_tokenizer(student_tokenizer)
+    teacher = load_tokenizer(teacher_tokenizer)
+    full = {"beta": 0.9, "gamma": 0.1, "max_len": 4, "top_k": 4, **params}
+    key = json.dumps({"s": student.fingerprint, "t": teacher.fingerprint, "v": FORMAT_VERSION, **full}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = Path(cache_dir or default_cache_dir()) / "projections" / f"{digest}.safetensors"
+    if path.is_file():
+        try:
+            return load_projection(path, student, teacher)
+        except ProjectionFileError:
+            pass
+    proj = build_projection(student, teacher, **full)
+    proj.save(path)
     return proj

@@ -1,0 +1,1 @@
+"""`make demo`: arithmetic word problems distilled across tokenizers on a CPU."""
