@@ -9,7 +9,8 @@ Megatron-core assumes a GPU in three places that matter for a small CPU run:
 3. the default causal mask of the unfused softmax (used when no ``attention_mask`` is passed)
    is built with ``device="cuda"`` (``transformer.utils.get_default_causal_mask``, imported by
    name into ``fusions.fused_softmax``).
-All are reached from ordinary forward passes, not only at init.
+4. distributed checkpointing calls ``torch.cuda.synchronize()`` before writing (a no-op here).
+All are reached from ordinary forward passes and saves, not only at init.
 
 :func:`cpu_megatron_patches` redirects exactly these to the CPU inside a ``with`` block and
 restores the originals on exit (reversible, scoped); :func:`cpu_model_parallel_seed` fills the
@@ -80,6 +81,7 @@ def cpu_megatron_patches() -> Iterator[None]:
 
     try:
         patch(torch.cuda, "current_device", lambda: "cpu")
+        patch(torch.cuda, "synchronize", lambda device=None: None)
         patch(mrandom, "_get_cuda_rng_state", _cpu_get_rng_state)
         patch(mrandom, "_set_cuda_rng_state", _cpu_set_rng_state)
         patch(fused_softmax, "get_default_causal_mask", _cpu_default_causal_mask)
