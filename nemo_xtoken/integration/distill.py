@@ -24,7 +24,9 @@ therefore converts the student with ``mtd.convert(..., mode=[("kd_loss", ...)])`
   ``L_KD > 0``) or fixed weights; it returns Bridge's keys (``kd_loss`` = the total,
   ``logits_loss``, ``intermediate_loss``) plus ``ce_loss`` and ``dynamic_scale``;
 * ModelOpt's ``adjust_distillation_model_for_mcore`` applied (teacher hidden from the sharded
-  state dict, teacher LM loss skipped), then its ``forward`` replaced by :func:`_xtoken_forward`:
+  state dict, teacher LM loss skipped), the student's LM loss kept from overwriting fp32 logits
+  in place (Megatron's CE does, and ModelOpt's hook hands the same tensor to the KD loss), and its
+  ``forward`` replaced by :func:`_xtoken_forward`:
   ``model(input_ids, position_ids, attention_mask, labels=..., teacher_inputs=[{...}, ...])`` runs
   each teacher on *its own* ids and sequence length (no grad, eval), then the student alone.
 
@@ -281,15 +283,22 @@ class TeacherBundle(nn.Module):
 
 
 def _xtoken_forward(self: Any, *args: Any, teacher_inputs: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> Any:
-    """Replacement ``DistillationModel.forward``: each teacher on its own inputs (no grad, eval), then the student."""
-    if teacher_inputs is None:
-        raise XTokenError(
-            "a cross-tokenizer distillation model needs teacher_inputs=[{input_ids, position_ids, attention_mask}, ...] "
-            "(one dict per teacher, from the dual-tokenized batch: see teacher_inputs_from_batch)"
-        )
-    with torch.no_grad():
-        self._teacher_model.eval()
-        self._teacher_model(list(teacher_inputs))  # the forward hook captures the logits for compute_kd_loss
+    """Replacement ``DistillationModel.forward``: each teacher on its own inputs (no grad, eval), then the student.
+
+    Honours ModelOpt's ``only_student_forward()`` (teachers skipped, no ``teacher_inputs`` needed)
+    and ``only_teacher_forward()`` (returns the teachers' logits).
+    """
+    if not self._only_student_fwd:
+        if teacher_inputs is None:
+            raise XTokenError(
+                "a cross-tokenizer distillation model needs teacher_inputs=[{input_ids, position_ids, attention_mask}, ...] "
+                "(one dict per teacher, from the dual-tokenized batch: see teacher_inputs_from_batch)"
+            )
+        with torch.no_grad():
+            self._teacher_model.eval()
+            teacher_output = self._teacher_model(list(teacher_inputs))  # its forward hook keeps it for compute_kd_loss
+        if self._only_teacher_fwd:
+            return teacher_output
     self._lm_loss_call_count = 0  # ModelOpt's MTP loss counter (adjust_distillation_model_for_mcore)
     with self.only_student_forward():
         return type(self).forward(self, *args, **kwargs)
@@ -373,7 +382,26 @@ def convert_to_xtoken_distillation_model(
     for t in teachers:
         t.eval()
     model.forward = MethodType(_xtoken_forward, model)
+    model.compute_language_model_loss = MethodType(_lm_loss_keeping_logits(model.compute_language_model_loss), model)
     return model
+
+
+def _lm_loss_keeping_logits(lm_loss: Any):
+    """Wrap the student's LM loss so it cannot overwrite the logits the criterion reads.
+
+    Megatron-core's ``vocab_parallel_cross_entropy`` works in place on ``logits.float()``
+    (subtracts the max, then ``exp`` into the same storage).  With bf16/fp16 logits ``.float()``
+    is a copy; with fp32 logits it is the output layer's own tensor, which ModelOpt's hook has
+    captured for the KD loss — the KD term would then read ``exp(logits - max)``.  fp32 logits
+    are cloned first (no cost in bf16 training).
+    """
+
+    def _compute(self: Any, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dtype == torch.float32:
+            logits = logits.clone()
+        return lm_loss(labels, logits)
+
+    return _compute
 
 
 def xtoken_criterion(model: Any) -> XTokenLogitsLoss:
