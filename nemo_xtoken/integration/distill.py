@@ -62,6 +62,7 @@ __all__ = [
     "XTokenLossBalancer",
     "TeacherBundle",
     "convert_to_xtoken_distillation_model",
+    "criterion_from_config",
     "xtoken_criterion",
     "teacher_inputs_from_batch",
     "xtoken_loss",
@@ -402,6 +403,39 @@ def _lm_loss_keeping_logits(lm_loss: Any):
         return lm_loss(labels, logits)
 
     return _compute
+
+
+def criterion_from_config(
+    cfg: Any,
+    resources: Any,
+    *,
+    tp: int,
+    student_padded: int,
+    teacher_padded: Sequence[int],
+    group: Any = None,
+) -> tuple[XTokenLogitsLoss, XTokenLossBalancer]:
+    """The criterion and balancer of an :class:`~nemo_xtoken.integration.config.XTokenDistillConfig`.
+
+    ``resources`` is :func:`~nemo_xtoken.integration.config.validate_resources`'s report (its
+    tokenizers and W files); W's fingerprints are checked again against those tokenizers here.
+    ``student_padded`` / ``teacher_padded[m]``: the models' padded output widths.
+    """
+    d = cfg.distill
+    specs = []
+    for t in cfg.teachers:
+        tok = resources.teacher_tokenizers.get(t.name)
+        specs.append(
+            TeacherSpec(
+                name=t.name, loss=t.loss, projection=resources.projections.get(t.name), weight=t.weight,
+                teacher_vocab_size=getattr(tok, "vocab_size", None), tokenizer=tok,
+            )
+        )
+    crit = XTokenLogitsLoss(
+        specs, student_vocab_size=int(resources.student_tokenizer.vocab_size), student_padded=student_padded,
+        teacher_padded=teacher_padded, tp=tp, weighting=d.alpha, merge=d.merge, temperature=d.temperature,
+        scale_by_temperature_squared=d.scale_by_temperature_squared, student_tokenizer=resources.student_tokenizer, group=group,
+    )
+    return crit, XTokenLossBalancer(d.kd_scaling, ce_weight=d.ce_weight, kd_weight=d.kd_weight)
 
 
 def xtoken_criterion(model: Any) -> XTokenLogitsLoss:
