@@ -278,6 +278,8 @@ def _bad_input_worker(rank: int, world: int) -> dict:
         s, t = models()
         model = convert_to_xtoken_distillation_model(s, [t], crit())
         expect("no_teacher_inputs", lambda: model(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], None))
+        too_long = {"input_ids": torch.zeros(1, 17, dtype=torch.long), "position_ids": torch.arange(17)[None], "attention_mask": None}
+        expect("teacher_too_long", lambda: model(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], None, teacher_inputs=[too_long]))
     return errors
 
 
@@ -291,6 +293,7 @@ def test_bad_input_is_refused_before_compute():
     assert "teacher qwen's output layer has 512 vocabulary columns" in errors["teacher_vocab"] and "384" in errors["teacher_vocab"]
     assert "2 teacher models for 1 teachers" in errors["two_models_one_spec"]
     assert "teacher_inputs" in errors["no_teacher_inputs"]
+    assert "17 teacher tokens per sample exceed the teacher model's maximum sequence length 16" in errors["teacher_too_long"]
 
 
 def test_w_of_another_tokenizer_is_refused_by_fingerprint():

@@ -280,6 +280,13 @@ class TeacherBundle(nn.Module):
     def forward(self, teacher_inputs: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
         if len(teacher_inputs) != len(self.teachers):
             raise XTokenError(f"{len(teacher_inputs)} teacher inputs for {len(self.teachers)} teachers")
+        for k, (m, x) in enumerate(zip(self.teachers, teacher_inputs)):
+            ids, limit = x.get("input_ids"), getattr(m, "max_sequence_length", None)
+            if ids is not None and limit is not None and ids.shape[-1] > int(limit):
+                raise XTokenError(
+                    f"teacher {k}: {ids.shape[-1]} teacher tokens per sample exceed the teacher model's maximum sequence "
+                    f"length {limit}: set the dataset's teacher_seq_length (config teachers.{k}.seq_length) ≤ {limit}"
+                )
         return [m(**x) for m, x in zip(self.teachers, teacher_inputs)]
 
 
