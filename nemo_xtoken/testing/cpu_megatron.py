@@ -16,6 +16,11 @@ All are reached from ordinary forward passes and saves, not only at init.
 restores the originals on exit (reversible, scoped); :func:`cpu_model_parallel_seed` fills the
 RNG tracker with CPU generator states.  This module is never imported by the GPU code path.
 
+Megatron's ``FP32Optimizer`` and ``clip_grad_norm_fp32`` also allocate on ``device="cuda"``:
+:func:`clip_grad_norm_tp`, :func:`optimizer_sharded_state_dict` and :func:`load_optimizer_state`
+do the same with a plain ``torch.optim`` optimizer and Megatron's ``dist_checkpointing.optimizer``
+helpers (same checkpoint layout: moments as ``ShardedTensor``s, one ``common_step``).
+
 :func:`spawn` runs a function on ``world_size`` gloo ranks (fork start method, so functions
 defined in test modules work) and returns each rank's result.
 """
