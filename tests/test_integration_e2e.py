@@ -12,6 +12,7 @@ reduction.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -104,6 +105,8 @@ def _run(rank: int, world: int, W, docs, ckpt_dir: str, mode: str) -> dict:
         if mode == "full":
             meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
             facts["ckpt_shapes"] = {k: tuple(v.global_shape) for k, v in meta.items()}
+            with open(f"{ckpt_dir}/metadata.json") as fh:
+                facts["ckpt_config"] = json.load(fh)
         return facts
 
 
@@ -153,6 +156,7 @@ def test_training_reduces_loss_and_logs_finite_kd(runs):
 
 
 def test_checkpoint_holds_student_and_optimizer_only(runs):
+    assert runs[0][0]["ckpt_config"]["sharded_backend"] == "torch_dist"
     shapes = runs[0][0]["ckpt_shapes"]
     keys = set(shapes)
     # the student's full (unsharded) Llama-3 vocabulary, saved from two TP shards; no teacher tensor
