@@ -39,7 +39,9 @@ dict (``ce_loss``, ``kd/<teacher>``, ``alpha/<teacher>``, ``dynamic_scale``,
 Not supported (refused with an error at conversion): pipeline parallelism > 1 (ModelOpt sends
 student and teacher activations concatenated on the hidden dimension between stages, which needs
 equal sequence lengths and a single teacher), context parallelism > 1 (it would cut chunks), and
-teachers whose TP/PP/CP sizes differ from the student's.  A learnable W
+teachers whose TP/PP/CP sizes differ from the student's, and a model whose vocabulary width differs
+from the one the criterion's W / P-KL plan was built for; teacher inputs longer than the teacher
+model's maximum sequence length are refused before the teacher runs.  A learnable W
 (:class:`~nemo_xtoken.losses.learnable.LearnableProjection`) exists only in the single-device
 reference losses: the vocab-parallel P-KL exchange plan is static, so the criterion refuses it.
 """
