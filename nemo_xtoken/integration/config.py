@@ -1,0 +1,466 @@
+"""``XTokenDistillConfig``: one dataclass for a cross-tokenizer distillation run, read from YAML strictly.
+
+Every section is a dataclass; :func:`load_config` refuses unknown keys (naming the key, the file
+and the valid keys), applies host-style overrides ``key.sub=value`` (list items by index:
+``teachers.0.weight=0.8``; values parsed as YAML scalars), and :meth:`XTokenDistillConfig.validate`
+checks everything that needs no file.  :func:`validate_resources` then loads tokenizers and W files
+(fingerprints must match) and runs the coverage audit, warning when the configured loss contradicts
+its recommendation — all before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nemo_xtoken.errors import XTokenError
+
+__all__ = [
+    "LOSSES",
+    "ALPHA_SCHEMES",
+    "ConfigError",
+    "ParallelConfig",
+    "ModelConfig",
+    "TeacherConfig",
+    "DistillConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "XTokenDistillConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "validate_resources",
+    "ResourceReport",
+]
+
+LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl")
+ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
+KD_SCALINGS = ("dynamic", "fixed")
+MERGES = ("chain", "mean")
+DATA_FORMATS = ("jsonl", "parquet", "preprocessed")
+
+
+class ConfigError(XTokenError):
+    """A distillation config that cannot run: unknown key, bad value, inconsistent sizes."""
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; teachers must use the student's (ModelOpt runs them side by side)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The student: its tokenizer, where its weights come from, its maximum sequence length."""
+
+    name: str = "student"
+    tokenizer: str = ""  # tokenizer.json, Hugging Face folder or cached hub name
+    model: str | None = None  # Hugging Face id/folder (Megatron-Bridge AutoBridge)
+    checkpoint: str | None = None  # Megatron distributed checkpoint to start from
+    seq_length: int = 4096
+
+
+@dataclass
+class TeacherConfig:
+    """One frozen teacher: its tokenizer, W (student → teacher), loss mode and weight α."""
+
+    name: str = ""
+    tokenizer: str = ""
+    projection: str | None = None  # W file from `xtoken build-projection`; none for loss "kl"
+    loss: str = "p_kl"  # p_kl | h_kl | gold | uld | kl
+    weight: float = 1.0  # α_m for the static scheme
+    model: str | None = None
+    checkpoint: str | None = None
+    seq_length: int | None = None  # teacher-side maximum length (None: the student's)
+    parallel: ParallelConfig | None = None  # if given, must equal the run's
+
+
+@dataclass
+class DistillConfig:
+    """How KD terms are formed and combined."""
+
+    temperature: float = 1.0
+    merge: str = "chain"  # chain | mean
+    alpha: str = "static"  # static | ce | entropy | max_prob
+    kd_scaling: str = "dynamic"  # dynamic: sg(L_CE / L_KD)·L_KD + L_CE; fixed: ce_weight·L_CE + kd_weight·L_KD
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    scale_by_temperature_squared: bool = False
+    audit: bool = True  # run the coverage audit at start-up
+
+
+@dataclass
+class DataConfig:
+    """Training text and how it is dual-tokenized."""
+
+    paths: list[str] = field(default_factory=list)
+    format: str = "jsonl"  # jsonl | parquet | preprocessed
+    text_key: str = "text"
+    seed: int = 1234
+    on_too_long: str = "error"  # error | split: a document whose teacher side exceeds its max length
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warmup and cosine decay (the paper's recipe)."""
+
+    name: str = "adamw"
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_fraction: float = 0.05
+    lr_decay_style: str = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    """Steps and batch sizes."""
+
+    train_iters: int = 30000
+    global_batch_size: int = 768
+    micro_batch_size: int = 1
+    seed: int = 1234
+    eval_interval: int = 1000
+    bf16: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron distributed checkpoints (``torch_dist``)."""
+
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 1000
+    ckpt_format: str = "torch_dist"
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    log_interval: int = 10
+
+
+@dataclass
+class XTokenDistillConfig:
+    """A whole run: student, teachers, KD recipe, data, optimizer, schedule, parallelism, checkpoints."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def teacher_seq_length(self, teacher: TeacherConfig) -> int:
+        """The teacher's maximum sequence length (its own, or the student's)."""
+        return int(teacher.seq_length or self.student.seq_length)
+
+    @property
+    def warmup_iters(self) -> int:
+        return int(round(self.optimizer.warmup_fraction * self.train.train_iters))
+
+    def validate(self, source: str = "<config>") -> "XTokenDistillConfig":
+        """Check values and cross-field consistency (no file access); raise :class:`ConfigError`."""
+
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{source}: {key}: {msg}")
+
+        if not self.student.tokenizer:
+            raise bad("student.tokenizer", "is required (a tokenizer.json, Hugging Face folder or hub name)")
+        if self.student.seq_length < 2:
+            raise bad("student.seq_length", f"must be ≥ 2, got {self.student.seq_length}")
+        if not self.teachers:
+            raise bad("teachers", "needs at least one teacher")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise bad("teachers", f"need distinct non-empty names, got {names}")
+        for i, t in enumerate(self.teachers):
+            k = f"teachers.{i} ({t.name})"
+            if t.loss not in LOSSES:
+                raise bad(f"{k}.loss", f"{t.loss!r} is not one of {list(LOSSES)}")
+            if not t.tokenizer:
+                raise bad(f"{k}.tokenizer", "is required")
+            if t.loss in ("p_kl", "h_kl", "gold") and not t.projection:
+                raise bad(f"{k}.projection", f"loss {t.loss} needs W: build it with `xtoken build-projection`")
+            if t.loss == "kl" and t.projection:
+                raise bad(f"{k}.projection", "loss kl is same-tokenizer KD and takes no W: remove projection or pick p_kl/h_kl")
+            if not (t.weight >= 0.0):
+                raise bad(f"{k}.weight", f"must be ≥ 0, got {t.weight}")
+            if t.seq_length is not None and t.seq_length < 2:
+                raise bad(f"{k}.seq_length", f"must be ≥ 2, got {t.seq_length}")
+            if t.parallel is not None:
+                for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+                    mine, run = getattr(t.parallel, attr), getattr(self.parallel, attr)
+                    if mine != run:
+                        raise bad(
+                            f"{k}.parallel.{attr}",
+                            f"is {mine} but the student runs with {run}: ModelOpt's distillation model runs teacher and "
+                            "student on the same ranks, so their TP/PP/CP sizes must be equal (remove the teacher's value)",
+                        )
+        if self.distill.alpha == "static" and sum(t.weight for t in self.teachers) <= 0:
+            raise bad("teachers.*.weight", "static weights sum to 0: give at least one teacher a positive weight")
+        d = self.distill
+        for key, val, allowed in (("distill.merge", d.merge, MERGES), ("distill.alpha", d.alpha, ALPHA_SCHEMES), ("distill.kd_scaling", d.kd_scaling, KD_SCALINGS), ("data.format", self.data.format, DATA_FORMATS), ("data.on_too_long", self.data.on_too_long, ("error", "split"))):
+            if val not in allowed:
+                raise bad(key, f"{val!r} is not one of {list(allowed)}")
+        if not d.temperature > 0:
+            raise bad("distill.temperature", f"must be > 0, got {d.temperature}")
+        p = self.parallel
+        for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(p, attr) < 1:
+                raise bad(f"parallel.{attr}", f"must be ≥ 1, got {getattr(p, attr)}")
+        if p.context_parallel_size > 1:
+            raise bad(
+                "parallel.context_parallel_size",
+                f"is {p.context_parallel_size}: context parallelism splits the student and teacher sequences at "
+                "different text offsets and would cut aligned chunks across ranks; X-Token supports CP = 1 only "
+                "(use tensor/pipeline/data parallelism instead)",
+            )
+        o = self.optimizer
+        if o.name != "adamw":
+            raise bad("optimizer.name", f"{o.name!r}: only 'adamw' is supported")
+        if not (0.0 <= o.warmup_fraction < 1.0):
+            raise bad("optimizer.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise bad("optimizer.lr", f"need 0 ≤ min_lr ≤ lr and lr > 0, got lr={o.lr}, min_lr={o.min_lr}")
+        if o.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise bad("optimizer.lr_decay_style", f"{o.lr_decay_style!r} is not one of ['cosine', 'linear', 'constant']")
+        tr = self.train
+        if tr.train_iters < 1 or tr.micro_batch_size < 1 or tr.global_batch_size < tr.micro_batch_size:
+            raise bad("train", f"need train_iters ≥ 1 and global_batch_size ≥ micro_batch_size ≥ 1, got {tr}")
+        if tr.global_batch_size % tr.micro_batch_size:
+            raise bad("train.global_batch_size", f"{tr.global_batch_size} is not a multiple of micro_batch_size {tr.micro_batch_size}")
+        if self.checkpoint.ckpt_format != "torch_dist":
+            raise bad("checkpoint.ckpt_format", f"{self.checkpoint.ckpt_format!r}: only 'torch_dist' is supported")
+        return self
+
+
+# ---- strict (de)serialization ------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} must not be null")
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping of {sorted(_field_types(inner))}, got {type(value).__name__}")
+        return _build(inner, value, key, source)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (item_tp,) = typing.get_args(inner)
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{key}.{i}", source) for i, v in enumerate(value)]
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported field type {inner}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    types_ = _field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{source}: unknown key {where}{unknown[0]!r} in {cls.__name__}; valid keys: {sorted(types_)}"
+        )
+    kwargs = {k: _convert(v, types_[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> XTokenDistillConfig:
+    """Build and validate a config from a plain mapping (unknown keys refused)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    return _build(XTokenDistillConfig, data, "", source).validate(source)
+
+
+def config_to_dict(cfg: XTokenDistillConfig) -> dict[str, Any]:
+    """The config as plain data (YAML-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<overrides>") -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw mapping (values parsed as YAML; list items by index).
+
+    Keys are checked against the dataclasses, so a misspelt override fails like a misspelt file key.
+    """
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"{source}: override {ov!r} is not key.sub=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: override {ov!r}: value is not valid YAML ({e})") from None
+        node: Any = out
+        cls: Any = XTokenDistillConfig
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            path = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{source}: override {ov!r}: {path} needs an index < {len(node)}")
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+                continue
+            types_ = _field_types(cls)
+            if part not in types_:
+                raise ConfigError(f"{source}: override {ov!r}: unknown key {path!r} in {cls.__name__}; valid keys: {sorted(types_)}")
+            if last:
+                node[part] = value
+                break
+            tp, _ = _unwrap_optional(types_[part])
+            if typing.get_origin(tp) is list:
+                node = node.setdefault(part, [])
+                (cls,) = typing.get_args(tp)
+            else:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+                cls = tp
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> XTokenDistillConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides, build and validate it strictly."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (see conf/ for examples)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    # Check the file itself first so an error names the file, then the overrides.
+    _build(XTokenDistillConfig, data, "", str(p))
+    if overrides:
+        data = apply_overrides(data, overrides, f"{p} (overrides)")
+    return config_from_dict(data, str(p) + (" + overrides" if overrides else ""))
+
+
+# ---- checks that read files ---------------------------------------------------------------------
+
+
+@dataclass
+class ResourceReport:
+    """What :func:`validate_resources` loaded: tokenizers, W per teacher, audit recommendations."""
+
+    student_tokenizer: Any
+    teacher_tokenizers: dict[str, Any]
+    projections: dict[str, Any]
+    recommendations: dict[str, str]
+    warnings: list[str]
+
+
+def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> ResourceReport:
+    """Load tokenizers and W files, refuse mismatched fingerprints, run the coverage audit (warns).
+
+    Relative paths resolve against ``base_dir`` (typically the config file's folder) when they
+    exist there.  Same-tokenizer teachers (loss ``kl``) must share the student's tokenizer.
+    """
+    from nemo_xtoken.vocab import audit, load_projection, load_tokenizer
+
+    def resolve(s: str) -> str:
+        if base_dir is not None and not Path(s).is_absolute() and (Path(base_dir) / s).exists():
+            return str(Path(base_dir) / s)
+        return s
+
+    student = load_tokenizer(resolve(cfg.student.tokenizer))
+    teachers, projs, recs, warns = {}, {}, {}, []
+    for i, t in enumerate(cfg.teachers):
+        tok = load_tokenizer(resolve(t.tokenizer))
+        teachers[t.name] = tok
+        if t.loss == "kl":
+            if tok.fingerprint != student.fingerprint:
+                raise ConfigError(
+                    f"teachers.{i} ({t.name}): loss kl needs the student's tokenizer, but {tok.source} differs from "
+                    f"{student.source}: use p_kl or h_kl with a W built by `xtoken build-projection`"
+                )
+            continue
+        if t.projection is None:  # uld without W: nothing to load
+            continue
+        proj = load_projection(resolve(t.projection), student, tok)
+        projs[t.name] = proj
+        if cfg.distill.audit and t.loss in ("p_kl", "h_kl"):
+            rep = audit(proj, student, tok)
+            recs[t.name] = rep.recommended_loss
+            if rep.recommended_loss != t.loss:
+                msg = (
+                    f"teacher {t.name}: configured loss {t.loss} but the coverage audit recommends "
+                    f"{rep.recommended_loss} ({rep.reason})"
+                )
+                warns.append(msg)
+                warnings.warn(msg, UserWarning, stacklevel=2)
+    return ResourceReport(student, teachers, projs, recs, warns)

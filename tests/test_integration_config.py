@@ -1,0 +1,180 @@
+"""XTokenDistillConfig: strict YAML, overrides, validation of bad inputs before any GPU time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemo_xtoken.errors import ProjectionFileError, XTokenError
+from nemo_xtoken.integration.config import (
+    ConfigError,
+    XTokenDistillConfig,
+    config_from_dict,
+    load_config,
+    validate_resources,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _base(student_tok: str = "s.json", teacher_tok: str = "t.json", w: str = "w.safetensors") -> dict:
+    return {
+        "student": {"tokenizer": student_tok, "seq_length": 32},
+        "teachers": [{"name": "t", "tokenizer": teacher_tok, "projection": w, "loss": "p_kl", "seq_length": 48}],
+        "train": {"train_iters": 20, "global_batch_size": 4, "micro_batch_size": 2},
+    }
+
+
+@pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
+def test_paper_configs_load_with_paper_hyperparameters(name):
+    cfg = load_config(CONF / f"{name}.yaml")
+    assert isinstance(cfg, XTokenDistillConfig)
+    o, t = cfg.optimizer, cfg.train
+    assert (o.name, o.lr, o.weight_decay, o.clip_grad, o.warmup_fraction, o.lr_decay_style) == ("adamw", 5e-5, 0.1, 1.0, 0.05, "cosine")
+    assert (t.train_iters, t.global_batch_size, cfg.student.seq_length) == (30000, 768, 4096)
+    assert cfg.warmup_iters == 1500
+    assert cfg.parallel.context_parallel_size == 1
+
+
+def test_paper_teacher_mixes():
+    assert [(t.loss, t.weight) for t in load_config(CONF / "llama32_1b__qwen3_4b_pkl.yaml").teachers] == [("p_kl", 1.0)]
+    assert [(t.loss, t.weight) for t in load_config(CONF / "llama32_1b__phi4mini_hkl.yaml").teachers] == [("h_kl", 1.0)]
+    mix = load_config(CONF / "llama32_1b__phi4mini_llama32_3b.yaml").teachers
+    assert [(t.name, t.loss, t.weight, t.projection is None) for t in mix] == [
+        ("phi4_mini", "h_kl", 0.8, False),
+        ("llama32_3b", "kl", 0.2, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "mutate,key",
+    [
+        (lambda d: d.__setitem__("optimiser", {}), "'optimiser'"),
+        (lambda d: d["student"].__setitem__("seq_len", 4), "student.'seq_len'"),
+        (lambda d: d["teachers"][0].__setitem__("lose", "p_kl"), "teachers.0.'lose'"),
+        (lambda d: d.setdefault("distill", {}).__setitem__("temprature", 2.0), "distill.'temprature'"),
+    ],
+)
+def test_unknown_keys_name_key_file_and_valid_keys(tmp_path, mutate, key):
+    d = _base()
+    mutate(d)
+    p = _write(tmp_path, d)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and key in msg and "valid keys" in msg
+
+
+def test_unknown_key_message_lists_the_valid_keys(tmp_path):
+    d = _base()
+    d["teachers"][0]["lose"] = "p_kl"
+    with pytest.raises(ConfigError, match=r"valid keys: \[.*'loss'.*'projection'.*'weight'"):
+        load_config(_write(tmp_path, d))
+
+
+def test_overrides_host_style(tmp_path):
+    p = _write(tmp_path, _base())
+    cfg = load_config(p, ["optimizer.lr=1e-4", "teachers.0.loss=h_kl", "parallel.tensor_model_parallel_size=2", "data.paths=[a.jsonl, b.jsonl]"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.teachers[0].loss == "h_kl"
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.data.paths == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.learning_rate'.*valid keys"):
+        load_config(p, ["optimizer.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"index < 1"):
+        load_config(p, ["teachers.3.weight=1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(p, ["optimizer.lr"])
+
+
+@pytest.mark.parametrize(
+    "mutate,pattern",
+    [
+        (lambda d: d["teachers"][0].__setitem__("loss", "js"), r"teachers.0 \(t\).loss: 'js' is not one of"),
+        (lambda d: d["teachers"][0].pop("projection"), r"loss p_kl needs W"),
+        (lambda d: d["teachers"][0].update(loss="kl"), r"loss kl is same-tokenizer KD and takes no W"),
+        (lambda d: d.update(parallel={"context_parallel_size": 2}), r"context_parallel_size: is 2: .*cut aligned chunks"),
+        (lambda d: d["teachers"][0].update(parallel={"tensor_model_parallel_size": 4}), r"tensor_model_parallel_size: is 4 but the student runs with 1"),
+        (lambda d: d["teachers"][0].update(parallel={"pipeline_model_parallel_size": 2}), r"pipeline_model_parallel_size: is 2 but the student runs with 1"),
+        (lambda d: d["teachers"][0].update(weight=0.0), r"static weights sum to 0"),
+        (lambda d: d["train"].update(global_batch_size=5), r"not a multiple of micro_batch_size"),
+        (lambda d: d["student"].update(seq_length="long"), r"student.seq_length must be an integer"),
+        (lambda d: d.update(teachers=[]), r"at least one teacher"),
+        (lambda d: d.update(optimizer={"warmup_fraction": 1.5}), r"warmup_fraction: must be in \[0, 1\)"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path, mutate, pattern):
+    d = _base()
+    mutate(d)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, d))
+
+
+def test_teacher_parallel_equal_to_student_is_fine():
+    d = _base()
+    d["parallel"] = {"tensor_model_parallel_size": 2}
+    d["teachers"][0]["parallel"] = {"tensor_model_parallel_size": 2}
+    assert config_from_dict(d).teachers[0].parallel.tensor_model_parallel_size == 2
+
+
+@pytest.fixture(scope="module")
+def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
+    d = tmp_path_factory.mktemp("w")
+    return str(w_llama3_qwen3.save(d / "l3_q3.safetensors")), str(w_llama3_o200k.save(d / "l3_o200k.safetensors"))
+
+
+def test_resources_ok_and_audit_silent_when_loss_matches(w_files, llama3_path, qwen3_path, recwarn):
+    cfg = config_from_dict(_base(llama3_path, qwen3_path, w_files[0]))
+    rep = validate_resources(cfg)
+    assert rep.recommendations == {"t": "p_kl"} and rep.warnings == []
+    assert rep.projections["t"].shape[0] == rep.student_tokenizer.vocab_size
+    assert not [w for w in recwarn if "coverage audit" in str(w.message)]
+
+
+def test_audit_warns_when_loss_contradicts(w_files, llama3_path, qwen3_path, o200k_path):
+    d = _base(llama3_path, qwen3_path, w_files[0])
+    d["teachers"][0]["loss"] = "h_kl"
+    with pytest.warns(UserWarning, match=r"configured loss h_kl but the coverage audit recommends p_kl"):
+        validate_resources(config_from_dict(d))
+    d = _base(llama3_path, o200k_path, w_files[1])  # Phi-4-mini's o200k: audit recommends h_kl
+    with pytest.warns(UserWarning, match=r"configured loss p_kl but the coverage audit recommends h_kl"):
+        validate_resources(config_from_dict(d))
+
+
+def test_w_built_for_another_teacher_is_refused(w_files, llama3_path, o200k_path):
+    cfg = config_from_dict(_base(llama3_path, o200k_path, w_files[0]))  # W is llama3→qwen3
+    with pytest.raises(ProjectionFileError, match=r"another teacher tokenizer.*rebuild W"):
+        validate_resources(cfg)
+
+
+def test_same_tokenizer_teacher_must_share_the_student_tokenizer(llama3_path, qwen3_path):
+    d = _base(llama3_path, qwen3_path)
+    d["teachers"][0].update(loss="kl", projection=None)
+    with pytest.raises(XTokenError, match=r"loss kl needs the student's tokenizer"):
+        validate_resources(config_from_dict(d))
+    d = _base(llama3_path, llama3_path)
+    d["teachers"][0].update(loss="kl", projection=None)
+    assert validate_resources(config_from_dict(d)).projections == {}
+
+
+def test_criterion_from_config_rechecks_w_against_the_tokenizers(w_files, w_llama3_o200k, llama3_path, qwen3_path):
+    pytest.importorskip("modelopt.torch.distill")
+    from nemo_xtoken.integration.distill import XTokenLossBalancer, criterion_from_config
+
+    d = _base(llama3_path, qwen3_path, w_files[0])
+    d["distill"] = {"kd_scaling": "fixed", "kd_weight": 0.5, "alpha": "entropy"}
+    cfg = config_from_dict(d)
+    rep = validate_resources(cfg)
+    crit, bal = criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])
+    assert isinstance(bal, XTokenLossBalancer) and (bal.kd_scaling, bal.kd_weight) == ("fixed", 0.5)
+    assert crit.weighting == "entropy" and crit.student_vocab_size == 128256
+    assert crit.specs[0].teacher_vocab_size == rep.teacher_tokenizers["t"].vocab_size == 151669
+    rep.projections["t"] = w_llama3_o200k  # a W built for another teacher tokenizer slipped in
+    with pytest.raises(ProjectionFileError, match=r"teacher t's W was built for another teacher tokenizer"):
+        criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])
