@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,12 +168,21 @@ def dry_run(script: Any, executor: Any, name: str = "xtoken-distill") -> DryRun:
     finally:
         if tunnel is not None:
             executor.tunnel = tunnel
-    with tempfile.TemporaryDirectory(prefix="xtoken-dryrun-") as tmp:
-        if isinstance(ex, run.SlurmExecutor):
+    with tempfile.TemporaryDirectory(prefix="xtoken-dryrun-") as tmp, open(os.devnull) as devnull:
+        stdin, sys.stdin = sys.stdin, devnull  # NeMo-Run's packaging shells out through invoke, which reads stdin
+        try:
+            if isinstance(ex, run.SlurmExecutor):
+                # NeMo-Run creates the job folder while rendering: render into a scratch folder, then
+                # put the cluster's job_dir back into the text (nothing is created at job_dir here).
+                real = ex.tunnel.job_dir
+                scratch = os.path.join(tmp, "jobs")
+                ex.tunnel = run.LocalTunnel(job_dir=scratch)
+                info = _dryrun_info(script, ex, name, os.path.join(tmp, "exp"))
+                text = info.request.materialize().replace(scratch, real.rstrip("/"))
+                return DryRun("slurm", text, env=dict(ex.env_vars))
             info = _dryrun_info(script, ex, name, tmp)
-            text = info.request.materialize()
-            return DryRun("slurm", text, env=dict(ex.env_vars))
-        info = _dryrun_info(script, ex, name, tmp)
+        finally:
+            sys.stdin = stdin
         (param,) = [p for params in info.request.role_params.values() for p in params]
         env = {k: v for k, v in param.env.items() if k in ex.env_vars or k in script.env}
         cmd = list(param.args)
