@@ -194,6 +194,12 @@ def _hook_and_step(rank, world, W, docs, llama3, qwen3):
         assert isinstance(model, B.BridgeXTokenDistillationModel)
         assert model.config is student.config
         assert all(not p.requires_grad for t in model.teachers for p in t.parameters())
+        from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+        assert get_model_config(model) is student.config  # what Bridge's get_model and Float16Module read
+        get_attr_wrapped_model(model, "set_input_tensor")(None)  # what the pipeline schedule calls
+        assert set(model.sharded_state_dict()) == set(student.sharded_state_dict())  # checkpoints: the student only
+        model.load_state_dict(student.state_dict())  # Bridge loads the checkpoint's model state into the chunk
         n_student = sum(p.numel() for p in student.parameters())
         assert sum(p.numel() for p in model.parameters()) == n_student  # teachers: no optimizer state
         ds = DualTokenizedDataset(docs, seq_length=S, teacher_seq_length=T, seed=0, on_too_long="split")

@@ -651,7 +651,7 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
         scheduler=SchedulerConfig(**kw["scheduler"]),
         dataset=make_dataset_provider(cfg, base_dir=base_dir, resources=resources),
         logger=LoggerConfig(**kw["logger"]),
-        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.student.tokenizer),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.student.model or cfg.student.tokenizer),
         checkpoint=CheckpointConfig(**kw["checkpoint"]),
         rng=RNGConfig(**kw["rng"]),
         ddp=DistributedDataParallelConfig(**kw["ddp"]),
