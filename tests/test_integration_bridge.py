@@ -131,15 +131,15 @@ def test_teacher_batches_plain_keys_identity_for_kl_and_at_keys():
     assert tb[1]["teacher_tokens"].shape == (2, 5)
 
 
-def test_loss_func_follows_bridge_reduction_and_reports_every_teacher():
+def test_loss_and_report_follow_bridge_reduction_and_report_every_teacher():
     total = torch.tensor(2.5, requires_grad=True)
-    out = {
-        "loss": total * 1.0, "kd_loss": torch.tensor(2.5), "logits_loss": torch.tensor(1.5),
-        "intermediate_loss": torch.tensor(0.0), "ce_loss": torch.tensor(1.0), "dynamic_scale": torch.tensor(0.66),
+    logs = {
+        "kd_loss": torch.tensor(2.5), "logits_loss": torch.tensor(1.5), "intermediate_loss": torch.tensor(0.0),
+        "ce_loss": torch.tensor(1.0), "dynamic_scale": torch.tensor(0.66),
         "kd/a": torch.tensor(1.4), "alpha/a": torch.tensor(1.0), "aligned_chunk_fraction/a": torch.tensor(0.9),
     }
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    loss, n, report = B.loss_func(mask, out, teacher_names=["a", "b"])
+    loss, n, report = B.loss_and_report(mask, total * 1.0, logs, teacher_names=["a", "b"])
     assert int(n) == 5 and loss.item() == pytest.approx(12.5)
     loss.backward()
     assert total.grad.item() == pytest.approx(5.0)
@@ -148,9 +148,15 @@ def test_loss_func_follows_bridge_reduction_and_reports_every_teacher():
     assert report["kd/a"][0].item() / 5 == pytest.approx(1.4)
     assert report["total loss"][0].item() / 5 == pytest.approx(2.5)
     assert report["lm loss"][0].item() / 5 == pytest.approx(1.0)
+    assert report["logits distillation loss"][0].item() / 5 == pytest.approx(1.5)
     assert report["kd/b"][0].item() == 0.0  # absent teacher terms still reported (equal key sets per micro-batch)
-    loss_eval, _, _ = B.loss_func(mask, out, teacher_names=["a"], training=False)
+    loss_eval, _, _ = B.loss_and_report(mask, total, logs, teacher_names=["a"], training=False)
     assert loss_eval.item() == pytest.approx(5.0)  # validation: CE only, as Bridge's loss_func_kd
+
+
+def test_forward_step_refuses_a_model_without_distillation():
+    with pytest.raises(Exception, match="not a distillation model"):
+        B.forward_step(SimpleNamespace(timers=None), iter([_batch()]), torch.nn.Linear(2, 2))
 
 
 # ---- provider conversion ---------------------------------------------------------------------------
@@ -180,7 +186,11 @@ def test_conversion_sets_own_sequence_lengths_and_leaves_classes_alone():
 
 def _hook_and_step(rank, world, W, docs, llama3, qwen3):
     """The pre-wrap hook builds teacher + criterion on TP=2; forward_step/loss_func train the student."""
-    from nemo_xtoken.integration.data import DualTokenizedDataset, collate
+    import modelopt.torch.distill as mtd
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+    from nemo_xtoken.integration.data import DualTokenizedDataset, aligned_positions_from_batch, collate
+    from nemo_xtoken.integration.distill import XTokenLogitsLoss, XTokenLossBalancer, xtoken_criterion
     from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=2, seed=3)
@@ -191,29 +201,51 @@ def _hook_and_step(rank, world, W, docs, llama3, qwen3):
         B.convert_to_xtoken_distillation_provider(student_prov, [teacher_prov], _cfg(), resources=res)
         student = build_tiny_gpt(TinyGPTSpec(vocab_size=VS, max_sequence_length=64), seed=3)
         (model,) = student_prov.hooks[0]([student])
-        assert isinstance(model, B.BridgeXTokenDistillationModel)
-        assert model.config is student.config
-        assert all(not p.requires_grad for t in model.teachers for p in t.parameters())
-        from megatron.core.utils import get_attr_wrapped_model, get_model_config
-
+        # one model type: ModelOpt's DistillationModel around the student, one criterion, our balancer
+        assert model is student and isinstance(model, mtd.DistillationModel)
+        crit = xtoken_criterion(model)
+        assert isinstance(crit, XTokenLogitsLoss) and list(model._layers_to_loss.values()) == [crit]
+        assert isinstance(model.loss_balancer, XTokenLossBalancer) and crit.tp == 2
+        (teacher,) = model.teacher_model.teachers
+        assert all(not p.requires_grad for p in teacher.parameters())
         assert get_model_config(model) is student.config  # what Bridge's get_model and Float16Module read
-        get_attr_wrapped_model(model, "set_input_tensor")(None)  # what the pipeline schedule calls
-        assert set(model.sharded_state_dict()) == set(student.sharded_state_dict())  # checkpoints: the student only
-        model.load_state_dict(student.state_dict())  # Bridge loads the checkpoint's model state into the chunk
-        n_student = sum(p.numel() for p in student.parameters())
-        assert sum(p.numel() for p in model.parameters()) == n_student  # teachers: no optimizer state
+        set_input = get_attr_wrapped_model(model, "set_input_tensor")
+        set_input([None])  # what Megatron's schedule calls before each micro-batch (PP = 1)
+        set_input(None)
+        sd_keys = set(model.state_dict())
+        assert not any("teacher" in k for k in sd_keys) and "output_layer.weight" in sd_keys
+        assert not any("teacher" in k for k in model.sharded_state_dict())  # checkpoints: the student only
+        model.load_state_dict(model.state_dict())  # Bridge loads the checkpoint's model state into the chunk
+        trainable = [p for p in model.parameters() if p.requires_grad]  # what Megatron's DDP/optimizer take
+        n_teacher = sum(p.numel() for p in teacher.parameters())
+        assert sum(p.numel() for p in trainable) == sum(p.numel() for p in model.parameters()) - n_teacher
+        captured = {}
+        student.output_layer.register_forward_hook(lambda m, i, o: captured.__setitem__("s", o[0]))
+        model.teacher_model.register_forward_hook(lambda m, i, o: captured.__setitem__("t", o))
         ds = DualTokenizedDataset(docs, seq_length=S, teacher_seq_length=T, seed=0, on_too_long="split")
-        opt = torch.optim.AdamW(list(model.student_parameters()), lr=3e-3)
+        opt = torch.optim.AdamW(trainable, lr=3e-3)
+        model.train()
         logs = []
         for step in range(12):
             batch = collate([ds[step * MB + j] for j in range(MB)])
             output, fn = B.forward_step(SimpleNamespace(timers=None), iter([batch]), model)
+            assert output.shape == (MB, S)  # the student's per-token CE (Megatron's LM loss)
             loss, n, report = fn(output)
             assert int(n) == int(batch["loss_mask"].sum())
+            # the reported total is the criterion + balancer on this micro-batch, recomputed here
+            with torch.no_grad():
+                mask = batch["loss_mask"].float()
+                ce = (output.detach() * mask).sum() / mask.sum()
+                kd = crit(captured["s"].detach(), [x.detach() for x in captured["t"]], alignments=[aligned_positions_from_batch(batch)])
+                direct = XTokenLossBalancer("dynamic")({"student_loss": ce, "XTokenLogitsLoss": kd})
             opt.zero_grad()
             (loss / n).backward()
             opt.step()
-            logs.append({k: (v[0] / v[1]).item() for k, v in report.items()} | {"direct": output["loss"].item()})
+            assert all(p.grad is None for p in teacher.parameters())
+            logs.append(
+                {k: (v[0] / v[1]).item() for k, v in report.items()}
+                | {"direct total": direct["kd_loss"].item(), "direct kd": kd.item(), "direct ce": ce.item(), "loss/n": (loss / n).item()}
+            )
         return logs
 
 
@@ -226,10 +258,19 @@ def test_pre_wrap_hook_forward_step_and_loss_func_on_tp2(w_llama3_qwen3, llama3,
     for log in logs0:
         for key in (*B.REPORT_KEYS, "kd/qwen3", "alpha/qwen3", "aligned chunk fraction/qwen3"):
             assert math.isfinite(log[key]), (key, log)
-        assert log["total loss"] == pytest.approx(log["direct"], rel=1e-5)
+        assert log["total loss"] == pytest.approx(log["direct total"], rel=1e-5)
+        assert log["total loss"] == pytest.approx(log["loss/n"], rel=1e-5)
+        assert log["logits distillation loss"] == pytest.approx(log["direct kd"], rel=1e-5)
+        assert log["kd/qwen3"] == pytest.approx(log["direct kd"], rel=1e-5) and log["alpha/qwen3"] == 1.0
+        assert log["ce loss"] == log["lm loss"] == pytest.approx(log["direct ce"], rel=1e-5)
+        assert log["dynamic scale"] == pytest.approx(log["direct ce"] / log["direct kd"], rel=1e-5)
+        assert log["intermediate distillation loss"] == 0.0
         assert 0.5 < log["aligned chunk fraction/qwen3"] <= 1.0
-    assert logs0[-1]["total loss"] < logs0[0]["total loss"]
-    assert [x["total loss"] for x in logs0] == pytest.approx([x["total loss"] for x in logs1], rel=1e-5)
+    first = sum(x["total loss"] for x in logs0[:3]) / 3
+    last = sum(x["total loss"] for x in logs0[-3:]) / 3
+    assert last < first, (first, last)
+    for key in ("total loss", "kd/qwen3", "ce loss"):
+        assert [x[key] for x in logs0] == pytest.approx([x[key] for x in logs1], rel=1e-5)  # TP ranks agree
 
 
 # ---- config mapping --------------------------------------------------------------------------------

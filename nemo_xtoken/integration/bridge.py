@@ -12,13 +12,19 @@ setup sets ``vocab_size`` and would overwrite the teacher's vocabulary), and
 process.  :func:`convert_to_xtoken_distillation_provider` leaves the student provider's class alone
 and registers one pre-wrap hook: it runs inside ``provide_distributed_model`` after model-parallel
 initialization and after Bridge's weight-loading hooks, builds every teacher from its own provider
-(own vocabulary, own sequence length), builds :class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`
-on the tensor-parallel group and returns the student wrapped in
-:class:`BridgeXTokenDistillationModel`.
+(own vocabulary, own sequence length), builds the criterion and balancer
+(:func:`~nemo_xtoken.integration.distill.criterion_from_config`, on the tensor-parallel group) and
+returns ModelOpt's ``DistillationModel`` from
+:func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` — the one model type
+of the plugin.  Being ModelOpt's ``Distill<GPTModel>``, it already has what Megatron's wrappers and
+Bridge's loops look up on the unwrapped chunk: ``config``, ``set_input_tensor``, ``state_dict`` /
+``sharded_state_dict`` / ``load_state_dict`` of the student only (teacher hidden).
 
 Bridge's ``get_batch_from_iterator`` keeps only ``tokens``/``labels``/``loss_mask``/
 ``position_ids``/``attention_mask`` and drops the teacher ids and alignment, so :func:`forward_step`
-reads the batch itself (:func:`get_xtoken_batch`).  :func:`loss_func` returns Bridge's
+reads the batch itself (:func:`get_xtoken_batch`) and passes the teachers' ids to the model as
+``teacher_inputs``.  :func:`loss_func` calls the model's ``compute_kd_loss`` with the alignments
+(:func:`~nemo_xtoken.integration.distill.xtoken_loss`) and returns Bridge's
 ``(loss_sum, num_tokens, report)`` triple; every report entry is ``[value·tokens, tokens]``, which
 Bridge averages over the global batch and writes to TensorBoard / W&B under the key's name.
 
@@ -48,10 +54,9 @@ __all__ = [
     "get_xtoken_batch",
     "identity_teacher_batch",
     "teacher_batches_from_batch",
+    "loss_and_report",
     "loss_func",
     "forward_step",
-    "BridgeXTokenDistillationModel",
-    "build_criterion",
     "check_parallel_sizes",
     "convert_to_xtoken_distillation_provider",
     "bridge_config_kwargs",
@@ -189,60 +194,92 @@ def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[
 
 def _pair(value: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     n = num_tokens.to(torch.float32)
-    return torch.cat([(value.detach().float().reshape(()) * n).reshape(1), n.reshape(1)])
+    v = value.detach().float().reshape(()).to(n.device)
+    return torch.cat([(v * n).reshape(1), n.reshape(1)])
 
 
-def loss_func(
+def loss_and_report(
     loss_mask: torch.Tensor,
-    output: dict[str, torch.Tensor],
+    total: torch.Tensor,
+    logs: dict[str, torch.Tensor],
     *,
     teacher_names: Sequence[str],
     training: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Bridge's loss-function contract for :class:`XTokenLogitsLoss` outputs.
+    """Bridge's ``(loss, num_tokens, report)`` from :func:`~nemo_xtoken.integration.distill.xtoken_loss`'s result.
 
-    Returns ``(loss, num_tokens, report)``: ``loss = total · num_tokens`` (Megatron divides by
-    ``num_tokens`` and the number of micro-batches, or by the global token count with
-    ``calculate_per_token_loss``), so gradient accumulation and data parallelism average exactly
-    as for Bridge's own ``masked_next_token_loss``.  Validation (``training=False``) uses CE only,
-    as Bridge's ``loss_func_kd``.  Every teacher gets ``kd/``, ``alpha/`` and
-    ``aligned chunk fraction/`` entries on every micro-batch (Bridge requires equal key sets).
+    ``loss = total · num_tokens`` (Megatron divides by ``num_tokens`` and the number of
+    micro-batches, or by the global token count with ``calculate_per_token_loss``), so gradient
+    accumulation and data parallelism average exactly as for Bridge's own ``masked_next_token_loss``.
+    Validation (``training=False``) uses CE only, as Bridge's ``loss_func_kd``.  Every report entry
+    is ``[value·tokens, tokens]``; every teacher gets ``kd/``, ``alpha/`` and ``aligned chunk
+    fraction/`` entries on every micro-batch (Bridge requires equal key sets).
     """
-    if not isinstance(output, dict) or "loss" not in output:
-        raise XTokenError(f"loss_func expects the dict returned by XTokenLogitsLoss, got {type(output).__name__}")
     num_tokens = loss_mask.detach().reshape(-1).float().sum().to(torch.int)
-    n = num_tokens.to(output["loss"].dtype)
-    ce = output.get("ce_loss")
-    loss = output["loss"] * n if training or ce is None else ce * n
-    zero = torch.zeros((), device=output["loss"].device)
+    n = num_tokens.to(total.device, total.dtype)
+    zero = torch.zeros((), device=total.device)
+    ce = logs.get("ce_loss", zero)
+    loss = total * n if training else ce.to(total.device, total.dtype) * n
     report: dict[str, torch.Tensor] = {
-        "lm loss": _pair(ce if ce is not None else zero, num_tokens),
-        "total loss": _pair(output.get("kd_loss", output["loss"]), num_tokens),
-        "logits distillation loss": _pair(output.get("logits_loss", zero), num_tokens),
-        "intermediate distillation loss": _pair(output.get("intermediate_loss", zero), num_tokens),
-        "ce loss": _pair(ce if ce is not None else zero, num_tokens),
-        "dynamic scale": _pair(output.get("dynamic_scale", zero).to(zero.device), num_tokens),
+        "lm loss": _pair(ce, num_tokens),
+        "total loss": _pair(total, num_tokens),
+        "logits distillation loss": _pair(logs.get("logits_loss", zero), num_tokens),
+        "intermediate distillation loss": _pair(logs.get("intermediate_loss", zero), num_tokens),
+        "ce loss": _pair(ce, num_tokens),
+        "dynamic scale": _pair(logs.get("dynamic_scale", zero), num_tokens),
     }
     for name in teacher_names:
-        report[f"kd/{name}"] = _pair(output.get(f"kd/{name}", zero), num_tokens)
-        report[f"alpha/{name}"] = _pair(output.get(f"alpha/{name}", zero), num_tokens)
-        report[f"aligned chunk fraction/{name}"] = _pair(output.get(f"aligned_chunk_fraction/{name}", zero), num_tokens)
+        report[f"kd/{name}"] = _pair(logs.get(f"kd/{name}", zero), num_tokens)
+        report[f"alpha/{name}"] = _pair(logs.get(f"alpha/{name}", zero), num_tokens)
+        report[f"aligned chunk fraction/{name}"] = _pair(logs.get(f"aligned_chunk_fraction/{name}", zero), num_tokens)
     return loss, num_tokens, report
 
 
+def loss_func(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    teacher_batches: Sequence[dict[str, torch.Tensor]],
+    output_tensor: torch.Tensor,
+    *,
+    training: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Bridge's loss function: the distillation model's ``compute_kd_loss`` (through
+    :func:`~nemo_xtoken.integration.distill.xtoken_loss`) on the student's per-token CE
+    ``output_tensor``, as Bridge's ``(loss·num_tokens, num_tokens, report)`` (:func:`loss_and_report`).
+
+    ``model`` is the unwrapped ModelOpt ``DistillationModel``; :func:`forward_step` binds it, the
+    batch and the per-teacher alignment fields.
+    """
+    from nemo_xtoken.integration.distill import xtoken_criterion, xtoken_loss
+
+    total, logs = xtoken_loss(model, batch, output_tensor, teacher_batches)
+    names = [s.name for s in xtoken_criterion(model).specs]
+    return loss_and_report(batch["loss_mask"], total, logs, teacher_names=names, training=training)
+
+
 def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module") and not hasattr(model, "criterion"):
-        model = model.module
-    return model
+    """The ModelOpt ``DistillationModel`` inside Megatron's DDP / ``Float16Module`` wrappers."""
+    m = model[0] if isinstance(model, (list, tuple)) else model
+    while not hasattr(m, "compute_kd_loss") and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, "compute_kd_loss"):
+        raise XTokenError(
+            f"forward_step got a {type(m).__name__}, not a distillation model: build the model through "
+            "convert_to_xtoken_distillation_provider"
+        )
+    return m
 
 
 def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any, return_schedule_plan: bool = False):
     """Bridge forward step for X-Token KD: ``pretrain(config, forward_step)``.
 
-    Reads the whole dual-tokenized batch, runs the teachers on their ids and the student on its
-    ids (:class:`XTokenDistillationModel`), and returns the criterion's dict with
-    :func:`loss_func` bound to the loss mask and the teacher names.
+    Reads the whole dual-tokenized batch, calls the (wrapped) ModelOpt distillation model with the
+    student's ids and ``teacher_inputs`` (each teacher on its own ids, see
+    :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model`) and returns the
+    student's per-token CE with :func:`loss_func` bound to the model, the batch and the alignments.
     """
+    from nemo_xtoken.integration.distill import teacher_inputs_from_batch, xtoken_criterion
+
     if return_schedule_plan:
         raise XTokenError("X-Token KD does not support overlap_moe_expert_parallel_comm (return_schedule_plan=True)")
     timers = getattr(state, "timers", None)
@@ -252,45 +289,12 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
     if timers is not None:
         timers("batch-generator").stop()
     inner = _unwrap(model)
-    specs = inner.criterion.specs
-    teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in specs])
-    output = model(batch, teacher_batches)
-    fn = partial(loss_func, batch["loss_mask"], teacher_names=[s.name for s in specs], training=bool(inner.training))
-    return output, fn
-
-
-# ---- model wrapper -------------------------------------------------------------------------------
-
-
-def _distill_model_cls():
-    from nemo_xtoken.integration.distill import XTokenDistillationModel
-
-    return XTokenDistillationModel
-
-
-class BridgeXTokenDistillationModel(_distill_model_cls()):  # type: ignore[misc]
-    """:class:`XTokenDistillationModel` with what Megatron's wrappers and Bridge's loops look up.
-
-    ``config`` (``get_model_config``, ``Float16Module``, DDP), ``set_input_tensor`` (the pipeline
-    schedule) and ``load_state_dict`` into the student (Bridge loads the checkpoint's model state,
-    which holds the student only, into the unwrapped chunk).
-    """
-
-    def __init__(self, student: torch.nn.Module, teachers: Sequence[torch.nn.Module], criterion: Any) -> None:
-        super().__init__(student, teachers, criterion)
-        self.config = getattr(student, "config", None)
-
-    def set_input_tensor(self, input_tensor: Any) -> None:
-        fn = getattr(self.student, "set_input_tensor", None)
-        if fn is not None:
-            fn(input_tensor)
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, *args: Any, **kwargs: Any):  # noqa: D102
-        return self.student.load_state_dict(state_dict, strict, *args, **kwargs)
-
-    def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):  # noqa: D102
-        fn = getattr(self.student, "state_dict_for_save_checkpoint", None)
-        return fn(prefix=prefix, keep_vars=keep_vars) if fn else self.student.state_dict(prefix=prefix, keep_vars=keep_vars)
+    teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in xtoken_criterion(inner).specs])
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+        teacher_inputs=[teacher_inputs_from_batch(tb) for tb in teacher_batches],
+    )
+    return output, partial(loss_func, inner, batch, teacher_batches, training=bool(inner.training))
 
 
 # ---- provider conversion ---------------------------------------------------------------------------
@@ -333,53 +337,6 @@ def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
     return int(w.shape[0]) * int(tp)
 
 
-def build_criterion(
-    cfg: XTokenDistillConfig,
-    resources: Any,
-    *,
-    student_padded: int,
-    teacher_padded: Sequence[int],
-    tp: int = 1,
-    group: Any = None,
-):
-    """:class:`XTokenLogitsLoss` for ``cfg`` from :func:`validate_resources`'s W files and tokenizers."""
-    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss
-
-    specs = []
-    for t in cfg.teachers:
-        tok = resources.teacher_tokenizers[t.name]
-        specs.append(
-            TeacherSpec(
-                name=t.name, loss=t.loss, projection=resources.projections.get(t.name), weight=t.weight,
-                teacher_vocab_size=int(tok.vocab_size),
-            )
-        )
-    d = cfg.distill
-    return XTokenLogitsLoss(
-        specs,
-        student_vocab_size=int(resources.student_tokenizer.vocab_size),
-        student_padded=int(student_padded),
-        teacher_padded=[int(x) for x in teacher_padded],
-        tp=int(tp),
-        weighting=d.alpha,
-        merge=d.merge,
-        temperature=d.temperature,
-        kd_scaling=d.kd_scaling,
-        ce_weight=d.ce_weight,
-        kd_weight=d.kd_weight,
-        scale_by_temperature_squared=d.scale_by_temperature_squared,
-        group=group,
-    )
-
-
-def _model_dtype(provider: Any) -> torch.dtype | None:
-    if getattr(provider, "bf16", False):
-        return torch.bfloat16
-    if getattr(provider, "fp16", False):
-        return torch.float16
-    return None
-
-
 def convert_to_xtoken_distillation_provider(
     student_provider: Any,
     teacher_providers: Sequence[Any],
@@ -393,7 +350,8 @@ def convert_to_xtoken_distillation_provider(
     Sets the run's TP/PP/CP/SP and each model's own ``seq_length`` on the providers, checks them
     (:func:`check_parallel_sizes`), loads tokenizers and W (:func:`validate_resources`, audit
     warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after Bridge's
-    weight-loading hooks) that builds the teachers and the criterion once parallel state exists.
+    weight-loading hooks) that builds the teachers, the criterion and the balancer once parallel
+    state exists and returns ``[convert_to_xtoken_distillation_model(student, teachers, ...)]``.
     The provider's class is not changed; no global state is touched.
     """
     from nemo_xtoken.integration.config import validate_resources
@@ -419,23 +377,21 @@ def convert_to_xtoken_distillation_provider(
         from megatron.core import parallel_state
         from megatron.core.utils import unwrap_model
 
+        from nemo_xtoken.integration.distill import convert_to_xtoken_distillation_model, criterion_from_config
+
         if len(model_chunks) != 1:
             raise XTokenError(f"X-Token KD builds one model chunk (no virtual pipeline), got {len(model_chunks)}")
         student = unwrap_model(model_chunks[0])
         tp = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_model_parallel_group()
-        dtype = _model_dtype(student_provider)
-        built = []
-        for prov in teachers:
-            t = unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0])
-            if dtype is not None:
-                t = t.to(dtype)  # hidden from Float16Module's module.bfloat16(): cast here
-            built.append(t)
-        criterion = build_criterion(
-            cfg, resources, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
-            tp=tp, group=group,
+        built = [unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0]) for prov in teachers]
+        criterion, balancer = criterion_from_config(
+            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
+            group=group,
         )
-        return [BridgeXTokenDistillationModel(student, built, criterion)]
+        # ModelOpt's DistillationModel (a Distill<GPTModel>): Megatron's config, state dicts and
+        # Float16Module's cast (teachers included: they are submodules) come with the student class.
+        return [convert_to_xtoken_distillation_model(student, built, criterion, balancer)]
 
     student_provider.register_pre_wrap_hook(xtoken_pre_wrap_hook)
     student_provider.xtoken_teachers = teachers  # for inspection; a plain attribute, no mirroring
