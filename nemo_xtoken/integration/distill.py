@@ -25,7 +25,8 @@ therefore converts the student with ``mtd.convert(..., mode=[("kd_loss", ...)])`
   ``logits_loss``, ``intermediate_loss``) plus ``ce_loss`` and ``dynamic_scale``;
 * ModelOpt's ``adjust_distillation_model_for_mcore`` applied (teacher hidden from the sharded
   state dict, teacher LM loss skipped), the student's LM loss kept from overwriting fp32 logits
-  in place (Megatron's CE does, and ModelOpt's hook hands the same tensor to the KD loss), and its
+  in place (Megatron's CE does, and ModelOpt's hook hands the same tensor to the KD loss),
+  ``set_input_tensor`` (called by Megatron's schedules) given to the student only, and its
   ``forward`` replaced by :func:`_xtoken_forward`:
   ``model(input_ids, position_ids, attention_mask, labels=..., teacher_inputs=[{...}, ...])`` runs
   each teacher on *its own* ids and sequence length (no grad, eval), then the student alone.
@@ -392,8 +393,20 @@ def convert_to_xtoken_distillation_model(
     for t in teachers:
         t.eval()
     model.forward = MethodType(_xtoken_forward, model)
+    model.set_input_tensor = MethodType(_student_set_input_tensor, model)
     model.compute_language_model_loss = MethodType(_lm_loss_keeping_logits(model.compute_language_model_loss), model)
     return model
+
+
+def _student_set_input_tensor(self: Any, input_tensor: Any) -> None:
+    """Megatron's schedules call ``set_input_tensor([None])`` before every micro-batch.
+
+    ModelOpt's pipeline-parallel version (``adjust_distillation_model_for_mcore``) also hands a
+    slice to the teacher model with the student's method, which a :class:`TeacherBundle` (no
+    ``decoder``) cannot take.  With PP = 1 (the only size accepted here) the teachers start from
+    their own embeddings: the input tensor is the student's alone.
+    """
+    type(self).set_input_tensor(self, input_tensor)
 
 
 def _lm_loss_keeping_logits(lm_loss: Any):
