@@ -1,0 +1,329 @@
+"""Training jobs of the demo: tiny Megatron ``GPTModel``s on gloo, one job per process.
+
+A job is a teacher (plain CE on its own tokens) or a student (Llama-3 ids) trained with CE only or
+with CE + one cross-tokenizer KD loss through :class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`
+and :class:`~nemo_xtoken.integration.distill.XTokenDistillationModel` (the teacher runs on its
+own ids; the loss runs on ``nemo_xtoken.parallel``, vocab-sharded).  Every student starts from the
+same weights and reads the same problems in the same order.  Jobs run in forked worker processes
+(one thread each, one gloo group of ``tp`` ranks each) and report progress through a queue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ModelSize", "Job", "run_job", "set_shared"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Sizes of a tiny Llama-style Megatron GPT (tied embeddings: copying a numeral is then easy)."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 512
+
+
+@dataclass
+class Job:
+    """One training run. ``teacher``: the teacher's name (for a teacher job: which one it is)."""
+
+    name: str
+    kind: str  # "teacher" | "student"
+    teacher: str
+    loss: str | None  # student KD loss; None = CE only
+    steps: int
+    batch: int
+    lr: float
+    size: ModelSize = field(default_factory=ModelSize)
+    seed: int = 1234
+    eval_every: int = 50
+    n_eval_curve: int = 200
+    teacher_weights: str | None = None  # safetensors file of the trained teacher (student jobs)
+    teacher_size: ModelSize | None = None
+    save_to: str | None = None  # where a teacher job writes its weights
+    tp: int = 1
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def set_shared(data: Any, queue: Any = None) -> None:
+    """Give the workers the demo data (inherited through ``fork``) and the progress queue."""
+    _SHARED["data"] = data
+    _SHARED["queue"] = queue
+
+
+def _report(job: str, step: int, total: int, **info: Any) -> None:
+    q = _SHARED.get("queue")
+    if q is not None:
+        q.put((job, step, total, info))
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def _build(vocab: int, size: ModelSize, seq: int, seed: int):
+    from nemo_xtoken.demo.data import pad_to
+    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
+
+    spec = TinyGPTSpec(
+        vocab_size=pad_to(vocab),
+        max_sequence_length=seq,
+        num_layers=size.layers,
+        hidden_size=size.hidden,
+        num_attention_heads=size.heads,
+        ffn_hidden_size=size.ffn,
+        share_embeddings_and_output_weights=True,
+    )
+    return build_tiny_gpt(spec, seed=seed, config=tiny_gpt_config(spec))
+
+
+def _mask(n: int) -> torch.Tensor:
+    return torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)[None, None]
+
+
+def _gather(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full-vocabulary logits (real ids only) from this rank's shard."""
+    from nemo_xtoken.testing.cpu_megatron import gather_vocab_parallel_logits
+
+    return gather_vocab_parallel_logits(logits)[..., :vocab]
+
+
+def _tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _lr_at(step: int, total: int, lr: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals: np.ndarray, batch: int = 128) -> dict[str, float]:
+    """Answer-position metrics under teacher forcing: CE, exact (every answer token argmax), numeral mass.
+
+    ``side``: ``"student"`` reads ``tokens``/``labels``/``loss_mask``, ``"teacher"`` the teacher fields.
+    Exact under teacher forcing equals exact greedy decoding of the same tokenization.
+    """
+    tk, lb, mk = ("tokens", "labels", "loss_mask") if side == "student" else ("teacher_tokens", "teacher_targets", "teacher_loss_mask")
+    num = torch.as_tensor(numerals, dtype=torch.long)
+    ce_sum = n_tok = exact = mass = 0.0
+    for i in range(0, n, batch):
+        b = samples.rows(range(i, min(n, i + batch)))
+        ids = b[tk]
+        logits = _gather(model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), _mask(ids.shape[1])), vocab).float()
+        lp = torch.log_softmax(logits, -1)
+        m = b[mk].bool()
+        tgt = b[lb]
+        nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        ce_sum += float(nll[m].sum())
+        n_tok += float(m.sum())
+        ok = (lp.argmax(-1) == tgt) | ~m
+        exact += float(ok.all(-1).sum())
+        first = m.float().argmax(-1)
+        p_first = lp[torch.arange(ids.shape[0]), first].exp()
+        mass += float(p_first[:, num].sum(-1).sum())
+    return {"ce": ce_sum / max(n_tok, 1), "exact_tf": exact / n, "numeral_mass": mass / n}
+
+
+@torch.no_grad()
+def greedy_exact(model, prompts: list[np.ndarray], answers: list[int], texts: list[str], vocab: int, max_new: int = 5, batch: int = 128) -> tuple[float, list[str]]:
+    """Greedy decoding from ``prompt`` (ends with the space before the answer); exact = ``"{answer}."``."""
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch):
+        ps = prompts[i : i + batch]
+        lens = torch.tensor([len(p) for p in ps])
+        L = int(lens.max()) + max_new
+        buf = torch.zeros(len(ps), L, dtype=torch.long)
+        for j, p in enumerate(ps):
+            buf[j, : len(p)] = torch.as_tensor(p)
+        gen = [[] for _ in ps]
+        cur = lens.clone()
+        for _ in range(max_new):
+            n = int(cur.max())
+            x = buf[:, :n]
+            logits = _gather(model(x, torch.arange(n)[None].expand_as(x), _mask(n)), vocab)
+            nxt = logits[torch.arange(len(ps)), cur - 1].argmax(-1)
+            buf[torch.arange(len(ps)), cur] = nxt
+            for j, t in enumerate(nxt.tolist()):
+                gen[j].append(texts[t])
+            cur = cur + 1
+        outs.extend("".join(g) for g in gen)
+    ok = [o.startswith(f"{a}.") for o, a in zip(outs, answers)]
+    return float(np.mean(ok)), outs
+
+
+# ---- jobs -----------------------------------------------------------------------------------------
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run one job in this (forked) process: init gloo + Megatron, train, evaluate; return curves and metrics."""
+    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, free_port, init_megatron_cpu, spawn
+
+    torch.set_num_threads(1)
+    if job.tp == 1:
+        init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=job.seed, port=free_port())
+        try:
+            with cpu_megatron_patches():
+                return _train(job)
+        finally:
+            from nemo_xtoken.testing.cpu_megatron import destroy_megatron_cpu
+
+            destroy_megatron_cpu()
+    return spawn(_rank_entry, job.tp, job, timeout=3600)[0]
+
+
+def _rank_entry(rank: int, world: int, job: Job) -> dict[str, Any]:
+    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, init_megatron_cpu
+
+    init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=job.seed)
+    with cpu_megatron_patches():
+        out = _train(job, quiet=rank != 0)
+    return out
+
+
+def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
+    data = _SHARED["data"]
+    side = data.sides[job.teacher]
+    t0 = time.perf_counter()
+    curves: dict[str, list] = {"step": [], "loss": [], "ce": [], "kd": [], "eval_step": [], "eval_exact": [], "eval_numeral_mass": [], "eval_ce": []}
+    n_curve, n_all = min(job.n_eval_curve, len(side.eval)), len(side.eval)
+    if job.kind == "teacher":
+        model = _build(side.vocab_size, job.size, data.teacher_seq_length, job.seed)
+        params = list(model.parameters())
+        vocab, numerals, sname = side.vocab_size, side.numerals, "teacher"
+    else:
+        model = _build(data.student_vocab_size, job.size, data.seq_length, job.seed)
+        params = list(model.parameters())
+        vocab, numerals, sname = data.student_vocab_size, data.student_numerals, "student"
+        teacher = wrapper = None
+        if job.loss is not None:
+            teacher = _load_teacher(job, side, data)
+            wrapper = _wrapper(job, model, teacher, side, data)
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        m = teacher_forced(model, side.eval_m, n_curve, sname, vocab, numerals)
+        model.train()
+        curves["eval_step"].append(step)
+        curves["eval_exact"].append(m["exact_tf"])
+        curves["eval_numeral_mass"].append(m["numeral_mass"])
+        curves["eval_ce"].append(m["ce"])
+
+    from nemo_xtoken.parallel import vocab_parallel_cross_entropy
+
+    model.train()
+    for step in range(job.steps):
+        if step % job.eval_every == 0:
+            evaluate(step)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, job.steps, job.lr)
+        b = side.train_m.batch(step * job.batch, job.batch)
+        if job.kind == "teacher":
+            ids = b["teacher_tokens"]
+            logits = model(ids, b["teacher_position_ids"], _mask(ids.shape[1]))
+            ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["teacher_targets"].reshape(-1), vocab_size=vocab, mask=b["teacher_loss_mask"].reshape(-1))
+            loss, kd = ce, torch.zeros(())
+        elif wrapper is None:
+            ids = b["tokens"]
+            logits = model(ids, b["position_ids"], _mask(ids.shape[1]))
+            ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
+            loss, kd = ce, torch.zeros(())
+        else:
+            out = wrapper(b)
+            loss, ce, kd = out["loss"], out["ce_loss"], out["logits_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curves["step"].append(step)
+        curves["loss"].append(float(loss.detach()))
+        curves["ce"].append(float(ce.detach()))
+        curves["kd"].append(float(kd.detach()))
+        if not quiet and (step % 10 == 0 or step + 1 == job.steps):
+            _report(job.name, step + 1, job.steps, loss=curves["loss"][-1])
+    evaluate(job.steps)
+    model.eval()
+    final = teacher_forced(model, side.eval_m, n_all, sname, vocab, numerals)
+    if job.kind == "teacher":
+        prompts, texts = side.eval_prompts, side.token_texts
+    else:
+        prompts, texts = data.student_eval_prompts, data.student_texts
+    acc, outs = greedy_exact(model, prompts, [p.answer for p in data.eval_problems], texts, vocab)
+    result: dict[str, Any] = {
+        "job": {k: v for k, v in asdict(job).items() if k not in ("save_to", "teacher_weights")},
+        "curves": curves,
+        "exact": acc,
+        "exact_teacher_forced": final["exact_tf"],
+        "numeral_mass": final["numeral_mass"],
+        "eval_ce": final["ce"],
+        "samples": [{"prompt": p.prompt, "answer": p.answer, "output": o} for p, o in list(zip(data.eval_problems, outs))[:8]],
+        "train_seconds": time.perf_counter() - t0,
+    }
+    if job.kind == "student" and wrapper is not None:
+        result["eval_kd"] = _eval_kd(wrapper, side.eval_m, n_all)
+    if job.kind == "teacher" and job.save_to:
+        from safetensors.torch import save_file
+
+        from nemo_xtoken.testing.cpu_megatron import gather_vocab_parallel_logits  # noqa: F401  (tp=1 weights are full)
+
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_rank() == 0:
+            save_file(_tensor_state(model), job.save_to)
+    return result
+
+
+def _load_teacher(job: Job, side: Any, data: Any):
+    from safetensors.torch import load_file
+
+    teacher = _build(side.vocab_size, job.teacher_size or job.size, data.teacher_seq_length, job.seed + 1)
+    state = load_file(job.teacher_weights)
+    missing, unexpected = teacher.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.endswith("_extra_state")]
+    if bad or unexpected:
+        raise RuntimeError(f"teacher weights {job.teacher_weights} do not fit the model: missing {bad[:3]}, unexpected {unexpected[:3]}")
+    return teacher
+
+
+def _wrapper(job: Job, student, teacher, side: Any, data: Any):
+    from nemo_xtoken.demo.data import pad_to
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenDistillationModel, XTokenLogitsLoss
+
+    needs_w = job.loss in ("p_kl", "gold", "h_kl")
+    crit = XTokenLogitsLoss(
+        [TeacherSpec(job.teacher, job.loss, side.projection if needs_w else None, 1.0, side.vocab_size)],
+        student_vocab_size=data.student_vocab_size,
+        student_padded=pad_to(data.student_vocab_size),
+        teacher_padded=[pad_to(side.vocab_size)],
+        tp=job.tp,
+    )
+    return XTokenDistillationModel(student, [teacher], crit)
+
+
+@torch.no_grad()
+def _eval_kd(wrapper, samples: Any, n: int, batch: int = 128) -> dict[str, float]:
+    """The method's own KD and the CE on the held-out problems (mean over batches)."""
+    wrapper.student.eval()
+    kd, ce, k = 0.0, 0.0, 0
+    for i in range(0, n, batch):
+        out = wrapper(samples.rows(range(i, min(n, i + batch))))
+        kd += float(out["logits_loss"])
+        ce += float(out["ce_loss"])
+        k += 1
+    return {"kd": kd / k, "ce": ce / k}
