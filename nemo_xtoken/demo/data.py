@@ -222,7 +222,11 @@ def build_demo_data(
     kw = dict(min_items=min_items, max_items=max_items)
     train = price_problems(n_train, seed=seed + 1, **kw)
     seen = {p.text for p in train}
-    eval_ = [p for p in price_problems(2 * n_eval + 100, seed=seed + 2, **kw) if p.text not in seen][:n_eval]
+    eval_: list[Problem] = []
+    for p in price_problems(20 * n_eval + 100, seed=seed + 2, **kw):  # held out: unseen, no repeats
+        if p.text not in seen and len(eval_) < n_eval:
+            eval_.append(p)
+            seen.add(p.text)
     problems = train + eval_
     texts = [p.text + PRICE_END for p in problems]
     n_tr = len(train)

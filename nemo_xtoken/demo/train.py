@@ -29,6 +29,7 @@ class ModelSize:
     layers: int = 2
     heads: int = 4
     ffn: int = 512
+    embed_std: float = 0.5  # see _build: large enough that Adam's drift of rare rows keeps them distinct
 
 
 @dataclass
@@ -83,7 +84,20 @@ def _build(vocab: int, size: ModelSize, seq: int, seed: int):
         ffn_hidden_size=size.ffn,
         share_embeddings_and_output_weights=True,
     )
-    return build_tiny_gpt(spec, seed=seed, config=tiny_gpt_config(spec))
+    model = build_tiny_gpt(spec, seed=seed, config=tiny_gpt_config(spec))
+    # Tied embeddings of rare tokens (each 3-digit numeral is the answer a few times) are moved by
+    # Adam at ~lr per step in the shared direction of the softmax's negative gradient; with
+    # Megatron's default std 0.02 they soon lose their identity and a model cannot copy them.
+    # A larger std keeps them apart.  Drawn in full and sliced, so any TP size gets the same weights.
+    from megatron.core import parallel_state as ps
+
+    w = model.embedding.word_embeddings.weight
+    g = torch.Generator().manual_seed(seed + 7)
+    full = torch.randn(spec.vocab_size, size.hidden, generator=g) * size.embed_std
+    r, n = ps.get_tensor_model_parallel_rank(), w.shape[0]
+    with torch.no_grad():
+        w.copy_(full[r * n : (r + 1) * n])
+    return model
 
 
 def _mask(n: int) -> torch.Tensor:
