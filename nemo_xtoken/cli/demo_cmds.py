@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
     p.add_argument("--fast", action="store_true", help="a tiny version (seconds of training; what the test runs)")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default 300; fast 12)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default 400; fast 80)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default 400; fast 150)")
     p.add_argument("--items", type=int, default=None, help="goods per problem, 1…N (default 1: the answer is the one price)")
     p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per model on gloo (default 1; 2 runs jobs one by one)")

@@ -65,8 +65,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-FAST = DemoConfig(n_train=600, n_eval=100, teacher_steps=80, student_steps=12, batch=16, eval_every=6, n_eval_curve=50,
-                  size=ModelSize(hidden=64, layers=2, heads=4, ffn=128), teacher_size=ModelSize(hidden=64, layers=2, heads=4, ffn=128))
+FAST = DemoConfig(n_train=1500, n_eval=100, teacher_steps=150, student_steps=12, eval_every=6, n_eval_curve=50)
 
 
 def _init_worker(queue: Any) -> None:
