@@ -20,6 +20,7 @@ def _rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "teacher": m["teacher"] if m["loss"] else "—",
             "exact": r["exact"],
             "numeral_mass": r["numeral_mass"],
+            "multi_digit_mass": r.get("multi_digit_mass"),
             "kd": kd["kd"] if kd else None,
             "ce": r["eval_ce"],
             "train_kd": _tail_mean(r["curves"]["kd"]) if m["loss"] else None,
@@ -41,8 +42,8 @@ def format_table(results: dict[str, Any], markdown: bool = False) -> str:
         return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
     n = results["data"]["eval_problems"]
-    head = ["method", "exact answer", "numeral mass", "KD (held-out)", "CE (held-out)", "KD (train, last 10%)", "CE (train, last 10%)"]
-    body = [[r["method"], f(r["exact"], True), f(r["numeral_mass"]), f(r["kd"]), f(r["ce"]), f(r["train_kd"]), f(r["train_ce"])] for r in _rows(results)]
+    head = ["method", "exact answer", "numeral mass", "2–3-digit mass", "KD (held-out)", "CE (held-out)", "KD (train, last 10%)", "CE (train, last 10%)"]
+    body = [[r["method"], f(r["exact"], True), f(r["numeral_mass"]), f(r["multi_digit_mass"]), f(r["kd"]), f(r["ce"]), f(r["train_kd"]), f(r["train_ce"])] for r in _rows(results)]
     tlines = []
     for name, t in results["teachers"].items():
         tlines.append(f"teacher {name}: exact answer {100 * t['exact']:.1f}%, numeral mass {t['numeral_mass']:.3f}, CE {t['eval_ce']:.3f}"
@@ -86,11 +87,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax[0, 0].plot(cur["step"], _smooth(cur["ce"], k), color=c, ls=ls, label=m["label"])
         ax[0, 1].plot(cur["eval_step"], [100 * x for x in cur["eval_exact"]], color=c, ls=ls, marker=".", label=m["label"])
         ax[1, 0].plot(cur["eval_step"], cur["eval_numeral_mass"], color=c, ls=ls, marker=".", label=m["label"])
+        if "eval_multi_digit_mass" in cur:
+            ax[1, 0].plot(cur["eval_step"], cur["eval_multi_digit_mass"], color=c, ls=ls, marker="x", alpha=0.5, lw=0.8)
         if m["loss"]:
             ax[1, 1].plot(cur["step"], _smooth(cur["kd"], k), color=c, ls=ls, label=m["label"])
     ax[0, 0].set(title="student CE on answer tokens (training, smoothed)", xlabel="step", yscale="log")
     ax[0, 1].set(title="held-out exact answer (teacher-forced = greedy), %", xlabel="step", ylim=(-2, 102))
-    ax[1, 0].set(title="student probability mass on numeral tokens at the answer", xlabel="step", ylim=(-0.02, 1.02))
+    ax[1, 0].set(title="student mass on numeral tokens at the answer (·: all, x: 2–3-digit)", xlabel="step", ylim=(-0.02, 1.02))
     ax[1, 1].set(title="KD loss of each method (training, smoothed)", xlabel="step", yscale="log")
     for a in ax.flat:
         a.grid(alpha=0.3)

@@ -127,15 +127,17 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 
 
 @torch.no_grad()
-def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals: np.ndarray, batch: int = 128) -> dict[str, float]:
-    """Answer-position metrics under teacher forcing: CE, exact (every answer token argmax), numeral mass.
+def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals: np.ndarray, multi_digit: np.ndarray, batch: int = 128) -> dict[str, float]:
+    """Answer-position metrics under teacher forcing: CE, exact (every answer token argmax), numeral mass
+    (all numeral tokens, and 2–3-digit numeral tokens only) at the first answer position.
 
     ``side``: ``"student"`` reads ``tokens``/``labels``/``loss_mask``, ``"teacher"`` the teacher fields.
     Exact under teacher forcing equals exact greedy decoding of the same tokenization.
     """
     tk, lb, mk = ("tokens", "labels", "loss_mask") if side == "student" else ("teacher_tokens", "teacher_targets", "teacher_loss_mask")
     num = torch.as_tensor(numerals, dtype=torch.long)
-    ce_sum = n_tok = exact = mass = 0.0
+    multi = torch.as_tensor(multi_digit, dtype=torch.long)
+    ce_sum = n_tok = exact = mass = mass_multi = 0.0
     for i in range(0, n, batch):
         b = samples.rows(range(i, min(n, i + batch)))
         ids = b[tk]
@@ -151,7 +153,8 @@ def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals:
         first = m.float().argmax(-1)
         p_first = lp[torch.arange(ids.shape[0]), first].exp()
         mass += float(p_first[:, num].sum(-1).sum())
-    return {"ce": ce_sum / max(n_tok, 1), "exact_tf": exact / n, "numeral_mass": mass / n}
+        mass_multi += float(p_first[:, multi].sum(-1).sum())
+    return {"ce": ce_sum / max(n_tok, 1), "exact_tf": exact / n, "numeral_mass": mass / n, "multi_digit_mass": mass_multi / n}
 
 
 @torch.no_grad()
@@ -220,23 +223,27 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         model = _build(side.vocab_size, job.size, data.teacher_seq_length, job.seed)
         params = list(model.parameters())
         vocab, numerals, sname = side.vocab_size, side.numerals, "teacher"
+        texts = side.token_texts
     else:
         model = _build(data.student_vocab_size, job.size, data.seq_length, job.seed)
         params = list(model.parameters())
         vocab, numerals, sname = data.student_vocab_size, data.student_numerals, "student"
+        texts = data.student_texts
         teacher = wrapper = None
         if job.loss is not None:
             teacher = _load_teacher(job, side, data)
             wrapper = _wrapper(job, model, teacher, side, data)
+    multi = np.asarray([i for i in numerals if len(texts[i].strip()) >= 2], dtype=np.int64)
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def evaluate(step: int) -> None:
         model.eval()
-        m = teacher_forced(model, side.eval_m, n_curve, sname, vocab, numerals)
+        m = teacher_forced(model, side.eval_m, n_curve, sname, vocab, numerals, multi)
         model.train()
         curves["eval_step"].append(step)
         curves["eval_exact"].append(m["exact_tf"])
         curves["eval_numeral_mass"].append(m["numeral_mass"])
+        curves.setdefault("eval_multi_digit_mass", []).append(m["multi_digit_mass"])
         curves["eval_ce"].append(m["ce"])
 
     from nemo_xtoken.parallel import vocab_parallel_cross_entropy
@@ -273,7 +280,7 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
             _report(job.name, step + 1, job.steps, loss=curves["loss"][-1])
     evaluate(job.steps)
     model.eval()
-    final = teacher_forced(model, side.eval_m, n_all, sname, vocab, numerals)
+    final = teacher_forced(model, side.eval_m, n_all, sname, vocab, numerals, multi)
     if job.kind == "teacher":
         prompts, texts = side.eval_prompts, side.token_texts
     else:
@@ -285,6 +292,7 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         "exact": acc,
         "exact_teacher_forced": final["exact_tf"],
         "numeral_mass": final["numeral_mass"],
+        "multi_digit_mass": final["multi_digit_mass"],
         "eval_ce": final["ce"],
         "samples": [{"prompt": p.prompt, "answer": p.answer, "output": o} for p, o in list(zip(data.eval_problems, outs))[:8]],
         "train_seconds": time.perf_counter() - t0,
