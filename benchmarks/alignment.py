@@ -142,6 +142,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of N for the alignment timings")
     ap.add_argument("--batch", type=int, default=1000, help="documents per batched call (= preprocess shard size)")
     ap.add_argument("--skip-preprocess", action="store_true")
+    ap.add_argument("--preprocess-mb", type=float, default=4.0,
+                    help="corpus size for the preprocess workers comparison (larger than --mb so that work, "
+                         "not worker start-up, dominates)")
+    ap.add_argument("--preprocess-shard-size", type=int, default=250)
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -237,19 +241,22 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             inp = Path(tmp) / "docs.jsonl"
+            pdocs = make_corpus(int(args.preprocess_mb * 1e6), seed=1)
+            pbytes = sum(len(d.encode()) for d in pdocs)
             with open(inp, "w") as f:
-                for d in docs:
+                for d in pdocs:
                     f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
             times = {}
             for w in (1, 2):
-                opts = PreprocessOptions(str(tokenizer_path(args.student)), str(tokenizer_path(args.teacher)), shard_size=args.batch)
+                opts = PreprocessOptions(str(tokenizer_path(args.student)), str(tokenizer_path(args.teacher)), shard_size=args.preprocess_shard_size)
                 t0 = time.perf_counter()
                 rep = preprocess(inp, Path(tmp) / f"out{w}", opts, workers=w, progress=False)
                 times[w] = time.perf_counter() - t0
-                assert rep["documents"] == len(docs), rep
+                assert rep["documents"] == len(pdocs), rep
+            head = f"xtoken preprocess ({pbytes / 1e6:.1f} MB, shards of {args.preprocess_shard_size}), "
             rows += [
-                ("xtoken preprocess, 1 worker", f"{times[1]:.2f} s ({nbytes / 1e6 / times[1]:.2f} MB/s)"),
-                ("xtoken preprocess, 2 workers", f"{times[2]:.2f} s ({nbytes / 1e6 / times[2]:.2f} MB/s), speed-up {times[1] / times[2]:.2f}x"),
+                (head + "1 worker", f"{times[1]:.2f} s ({pbytes / 1e6 / times[1]:.2f} MB/s)"),
+                (head + "2 workers", f"{times[2]:.2f} s ({pbytes / 1e6 / times[2]:.2f} MB/s), speed-up {times[1] / times[2]:.2f}x"),
             ]
     w = max(len(r[0]) for r in rows)
     print()

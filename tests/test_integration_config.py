@@ -161,3 +161,20 @@ def test_same_tokenizer_teacher_must_share_the_student_tokenizer(llama3_path, qw
     d = _base(llama3_path, llama3_path)
     d["teachers"][0].update(loss="kl", projection=None)
     assert validate_resources(config_from_dict(d)).projections == {}
+
+
+def test_criterion_from_config_rechecks_w_against_the_tokenizers(w_files, w_llama3_o200k, llama3_path, qwen3_path):
+    pytest.importorskip("modelopt.torch.distill")
+    from nemo_xtoken.integration.distill import XTokenLossBalancer, criterion_from_config
+
+    d = _base(llama3_path, qwen3_path, w_files[0])
+    d["distill"] = {"kd_scaling": "fixed", "kd_weight": 0.5, "alpha": "entropy"}
+    cfg = config_from_dict(d)
+    rep = validate_resources(cfg)
+    crit, bal = criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])
+    assert isinstance(bal, XTokenLossBalancer) and (bal.kd_scaling, bal.kd_weight) == ("fixed", 0.5)
+    assert crit.weighting == "entropy" and crit.student_vocab_size == 128256
+    assert crit.specs[0].teacher_vocab_size == rep.teacher_tokenizers["t"].vocab_size == 151669
+    rep.projections["t"] = w_llama3_o200k  # a W built for another teacher tokenizer slipped in
+    with pytest.raises(ProjectionFileError, match=r"teacher t's W was built for another teacher tokenizer"):
+        criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])

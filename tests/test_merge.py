@@ -169,3 +169,15 @@ def test_alignment_positions_merge_end_to_end(llama3, qwen3):
     # teacher tokens In ' ' 2 0 1 ' days': chunk 2 ('201') is predicted by positions 1 (→'2'), 2 (→'0'), 3 (→'1')
     torch.testing.assert_close(out[2], lp_t[1] + lp_t[2, tt[2]] + lp_t[3, tt[3]])
     assert pos.chunk_mask().tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("mode", ["chain", "mean"])
+def test_merge_of_an_empty_side_stays_on_the_graph(mode):
+    """No position on a side (an empty batch): the merge still back-propagates (zeros), so the
+    losses need no special case and the backward of an empty batch is not an error."""
+    lp = torch.zeros(0, 5, requires_grad=True)
+    tl = torch.zeros(0, requires_grad=True)
+    out = merge_log_probs(lp, torch.zeros(0, dtype=torch.long), 3, mode=mode, target_log_probs=tl)
+    assert out.shape == (3, 5) and torch.isneginf(out).all()
+    torch.where(torch.isfinite(out), out, torch.zeros(())).sum().backward()
+    assert lp.grad is not None and lp.grad.shape == (0, 5)

@@ -126,3 +126,17 @@ def test_cli_align_and_preprocess(tmp_path, corpus_file, llama3_path, qwen3_path
     assert rc == 0
     text = capsys.readouterr().out
     assert "documents: 4 aligned of 9 read (5 rejected)" in text and "rejected document 4" in text
+
+
+def test_worker_start_failure_is_an_error_not_a_hang(tmp_path, llama3_path):
+    """A worker initializer that raises would make multiprocessing respawn workers forever; ours
+    keeps the error and raises it from the first shard, where the parent process sees it."""
+    from nemo_xtoken.align import preprocess as pp
+
+    missing = tmp_path / "gone" / "tokenizer.json"
+    pp._init_worker(PreprocessOptions(str(llama3_path), str(missing)))
+    try:
+        with pytest.raises(XTokenError, match="worker could not start.*gone"):
+            pp._process_shard((0, str(tmp_path / "out"), [(0, "some text", None)]))
+    finally:
+        pp._W.clear()

@@ -208,8 +208,8 @@ def align_offsets(student_offsets: Any, teacher_offsets: Any) -> Alignment:
     return a
 
 
-def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Per-token chunk ids of both sides, the number of chunks and the chunk spans."""
+def _align_arrays(so: np.ndarray, to: np.ndarray, spans: bool = True) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """Per-token chunk ids of both sides, the number of chunks and the chunk spans (None if not ``spans``)."""
     sc, sreach, sok = _cuts(so)
     tc, treach, tok = _cuts(to)
     svals = sreach if sok.all() else sreach[sok]
@@ -286,7 +286,8 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     s_ids = ids_for(so.shape[0], sc, s_cchunk, s_zw, s_info, s_gap_tok, one_id[: s_gz.size])
     t_ids = ids_for(to.shape[0], tc, t_cchunk, t_zw, t_info, t_gap_tok, one_id[s_gz.size:])
-    spans = np.zeros((n_chunks, 2), dtype=np.int64)
+    want_spans = spans
+    spans = np.zeros((n_chunks, 2), dtype=np.int64) if want_spans else None
     if k_content:
         # each content chunk starts where its first token starts, alike on both sides
         s_lo = so[sc[s_first] if sc.size != so.shape[0] else s_first, 0]
@@ -298,10 +299,12 @@ def _align_arrays(so: np.ndarray, to: np.ndarray) -> tuple[np.ndarray, np.ndarra
                 f"starts at {int(s_lo[bad])} on the student side and at {int(t_lo[bad])} on the teacher side "
                 "(one tokenizer skips text the other keeps); offsets must index the same text in the same unit"
             )
-        spans[content_id, 0] = s_lo
-        spans[content_id, 1] = common
-    spans[one_id, 0] = gpos  # a one-sided chunk: its token's (zero-width) position
-    spans[one_id, 1] = gpos
+        if want_spans:
+            spans[content_id, 0] = s_lo
+            spans[content_id, 1] = common
+    if want_spans:
+        spans[one_id, 0] = gpos  # a one-sided chunk: its token's (zero-width) position
+        spans[one_id, 1] = gpos
     return s_ids, t_ids, n_chunks, spans
 
 
@@ -550,29 +553,34 @@ def _doc_offsets(lengths: list[int]) -> np.ndarray:
     return o
 
 
-def _localize(so: np.ndarray, to: np.ndarray, s_doc: np.ndarray, t_doc: np.ndarray, doc_base: np.ndarray
+def _localize(so: np.ndarray, to: np.ndarray, ns: Any, nt: Any, doc_base: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Align concatenated documents in one call; chunk ids made local to each document."""
-    s_ids, t_ids, n_chunks, spans = _align_arrays(so, to)
+    """Align concatenated documents in one call; chunk ids made local to each document.
+
+    ``ns`` / ``nt``: tokens per document on each side (documents laid end to end).
+    """
+    s_ids, t_ids, n_chunks, _ = _align_arrays(so, to, spans=False)
     n = doc_base.size
     # Documents are consecutive in chunk order: document d's chunks run from the smaller first
     # chunk id of its two sides to the larger last one (none if it has no token).
     big = np.iinfo(np.int64).max
     first = np.full(n, big, dtype=np.int64)
     last = np.full(n, -1, dtype=np.int64)
-    for ids, doc in ((s_ids, s_doc), (t_ids, t_doc)):
-        if ids.size:
-            starts = np.flatnonzero(np.diff(doc, prepend=-1))
-            ends = np.append(starts[1:], ids.size) - 1
-            d = doc[starts]
-            first[d] = np.minimum(first[d], ids[starts])
-            last[d] = np.maximum(last[d], ids[ends])
+    counts = []
+    for ids, cnt in ((s_ids, ns), (t_ids, nt)):
+        cnt = np.asarray(cnt, dtype=np.int64)
+        counts.append(cnt)
+        d = np.flatnonzero(cnt)
+        if d.size:
+            ends = np.cumsum(cnt)
+            first[d] = np.minimum(first[d], ids[(ends - cnt)[d]])
+            last[d] = np.maximum(last[d], ids[ends[d] - 1])
     has = last >= 0
     per_doc = np.where(has, last - first + 1, 0)
     base = np.zeros(n, dtype=np.int64)
     if n > 1:
         base[1:] = np.cumsum(per_doc)[:-1]
-    return s_ids - base[s_doc], t_ids - base[t_doc], per_doc.astype(np.int64)
+    return s_ids - np.repeat(base, counts[0]), t_ids - np.repeat(base, counts[1]), per_doc.astype(np.int64)
 
 
 def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) -> AlignmentBatch:
@@ -600,8 +608,6 @@ def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) 
 
     so, ns = cat("student", student_offsets)
     to, nt = cat("teacher", teacher_offsets)
-    s_doc = np.repeat(np.arange(len(ns)), ns)
-    t_doc = np.repeat(np.arange(len(nt)), nt)
 
     def doc_max(ends: np.ndarray, n: list[int]) -> np.ndarray:
         out = np.zeros(len(n), dtype=np.int64)
@@ -614,10 +620,10 @@ def align_offsets_batch(student_offsets: list[Any], teacher_offsets: list[Any]) 
     extent = np.maximum(doc_max(so[:, 1], ns), doc_max(to[:, 1], nt))  # per document: its largest offset
     doc_base = _doc_offsets((extent + 1).tolist())[:-1]
     s_raw, t_raw = so, to
-    so = so + doc_base[s_doc, None]
-    to = to + doc_base[t_doc, None]
+    so = so + np.repeat(doc_base, ns)[:, None]
+    to = to + np.repeat(doc_base, nt)[:, None]
     try:
-        sc, tc, nc = _localize(so, to, s_doc, t_doc, doc_base)
+        sc, tc, nc = _localize(so, to, ns, nt, doc_base)
     except XTokenError:
         so_l = np.split(s_raw, np.cumsum(ns)[:-1]) if ns else []
         to_l = np.split(t_raw, np.cumsum(nt)[:-1]) if nt else []
@@ -751,7 +757,7 @@ def _align_encoded(texts, good, enc, infos, rejected) -> AlignmentBatch:
         out.append((cat_ids, boff, doc, n))
     (s_ids, s_off, s_doc, ns), (t_ids, t_off, t_doc, nt) = out
     try:
-        sc, tc, nc = _localize(s_off, t_off, s_doc, t_doc, byte_base)
+        sc, tc, nc = _localize(s_off, t_off, ns, nt, byte_base)
     except XTokenError:
         for k in range(len(docs)):
             try:

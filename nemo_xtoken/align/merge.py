@@ -145,7 +145,8 @@ def merge_log_probs(
         is_first = pos == first[cid]
         cont = torch.zeros(n_chunks, dtype=tl.dtype, device=log_probs.device)
         cont = cont.index_add(0, cid, torch.where(is_first, torch.zeros_like(tl), tl))
-        rows = log_probs[first.clamp(max=max(n - 1, 0))] if n else log_probs.new_zeros(n_chunks, v)
+        # (no position: zeros still connected to the graph, so an empty side back-propagates zeros)
+        rows = log_probs[first.clamp(max=max(n - 1, 0))] if n else log_probs.new_zeros(n_chunks, v) + log_probs.sum() * 0
         merged = rows + cont.unsqueeze(1).to(out_dtype)
         return torch.where(has.unsqueeze(1), merged, torch.full_like(merged, float("-inf")))
     # mean: log( Σ_i exp(lp_i) / count ), stabilised by the per-chunk max

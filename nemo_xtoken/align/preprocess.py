@@ -99,17 +99,25 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(opts: PreprocessOptions) -> None:
+    # A pool whose initializer raises respawns workers forever (the run would hang): keep the
+    # error and raise it from the first job instead, where the parent sees it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from nemo_xtoken.vocab import load_tokenizer
+    try:
+        from nemo_xtoken.vocab import load_tokenizer
 
-    _W["opts"] = opts
-    _W["s"] = load_tokenizer(opts.student_tokenizer)
-    _W["t"] = load_tokenizer(opts.teacher_tokenizer)
+        _W["opts"] = opts
+        _W["s"] = load_tokenizer(opts.student_tokenizer)
+        _W["t"] = load_tokenizer(opts.teacher_tokenizer)
+        _W.pop("init_error", None)
+    except Exception as e:  # noqa: BLE001 — re-raised in _process_shard
+        _W["init_error"] = f"{type(e).__name__}: {e}"
 
 
 def _process_shard(job: tuple[int, str, list[tuple[int, str | None, str | None]]]) -> dict[str, Any]:
     """Tokenize, align and write one shard (atomically); return its statistics."""
     shard, out_dir, docs = job
+    if "init_error" in _W:
+        raise XTokenError(f"preprocess worker could not start: {_W['init_error']}")
     opts: PreprocessOptions = _W["opts"]
     rejected = [{"index": i, "reason": reason} for i, text, reason in docs if text is None]
     rejected += [{"index": i, "reason": "empty text"} for i, text, _ in docs if text == ""]

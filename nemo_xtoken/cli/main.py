@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "nemo_xtoken.cli.vocab_cmds",
     "nemo_xtoken.cli.align_cmds",
     "nemo_xtoken.cli.demo_cmds",
+    "nemo_xtoken.cli.integration_cmds",
 ]
 
 

@@ -379,10 +379,7 @@ def _items(
             if merge == "chain":
                 safe = torch.where(ids >= 0, tg, torch.zeros_like(tg)).long()
                 tgt_lp = lp.gather(1, safe.unsqueeze(1)).squeeze(1) if lp.shape[0] else lp.new_zeros(0)
-            merged = merge_log_probs(lp, ids.long(), a.n_chunks, mode=merge, target_log_probs=tgt_lp)
-            if lp.shape[0] == 0:  # merge_log_probs returns a fresh tensor here: keep the graph connected
-                merged = merged + lp.sum()
-            return merged
+            return merge_log_probs(lp, ids.long(), a.n_chunks, mode=merge, target_log_probs=tgt_lp)
 
         ls = side(ls, a.student_chunk_ids, a.student_targets)
         lt = side(lt, a.teacher_chunk_ids, a.teacher_targets)

@@ -16,6 +16,11 @@ All are reached from ordinary forward passes and saves, not only at init.
 restores the originals on exit (reversible, scoped); :func:`cpu_model_parallel_seed` fills the
 RNG tracker with CPU generator states.  This module is never imported by the GPU code path.
 
+Megatron's ``FP32Optimizer`` and ``clip_grad_norm_fp32`` also allocate on ``device="cuda"``:
+:func:`clip_grad_norm_tp`, :func:`optimizer_sharded_state_dict` and :func:`load_optimizer_state`
+do the same with a plain ``torch.optim`` optimizer and Megatron's ``dist_checkpointing.optimizer``
+helpers (same checkpoint layout: moments as ``ShardedTensor``s, one ``common_step``).
+
 :func:`spawn` runs a function on ``world_size`` gloo ranks (fork start method, so functions
 defined in test modules work) and returns each rank's result.
 """
@@ -42,6 +47,10 @@ __all__ = [
     "spawn",
     "gather_vocab_parallel_logits",
     "free_port",
+    "clip_grad_norm_tp",
+    "init_adam_state",
+    "optimizer_sharded_state_dict",
+    "load_optimizer_state",
 ]
 
 
@@ -256,6 +265,86 @@ def gather_vocab_parallel_logits(logits: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(logits) for _ in range(tp)]
     dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)
+
+
+# ---- optimizer: clipping and distributed checkpoints (Megatron's FP32Optimizer, on the CPU) ------
+#
+# Megatron's ``FP32Optimizer`` and ``clip_grad_norm_fp32`` allocate on ``device="cuda"`` literally;
+# these helpers do the same computations with a plain ``torch.optim`` optimizer and Megatron's own
+# ``dist_checkpointing.optimizer`` functions, in the same checkpoint layout.
+
+
+def clip_grad_norm_tp(params: Any, max_norm: float) -> torch.Tensor:
+    """Megatron's gradient clipping: the L2 norm over all model-parallel shards (TP duplicates counted once).
+
+    Returns the total norm; scales the gradients by ``max_norm / (norm + 1e-6)`` when below 1.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    params = [p for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if param_is_not_tensor_parallel_duplicate(p):
+            sq = sq + p.grad.detach().float().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = sq.sqrt()
+    coeff = float(max_norm) / (float(norm) + 1e-6)
+    if coeff < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coeff)
+    return norm
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero Adam moments for every parameter without state (Megatron's ``init_state_fn``)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if len(optimizer.state[p]) == 0:
+                optimizer.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sharded_state_dict: Any, *, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state dict, as ``FP32Optimizer.sharded_state_dict`` builds it.
+
+    Moments become ``ShardedTensor``s laid out like their parameters (so a checkpoint saved at one
+    TP size is laid out by the model's sharding), the common step is stored once
+    (``state.common_step``).  ``is_loading`` first creates empty moments to load into.
+    """
+    import copy
+
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
+
+    if is_loading:
+        init_adam_state(optimizer)
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+    steps = {float(st["step"]) for st in sd["state"].values() if "step" in st}
+    if len(steps) > 1:
+        raise ValueError(f"the optimizer step differs per parameter ({sorted(steps)}): Megatron stores one common step")
+    step = next((copy.deepcopy(st["step"]) for st in sd["state"].values() if "step" in st), None)
+    if is_loading and step is None:
+        step = torch.tensor(0.0)
+    optim_state_to_sharding_state(sd, id_map, exclude_keys="step")
+    if step is not None:
+        sd["state"]["common_step"] = step
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
+    """Load a state dict returned by ``dist_checkpointing.load`` for :func:`optimizer_sharded_state_dict`."""
+    import copy
+
+    state = loaded["state"]
+    step = state.pop("common_step", None)
+    if step is not None:
+        for st in state.values():
+            st["step"] = copy.deepcopy(step)
+    optimizer.load_state_dict(loaded)
 
 
 # ---- multi-process runner ----------------------------------------------------------------------

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Launch an X-Token distillation run on Slurm with NeMo-Run: 16 nodes × 8 GPUs (128 H100) by default.
+
+    python examples/launch_slurm.py --config /lustre/me/xtoken/conf/llama32_1b__qwen3_4b_pkl.yaml \\
+        --account ACCOUNT --partition batch --host login.cluster --user me --job-dir /lustre/me/nemo_runs \\
+        --mount /lustre:/lustre train.train_iters=30000
+    ... --dry-run   # print the sbatch script NeMo-Run would submit; needs no cluster and no SSH
+
+One ``srun`` task per node starts ``torchrun --nnodes N --nproc-per-node 8 -m
+nemo_xtoken.integration.train --config CONFIG [overrides]`` inside the container image (built from
+docker/Dockerfile: NeMo Framework + the plugin).  The config, its W files, the data and the
+checkpoint folder must be on a file system mounted into the container (``--mount``).  Without
+``--host`` sbatch runs on this machine (a login node), and ``--config`` may be relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_xtoken.integration.launch import DEFAULT_CONTAINER_IMAGE
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", "-c", required=True, help="YAML run config; with --host its absolute path on the cluster")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100")
+    p.add_argument("--account", required=True)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--time", default="04:00:00", help="Slurm time limit (the run resumes from its checkpoints when requeued)")
+    p.add_argument("--container-image", default=DEFAULT_CONTAINER_IMAGE, help="image with Megatron-Bridge and nemo_xtoken (docker/Dockerfile)")
+    p.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeatable)")
+    p.add_argument("--job-dir", default="", help="where NeMo-Run keeps sbatch scripts and logs on the cluster")
+    p.add_argument("--host", default=None, help="submit over SSH to this login node (default: sbatch here)")
+    p.add_argument("--user", default=None, help="SSH user")
+    p.add_argument("--name", default="xtoken-distill", help="NeMo-Run experiment / Slurm job name")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment variable (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    args = p.parse_args(argv)
+
+    from nemo_xtoken.errors import XTokenError
+    from nemo_xtoken.integration import launch as L
+
+    try:
+        env = dict(kv.split("=", 1) for kv in args.env)
+        script = L.distill_script(args.config, args.overrides, local=args.host is None)
+        executor = L.slurm_executor(
+            account=args.account, partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            time=args.time, container_image=args.container_image, container_mounts=args.mount, job_dir=args.job_dir,
+            host=args.host, user=args.user, env=env,
+        )
+        if args.dry_run:
+            print(L.dry_run(script, executor, args.name).text)
+            return 0
+        exp_id = L.launch(script, executor, args.name, detach=True)
+        print(f"submitted {exp_id}")
+        return 0
+    except (XTokenError, ValueError) as e:
+        print(f"launch_slurm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

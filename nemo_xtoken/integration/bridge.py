@@ -1,0 +1,623 @@
+"""Megatron-Bridge glue: provider conversion, forward step and loss function for X-Token KD.
+
+Megatron-Bridge imports transformer_engine at import time (no CPU build), so every Bridge import
+here is lazy (:func:`require_bridge`); what needs no Bridge — batch handling, the loss function,
+the config → Bridge argument mapping — is plain code, tested on a CPU.
+
+Why not Bridge's ``DistillationProvider`` (HOST_NOTES "Extension points and traps"): it requires
+equal ``seq_length`` for student and teacher (cross-tokenizer teachers read a different number of
+tokens for the same text), its ``__setattr__`` mirrors every attribute onto the teacher (Bridge's
+setup sets ``vocab_size`` and would overwrite the teacher's vocabulary), and
+``convert_to_distillation_provider`` rewrites ``DistillationProvider.__bases__`` for the whole
+process.  :func:`convert_to_xtoken_distillation_provider` leaves the student provider's class alone
+and registers one pre-wrap hook: it runs inside ``provide_distributed_model`` after model-parallel
+initialization and after Bridge's weight-loading hooks, builds every teacher from its own provider
+(own vocabulary, own sequence length), builds the criterion and balancer
+(:func:`~nemo_xtoken.integration.distill.criterion_from_config`, on the tensor-parallel group) and
+returns ModelOpt's ``DistillationModel`` from
+:func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` — the one model type
+of the plugin.  Being ModelOpt's ``Distill<GPTModel>``, it already has what Megatron's wrappers and
+Bridge's loops look up on the unwrapped chunk: ``config``, ``set_input_tensor``, ``state_dict`` /
+``sharded_state_dict`` / ``load_state_dict`` of the student only (teacher hidden).
+
+Bridge's ``get_batch_from_iterator`` keeps only ``tokens``/``labels``/``loss_mask``/
+``position_ids``/``attention_mask`` and drops the teacher ids and alignment, so :func:`forward_step`
+reads the batch itself (:func:`get_xtoken_batch`) and passes the teachers' ids to the model as
+``teacher_inputs``.  :func:`loss_func` calls the model's ``compute_kd_loss`` with the alignments
+(:func:`~nemo_xtoken.integration.distill.xtoken_loss`) and returns Bridge's
+``(loss_sum, num_tokens, report)`` triple; every report entry is ``[value·tokens, tokens]``, which
+Bridge averages over the global batch and writes to TensorBoard / W&B under the key's name.
+
+Batch layout for several teachers: teacher 0's fields use the plain keys of
+:data:`~nemo_xtoken.integration.data.SAMPLE_KEYS`; teacher ``m ≥ 1`` reads ``"<key>@<m>"`` when
+present.  A same-tokenizer teacher (loss ``kl``) without its own fields reads the student's ids
+with a one-token-per-chunk alignment (:func:`identity_teacher_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.integration.config import ConfigError, XTokenDistillConfig
+
+__all__ = [
+    "BridgeUnavailableError",
+    "require_bridge",
+    "TEACHER_FIELDS",
+    "REPORT_KEYS",
+    "get_xtoken_batch",
+    "identity_teacher_batch",
+    "teacher_batches_from_batch",
+    "loss_and_report",
+    "loss_func",
+    "forward_step",
+    "check_parallel_sizes",
+    "convert_to_xtoken_distillation_provider",
+    "bridge_config_kwargs",
+    "build_dataset",
+    "make_dataset_provider",
+    "build_config_container",
+]
+
+#: Fields a teacher reads from the batch (teacher ``m ≥ 1``: ``"<field>@<m>"``).
+TEACHER_FIELDS = (
+    "teacher_tokens",
+    "teacher_position_ids",
+    "student_chunk_ids",
+    "teacher_chunk_ids",
+    "student_targets",
+    "teacher_targets",
+    "n_chunks",
+)
+_STUDENT_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+
+#: Report keys of :func:`loss_func` besides the per-teacher ``kd/<name>``, ``alpha/<name>`` and
+#: ``aligned chunk fraction/<name>``.  The first four are the keys Bridge's ``loss_func_kd`` reports.
+REPORT_KEYS = (
+    "lm loss",
+    "total loss",
+    "logits distillation loss",
+    "intermediate distillation loss",
+    "ce loss",
+    "dynamic scale",
+)
+
+
+class BridgeUnavailableError(XTokenError):
+    """Megatron-Bridge (or transformer_engine, which it imports) cannot be imported here."""
+
+
+def require_bridge() -> Any:
+    """Import ``megatron.bridge`` or raise :class:`BridgeUnavailableError` saying what to install."""
+    try:
+        import megatron.bridge as mb  # noqa: F401
+    except Exception as e:  # ImportError, or TE's own errors when CUDA libraries are missing
+        te = "transformer_engine" in str(e) or isinstance(e, ImportError) and (e.name or "").startswith("transformer_engine")
+        hint = (
+            "Megatron-Bridge imports transformer_engine, which needs CUDA: run on a GPU machine, e.g. in the NeMo "
+            "container (docker/Dockerfile)"
+            if te
+            else "install it with `pip install 'nemo-xtoken[bridge]'` (needs transformer_engine and CUDA) or use the "
+            "NeMo container (docker/Dockerfile)"
+        )
+        raise BridgeUnavailableError(f"Megatron-Bridge is not importable ({type(e).__name__}: {e}); {hint}") from e
+    return mb
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+
+def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True) if device is not None else v
+        out[k] = v
+    return out
+
+
+def get_xtoken_batch(data_iterator: Iterator[dict[str, Any]] | None, device: Any = None) -> dict[str, torch.Tensor]:
+    """Next dual-tokenized batch with *all* its fields (student, teacher ids, alignment), on ``device``.
+
+    Bridge's ``get_batch_from_iterator`` would set every unknown key to ``None``; here nothing is
+    dropped.  Missing student or teacher-0 fields raise, naming them.
+    """
+    if data_iterator is None:
+        raise XTokenError("forward_step got no data iterator: X-Token needs the batch on every rank (pipeline parallel size 1)")
+    batch = next(data_iterator)
+    if not isinstance(batch, dict):
+        raise XTokenError(f"X-Token batches are dicts of tensors (DualTokenizedDataset + collate), got {type(batch).__name__}")
+    missing = [k for k in (*_STUDENT_FIELDS, *TEACHER_FIELDS) if batch.get(k) is None]
+    if missing:
+        raise XTokenError(
+            f"the batch lacks {missing} (has {sorted(batch)}): X-Token needs a DualTokenizedDataset batch "
+            "(nemo_xtoken.integration.data); Bridge's GPT datasets carry no teacher ids or alignment"
+        )
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _to_device(batch, device)
+
+
+def identity_teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Teacher fields for a same-tokenizer teacher: the student's ids, one chunk per predicting position."""
+    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).expand(b, s)
+    ids = torch.where(mask > 0, pos, torch.full_like(pos, -1))
+    targets = torch.where(mask > 0, labels, torch.zeros_like(labels))
+    return {
+        "teacher_tokens": tokens,
+        "teacher_position_ids": batch["position_ids"],
+        "student_chunk_ids": ids,
+        "teacher_chunk_ids": ids.clone(),
+        "student_targets": targets,
+        "teacher_targets": targets.clone(),
+        "n_chunks": torch.full((b,), s, dtype=torch.long, device=tokens.device),
+    }
+
+
+def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    """One field dict per teacher (see module doc for the ``@m`` keys and same-tokenizer teachers).
+
+    The plain teacher keys belong to the first cross-tokenizer teacher (the first teacher if all are
+    same-tokenizer but the batch carries teacher fields).
+    """
+    out: list[dict[str, torch.Tensor]] = []
+    plain_owner = next((i for i, l in enumerate(losses) if l != "kl"), None)
+    for m, loss in enumerate(losses):
+        own = {k: batch[f"{k}@{m}"] for k in TEACHER_FIELDS if f"{k}@{m}" in batch}
+        if own:
+            lacking = [k for k in TEACHER_FIELDS if k not in own]
+            if lacking:
+                raise XTokenError(f"teacher {m}: the batch has some '@{m}' fields but lacks {[f'{k}@{m}' for k in lacking]}")
+            out.append({**batch, **own})
+        elif m == plain_owner:
+            out.append(batch)
+        elif loss == "kl":
+            out.append({**batch, **identity_teacher_batch(batch)})
+        else:
+            raise XTokenError(
+                f"teacher {m} (loss {loss}) has no fields in the batch: a second cross-tokenizer teacher needs its own "
+                f"teacher ids and alignment under the keys '<field>@{m}' ({list(TEACHER_FIELDS)})"
+            )
+    return out
+
+
+# ---- loss function and forward step --------------------------------------------------------------
+
+
+def _pair(value: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    n = num_tokens.to(torch.float32)
+    v = value.detach().float().reshape(()).to(n.device)
+    return torch.cat([(v * n).reshape(1), n.reshape(1)])
+
+
+def loss_and_report(
+    loss_mask: torch.Tensor,
+    total: torch.Tensor,
+    logs: dict[str, torch.Tensor],
+    *,
+    teacher_names: Sequence[str],
+    training: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Bridge's ``(loss, num_tokens, report)`` from :func:`~nemo_xtoken.integration.distill.xtoken_loss`'s result.
+
+    ``loss = total · num_tokens`` (Megatron divides by ``num_tokens`` and the number of
+    micro-batches, or by the global token count with ``calculate_per_token_loss``), so gradient
+    accumulation and data parallelism average exactly as for Bridge's own ``masked_next_token_loss``.
+    Validation (``training=False``) uses CE only, as Bridge's ``loss_func_kd``.  Every report entry
+    is ``[value·tokens, tokens]``; every teacher gets ``kd/``, ``alpha/`` and ``aligned chunk
+    fraction/`` entries on every micro-batch (Bridge requires equal key sets).
+    """
+    num_tokens = loss_mask.detach().reshape(-1).float().sum().to(torch.int)
+    n = num_tokens.to(total.device, total.dtype)
+    zero = torch.zeros((), device=total.device)
+    ce = logs.get("ce_loss", zero)
+    loss = total * n if training else ce.to(total.device, total.dtype) * n
+    report: dict[str, torch.Tensor] = {
+        "lm loss": _pair(ce, num_tokens),
+        "total loss": _pair(total, num_tokens),
+        "logits distillation loss": _pair(logs.get("logits_loss", zero), num_tokens),
+        "intermediate distillation loss": _pair(logs.get("intermediate_loss", zero), num_tokens),
+        "ce loss": _pair(ce, num_tokens),
+        "dynamic scale": _pair(logs.get("dynamic_scale", zero), num_tokens),
+    }
+    for name in teacher_names:
+        report[f"kd/{name}"] = _pair(logs.get(f"kd/{name}", zero), num_tokens)
+        report[f"alpha/{name}"] = _pair(logs.get(f"alpha/{name}", zero), num_tokens)
+        report[f"aligned chunk fraction/{name}"] = _pair(logs.get(f"aligned_chunk_fraction/{name}", zero), num_tokens)
+    return loss, num_tokens, report
+
+
+def loss_func(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    teacher_batches: Sequence[dict[str, torch.Tensor]],
+    output_tensor: torch.Tensor,
+    *,
+    training: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Bridge's loss function: the distillation model's ``compute_kd_loss`` (through
+    :func:`~nemo_xtoken.integration.distill.xtoken_loss`) on the student's per-token CE
+    ``output_tensor``, as Bridge's ``(loss·num_tokens, num_tokens, report)`` (:func:`loss_and_report`).
+
+    ``model`` is the unwrapped ModelOpt ``DistillationModel``; :func:`forward_step` binds it, the
+    batch and the per-teacher alignment fields.
+    """
+    from nemo_xtoken.integration.distill import xtoken_criterion, xtoken_loss
+
+    total, logs = xtoken_loss(model, batch, output_tensor, teacher_batches)
+    names = [s.name for s in xtoken_criterion(model).specs]
+    return loss_and_report(batch["loss_mask"], total, logs, teacher_names=names, training=training)
+
+
+def _unwrap(model: Any) -> Any:
+    """The ModelOpt ``DistillationModel`` inside Megatron's DDP / ``Float16Module`` wrappers."""
+    m = model[0] if isinstance(model, (list, tuple)) else model
+    while not hasattr(m, "compute_kd_loss") and hasattr(m, "module"):
+        m = m.module
+    if not hasattr(m, "compute_kd_loss"):
+        raise XTokenError(
+            f"forward_step got a {type(m).__name__}, not a distillation model: build the model through "
+            "convert_to_xtoken_distillation_provider"
+        )
+    return m
+
+
+def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any, return_schedule_plan: bool = False):
+    """Bridge forward step for X-Token KD: ``pretrain(config, forward_step)``.
+
+    Reads the whole dual-tokenized batch, calls the (wrapped) ModelOpt distillation model with the
+    student's ids and ``teacher_inputs`` (each teacher on its own ids, see
+    :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model`) and returns the
+    student's per-token CE with :func:`loss_func` bound to the model, the batch and the alignments.
+    """
+    from nemo_xtoken.integration.distill import teacher_inputs_from_batch, xtoken_criterion
+
+    if return_schedule_plan:
+        raise XTokenError("X-Token KD does not support overlap_moe_expert_parallel_comm (return_schedule_plan=True)")
+    timers = getattr(state, "timers", None)
+    if timers is not None:
+        timers("batch-generator", log_level=2).start()
+    batch = get_xtoken_batch(data_iterator)
+    if timers is not None:
+        timers("batch-generator").stop()
+    inner = _unwrap(model)
+    teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in xtoken_criterion(inner).specs])
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+        teacher_inputs=[teacher_inputs_from_batch(tb) for tb in teacher_batches],
+    )
+    return output, partial(loss_func, inner, batch, teacher_batches, training=bool(inner.training))
+
+
+# ---- provider conversion ---------------------------------------------------------------------------
+
+_PARALLEL_ATTRS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+
+
+def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[str] | None = None) -> None:
+    """Refuse teachers whose TP/PP/CP differ from the student's, PP/CP > 1 and virtual pipelines.
+
+    ``student``/``teachers`` are Bridge model providers (any objects with the Megatron attributes).
+    """
+    names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
+    for name, t in zip(names, teachers):
+        for attr in _PARALLEL_ATTRS:
+            s_v, t_v = getattr(student, attr, 1) or 1, getattr(t, attr, 1) or 1
+            if s_v != t_v:
+                raise ConfigError(
+                    f"{name}: {attr} is {t_v} but the student's is {s_v}: teachers run on the student's ranks, "
+                    "so their tensor/pipeline/context parallel sizes must be equal"
+                )
+    if (getattr(student, "pipeline_model_parallel_size", 1) or 1) > 1:
+        raise ConfigError(
+            "pipeline_model_parallel_size > 1: X-Token teachers read sequences of other lengths, which cannot travel "
+            "with the student's activations between pipeline stages; use tensor and data parallelism"
+        )
+    if (getattr(student, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
+        raise ConfigError("virtual pipeline parallelism is not supported by X-Token KD (nor by ModelOpt KD)")
+    if (getattr(student, "context_parallel_size", 1) or 1) > 1:
+        raise ConfigError("context_parallel_size > 1 would cut aligned chunks across ranks: X-Token supports CP = 1")
+
+
+def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
+    """Global padded output width of a Megatron GPT model (its output layer holds ``V'/tp`` rows)."""
+    w = getattr(getattr(model, "output_layer", None), "weight", None)
+    if w is None and hasattr(model, "shared_embedding_or_output_weight"):
+        w = model.shared_embedding_or_output_weight()
+    if w is None:
+        raise XTokenError(f"cannot read the output width of {type(model).__name__} (no output_layer.weight)")
+    return int(w.shape[0]) * int(tp)
+
+
+def convert_to_xtoken_distillation_provider(
+    student_provider: Any,
+    teacher_providers: Sequence[Any],
+    cfg: XTokenDistillConfig,
+    *,
+    resources: Any = None,
+    base_dir: str | Path | None = None,
+) -> Any:
+    """Make ``student_provider`` build an X-Token student+teachers model; returns the same provider.
+
+    Sets the run's TP/PP/CP/SP and each model's own ``seq_length`` on the providers, checks them
+    (:func:`check_parallel_sizes`), loads tokenizers and W (:func:`validate_resources`, audit
+    warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after Bridge's
+    weight-loading hooks) that builds the teachers, the criterion and the balancer once parallel
+    state exists and returns ``[convert_to_xtoken_distillation_model(student, teachers, ...)]``.
+    The provider's class is not changed; no global state is touched.
+    """
+    from nemo_xtoken.integration.config import validate_resources
+
+    cfg.validate()
+    if len(teacher_providers) != len(cfg.teachers):
+        raise ConfigError(f"{len(teacher_providers)} teacher providers for {len(cfg.teachers)} configured teachers")
+    p = cfg.parallel
+    for prov, seq in [(student_provider, cfg.student.seq_length)] + [
+        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers)
+    ]:
+        prov.tensor_model_parallel_size = p.tensor_model_parallel_size
+        prov.pipeline_model_parallel_size = p.pipeline_model_parallel_size
+        prov.context_parallel_size = p.context_parallel_size
+        prov.sequence_parallel = p.sequence_parallel
+        prov.seq_length = int(seq)
+    check_parallel_sizes(student_provider, teacher_providers, [f"teachers.{i} ({t.name})" for i, t in enumerate(cfg.teachers)])
+    if resources is None:
+        resources = validate_resources(cfg, base_dir=base_dir)
+    teachers = list(teacher_providers)
+
+    def xtoken_pre_wrap_hook(model_chunks: list) -> list:
+        from megatron.core import parallel_state
+        from megatron.core.utils import unwrap_model
+
+        from nemo_xtoken.integration.distill import convert_to_xtoken_distillation_model, criterion_from_config
+
+        if len(model_chunks) != 1:
+            raise XTokenError(f"X-Token KD builds one model chunk (no virtual pipeline), got {len(model_chunks)}")
+        student = unwrap_model(model_chunks[0])
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group()
+        built = [unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0]) for prov in teachers]
+        criterion, balancer = criterion_from_config(
+            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
+            group=group,
+        )
+        # ModelOpt's DistillationModel (a Distill<GPTModel>): Megatron's config, state dicts and
+        # Float16Module's cast (teachers included: they are submodules) come with the student class.
+        return [convert_to_xtoken_distillation_model(student, built, criterion, balancer)]
+
+    student_provider.register_pre_wrap_hook(xtoken_pre_wrap_hook)
+    student_provider.xtoken_teachers = teachers  # for inspection; a plain attribute, no mirroring
+    return student_provider
+
+
+# ---- config mapping --------------------------------------------------------------------------------
+
+
+def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of Bridge's config classes for ``cfg`` (plain data; no Bridge import).
+
+    Keys: ``train`` (TrainingConfig), ``validation``, ``optimizer`` (OptimizerConfig),
+    ``scheduler``, ``checkpoint``, ``logger``, ``rng``, ``ddp``.  Field names are those of
+    megatron-core 0.19's ``megatron.training.config`` classes, which Bridge 0.6 subclasses.
+    """
+    o, tr, ck, lg = cfg.optimizer, cfg.train, cfg.checkpoint, cfg.logging
+    return {
+        "train": {
+            "train_iters": tr.train_iters,
+            "global_batch_size": tr.global_batch_size,
+            "micro_batch_size": tr.micro_batch_size,
+        },
+        "validation": {"eval_interval": tr.eval_interval, "eval_iters": 0},
+        "optimizer": {
+            "optimizer": "adam",  # Megatron's Adam with decoupled weight decay = AdamW
+            "lr": o.lr,
+            "min_lr": o.min_lr,
+            "weight_decay": o.weight_decay,
+            "adam_beta1": o.adam_beta1,
+            "adam_beta2": o.adam_beta2,
+            "adam_eps": o.adam_eps,
+            "clip_grad": o.clip_grad,
+            "bf16": tr.bf16,
+            "fp16": False,
+            "params_dtype": torch.bfloat16 if tr.bf16 else torch.float32,
+            "use_distributed_optimizer": True,
+        },
+        "scheduler": {
+            "lr_decay_style": o.lr_decay_style,
+            "lr_warmup_iters": cfg.warmup_iters,
+            "lr_decay_iters": tr.train_iters,
+            "start_weight_decay": o.weight_decay,
+            "end_weight_decay": o.weight_decay,
+            "weight_decay_incr_style": "constant",
+        },
+        "checkpoint": {
+            "save": ck.save,
+            "load": ck.load if ck.load is not None else ck.save,  # resume from the save folder when it has one
+            "save_interval": ck.save_interval,
+            "ckpt_format": ck.ckpt_format,
+            "async_save": ck.async_save,
+            "pretrained_checkpoint": cfg.student.checkpoint,
+        },
+        "logger": {
+            "log_interval": lg.log_interval,
+            "tensorboard_dir": lg.tensorboard_dir,
+            "wandb_project": lg.wandb_project or "",
+            "wandb_exp_name": cfg.student.name if lg.wandb_project else "",
+        },
+        "rng": {"seed": tr.seed},
+        "ddp": {
+            "grad_reduce_in_fp32": True,
+            "overlap_grad_reduce": True,
+            "overlap_param_gather": True,
+            "use_distributed_optimizer": True,
+            "check_for_nan_in_grad": True,
+        },
+    }
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+class _ConcatDocuments:
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, i: int):
+        import bisect
+
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+
+class _StreamView(torch.utils.data.Dataset):
+    """``n`` samples of a :class:`DualTokenizedDataset` stream (Megatron samplers index ``0 … n-1``)."""
+
+    def __init__(self, ds: Any, n: int, offset: int = 0) -> None:
+        from nemo_xtoken.integration.data import collate
+
+        self.ds, self.n, self.offset = ds, int(n), int(offset)
+        self.collate_fn = collate
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.ds[self.offset + int(i)]
+
+
+def _resolve(path: str, base_dir: str | Path | None) -> str:
+    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
+        return str(Path(base_dir) / path)
+    return path
+
+
+def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any = None, base_dir: str | Path | None = None):
+    """The training stream: ``num_samples`` collatable samples of a :class:`DualTokenizedDataset`.
+
+    The dataset's teacher side serves the first cross-tokenizer teacher; same-tokenizer teachers
+    read the student side (:func:`teacher_batches_from_batch`).  Two cross-tokenizer teachers need
+    per-teacher fields, which this builder does not produce: it refuses them.
+    """
+    from nemo_xtoken.integration.config import validate_resources
+    from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, TextDocuments
+
+    xt = [t for t in cfg.teachers if t.loss != "kl"]
+    if len(xt) > 1:
+        raise ConfigError(
+            f"{len(xt)} cross-tokenizer teachers ({[t.name for t in xt]}): the dataset builder aligns the student with one "
+            "teacher tokenizer; combine one cross-tokenizer teacher with same-tokenizer (loss kl) teachers"
+        )
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: give jsonl/parquet files or `xtoken preprocess` folders")
+    if resources is None:
+        resources = validate_resources(cfg, base_dir=base_dir)
+    first = xt[0] if xt else cfg.teachers[0]
+    t_tok = resources.teacher_tokenizers[first.name]
+    paths = [_resolve(p, base_dir) for p in cfg.data.paths]
+    for p in paths:
+        if not Path(p).exists():
+            raise ConfigError(f"data.paths: {p} does not exist")
+    if cfg.data.format == "preprocessed":
+        docs = _ConcatDocuments([PreprocessedDocuments(p) for p in paths])
+    else:
+        docs = _ConcatDocuments(
+            [TextDocuments(p, resources.student_tokenizer, t_tok, text_key=cfg.data.text_key) for p in paths]
+        )
+    ds = DualTokenizedDataset(
+        docs, seq_length=cfg.student.seq_length, teacher_seq_length=cfg.teacher_seq_length(first),
+        seed=cfg.data.seed, on_too_long=cfg.data.on_too_long,
+    )
+    return _StreamView(ds, num_samples)
+
+
+def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, resources: Any = None):
+    """A Bridge ``DatasetProvider`` (dataclass) whose ``build_datasets`` calls :func:`build_dataset` (needs Bridge)."""
+    require_bridge()
+    from megatron.bridge.data.base import DatasetProvider
+
+    @dataclasses.dataclass(kw_only=True)
+    class XTokenDatasetProvider(DatasetProvider):
+        """Dual-tokenized X-Token data (train split only; validation is off)."""
+
+        xtoken_config: dict = dataclasses.field(default_factory=dict)
+        base_dir: str | None = None
+        seq_length: int = 0
+
+        def build_datasets(self, context):  # noqa: D102
+            return build_dataset(cfg, context.train_samples, resources=resources, base_dir=self.base_dir), None, None
+
+    from nemo_xtoken.integration.config import config_to_dict
+
+    return XTokenDatasetProvider(
+        xtoken_config=config_to_dict(cfg), base_dir=str(base_dir) if base_dir else None, seq_length=cfg.student.seq_length,
+        dataloader_type="single", num_workers=2, persistent_workers=True,
+    )
+
+
+def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, load_weights: bool = True):
+    """The Bridge ``ConfigContainer`` of a run: HF models through ``AutoBridge``, X-Token provider, data, schedule."""
+    require_bridge()
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.config import (
+        CheckpointConfig,
+        ConfigContainer,
+        DistributedDataParallelConfig,
+        LoggerConfig,
+        OptimizerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TokenizerConfig,
+        TrainingConfig,
+        ValidationConfig,
+    )
+
+    from nemo_xtoken.integration.config import validate_resources
+
+    for who, m in [("student", cfg.student.model)] + [(f"teachers ({t.name})", t.model) for t in cfg.teachers]:
+        if not m:
+            raise ConfigError(f"{who}.model is required to build Bridge models (a Hugging Face id or folder)")
+    resources = validate_resources(cfg, base_dir=base_dir)
+    student = AutoBridge.from_hf_pretrained(cfg.student.model).to_megatron_provider(load_weights=load_weights)
+    teachers = [AutoBridge.from_hf_pretrained(t.model).to_megatron_provider(load_weights=load_weights) for t in cfg.teachers]
+    for prov in [student, *teachers]:
+        prov.bf16 = cfg.train.bf16
+        prov.params_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        prov.pipeline_dtype = prov.params_dtype
+    convert_to_xtoken_distillation_provider(student, teachers, cfg, resources=resources, base_dir=base_dir)
+    kw = bridge_config_kwargs(cfg)
+    return ConfigContainer(
+        model=student,
+        train=TrainingConfig(**kw["train"]),
+        validation=ValidationConfig(**kw["validation"]),
+        optimizer=OptimizerConfig(**kw["optimizer"]),
+        scheduler=SchedulerConfig(**kw["scheduler"]),
+        dataset=make_dataset_provider(cfg, base_dir=base_dir, resources=resources),
+        logger=LoggerConfig(**kw["logger"]),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.student.model or cfg.student.tokenizer),
+        checkpoint=CheckpointConfig(**kw["checkpoint"]),
+        rng=RNGConfig(**kw["rng"]),
+        ddp=DistributedDataParallelConfig(**kw["ddp"]),
+    )
+
+
+def run_pretrain(container: Any) -> None:
+    """``megatron.bridge.training.pretrain.pretrain(container, forward_step)``."""
+    require_bridge()
+    from megatron.bridge.training.pretrain import pretrain
+
+    pretrain(container, forward_step)
+

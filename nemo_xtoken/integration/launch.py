@@ -1,0 +1,199 @@
+"""NeMo-Run launch of X-Token runs: one node under ``torchrun`` or a Slurm job (16 × 8 H100 by default).
+
+The task is ``run.Script`` running ``python -m nemo_xtoken.integration.train --config FILE k=v…``
+(Bridge's NeMo-Run plugins take ``run.Script``, not ``run.Partial``), under
+``run.LocalExecutor(ntasks_per_node=8, launcher="torchrun")`` or ``run.SlurmExecutor`` with the
+torchrun launcher (one ``torchrun --nproc-per-node 8`` per node, started by ``srun``).  On Slurm
+the code comes from the container image (``docker/Dockerfile`` installs the plugin), so nothing is
+packaged; the config, W files and data must sit on a file system the nodes mount.
+
+:func:`dry_run` renders exactly what would run — the sbatch script, or the torchrun command and its
+environment — through NeMo-Run's own schedulers, without a cluster and without SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from nemo_xtoken.errors import XTokenError
+
+__all__ = [
+    "ENTRY_MODULE",
+    "DEFAULT_ENV",
+    "DEFAULT_CONTAINER_IMAGE",
+    "require_nemo_run",
+    "distill_script",
+    "local_executor",
+    "slurm_executor",
+    "DryRun",
+    "dry_run",
+    "launch",
+]
+
+ENTRY_MODULE = "nemo_xtoken.integration.train"
+DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:26.08.01"
+#: Environment of every rank: Megatron's TP comm overlap wants one CUDA connection.
+DEFAULT_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def require_nemo_run() -> Any:
+    """``import nemo_run`` or a clear error naming the extra to install."""
+    try:
+        import nemo_run as run
+    except Exception as e:
+        raise XTokenError(
+            f"NeMo-Run is not importable ({type(e).__name__}: {e}); install it with "
+            "`pip install 'nemo-xtoken[distill]'` (pins nemo-run 0.11.1 and leptonai 0.27.3)"
+        ) from e
+    return run
+
+
+def distill_script(config: str | Path, overrides: Sequence[str] = (), *, env: dict[str, str] | None = None, local: bool = True):
+    """The ``run.Script`` of one run: the entry module with ``--config`` and the overrides.
+
+    ``local=True``: the config must exist here and is passed as an absolute path.  ``local=False``
+    (submitting to a remote cluster): ``config`` is the path *on the cluster*, taken as given but
+    required to be absolute (the ranks start in the container's work dir).
+    """
+    run = require_nemo_run()
+    cfg = Path(config)
+    if local:
+        if not cfg.is_file():
+            raise XTokenError(f"config file {cfg} does not exist (see conf/)")
+        cfg = cfg.resolve()
+    elif not cfg.is_absolute():
+        raise XTokenError(f"--config {cfg}: on a remote cluster give the absolute path of the config on its shared file system")
+    for ov in overrides:
+        if "=" not in ov:
+            raise XTokenError(f"override {ov!r} is not key.sub=value")
+    return run.Script(
+        path=ENTRY_MODULE, m=True, entrypoint="python",
+        args=["--config", str(cfg), *overrides], env=dict(env or {}),
+    )
+
+
+def local_executor(gpus: int = 8, *, env: dict[str, str] | None = None):
+    """One node, ``torchrun --nproc-per-node gpus``."""
+    run = require_nemo_run()
+    if gpus < 1:
+        raise XTokenError(f"--gpus must be ≥ 1, got {gpus}")
+    return run.LocalExecutor(ntasks_per_node=gpus, launcher="torchrun", env_vars={**DEFAULT_ENV, **(env or {})})
+
+
+def slurm_executor(
+    *,
+    account: str,
+    partition: str | None = None,
+    nodes: int = 16,
+    gpus_per_node: int = 8,
+    time: str = "04:00:00",
+    container_image: str = DEFAULT_CONTAINER_IMAGE,
+    container_mounts: Sequence[str] = (),
+    job_dir: str = "",
+    host: str | None = None,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+    exclusive: bool = True,
+):
+    """A Slurm job of ``nodes`` × ``gpus_per_node`` GPUs, one torchrun per node, inside ``container_image``.
+
+    ``host``/``user`` submit over SSH (``run.SSHTunnel``); without them, sbatch runs on this machine
+    (``run.LocalTunnel``, e.g. from a login node).  ``job_dir`` is where NeMo-Run writes the sbatch
+    script and logs on the cluster.
+    """
+    run = require_nemo_run()
+    if nodes < 1 or gpus_per_node < 1:
+        raise XTokenError(f"nodes and gpus_per_node must be ≥ 1, got {nodes}, {gpus_per_node}")
+    if not account:
+        raise XTokenError("--account is required for Slurm")
+    job_dir = job_dir or os.path.join(os.getcwd(), "nemo_experiments")
+    tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host else run.LocalTunnel(job_dir=job_dir)
+    return run.SlurmExecutor(
+        account=account,
+        partition=partition,
+        nodes=nodes,
+        ntasks_per_node=gpus_per_node,  # NeMo-Run turns this into torchrun --nproc-per-node with the torchrun launcher
+        gpus_per_node=gpus_per_node,
+        time=time,
+        container_image=container_image,
+        container_mounts=list(container_mounts),
+        exclusive=exclusive,
+        mem="0",
+        tunnel=tunnel,
+        packager=run.Packager(),  # the container has the plugin; nothing to copy
+        launcher="torchrun",
+        env_vars={**DEFAULT_ENV, **(env or {})},
+    )
+
+
+@dataclass
+class DryRun:
+    """What a launch would execute: ``text`` is the sbatch script (Slurm) or the shell command (local)."""
+
+    kind: str  # "slurm" | "local"
+    text: str
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _dryrun_info(script: Any, executor: Any, name: str, base_dir: str):
+    run = require_nemo_run()
+    with run.Experiment(name, executor=executor, log_level="ERROR", base_dir=base_dir) as exp:
+        exp.add(script, tail_logs=False, name=name)
+        exp.dryrun(log=False, delete_exp_dir=False)
+        return exp.jobs[0]._dryrun_info
+
+
+def dry_run(script: Any, executor: Any, name: str = "xtoken-distill") -> DryRun:
+    """Render the job without running it (no cluster, no SSH: an SSH tunnel is swapped for a local one)."""
+    import copy
+
+    run = require_nemo_run()
+    tunnel = getattr(executor, "tunnel", None)
+    if isinstance(executor, run.SlurmExecutor) and not isinstance(tunnel, run.LocalTunnel):
+        executor.tunnel = run.LocalTunnel(job_dir=tunnel.job_dir)  # an SSH tunnel holds a lock: no deepcopy
+    try:
+        ex = copy.deepcopy(executor)  # NeMo-Run's dry-run mutates the executor (torchrun: ntasks_per_node → 1)
+    finally:
+        if tunnel is not None:
+            executor.tunnel = tunnel
+    with tempfile.TemporaryDirectory(prefix="xtoken-dryrun-") as tmp, open(os.devnull) as devnull:
+        stdin, sys.stdin = sys.stdin, devnull  # NeMo-Run's packaging shells out through invoke, which reads stdin
+        try:
+            if isinstance(ex, run.SlurmExecutor):
+                # NeMo-Run creates the job folder while rendering: render into a scratch folder, then
+                # put the cluster's job_dir back into the text (nothing is created at job_dir here).
+                real = ex.tunnel.job_dir
+                scratch = os.path.join(tmp, "jobs")
+                ex.tunnel = run.LocalTunnel(job_dir=scratch)
+                info = _dryrun_info(script, ex, name, os.path.join(tmp, "exp"))
+                text = info.request.materialize().replace(scratch, real.rstrip("/"))
+                return DryRun("slurm", text, env=dict(ex.env_vars))
+            info = _dryrun_info(script, ex, name, tmp)
+        finally:
+            sys.stdin = stdin
+        (param,) = [p for params in info.request.role_params.values() for p in params]
+        env = {k: v for k, v in param.env.items() if k in ex.env_vars or k in script.env}
+        cmd = list(param.args)
+        text = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + (" " if env else "") + shlex.join(cmd)
+        return DryRun("local", text, command=cmd, env=env)
+
+
+def launch(script: Any, executor: Any, name: str = "xtoken-distill", *, detach: bool = True, tail_logs: bool = False) -> str:
+    """Submit the run in a ``run.Experiment``; returns the experiment id."""
+    run = require_nemo_run()
+    with run.Experiment(name, executor=executor) as exp:
+        exp.add(script, tail_logs=tail_logs, name=name)
+        exp.run(detach=detach and isinstance(executor, run.SlurmExecutor), tail_logs=tail_logs)
+        return exp._id

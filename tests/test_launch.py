@@ -1,0 +1,164 @@
+"""NeMo-Run dry-runs (local torchrun, 16 × 8 Slurm), the entry point's --check, and `xtoken export-hf` errors.
+
+The dry-runs go through NeMo-Run's real schedulers (no cluster, no SSH): what is asserted is the
+text NeMo-Run would execute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nemo_run")
+
+from nemo_xtoken.integration import launch as L  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "llama32_1b__qwen3_4b_pkl.yaml"
+
+
+@pytest.mark.parametrize("conf", sorted((ROOT / "conf").glob("*.yaml")), ids=lambda p: p.stem)
+def test_local_dry_run_is_torchrun_on_one_node(conf):
+    script = L.distill_script(conf, ["train.train_iters=100", "teachers.0.weight=0.8"])
+    d = L.dry_run(script, L.local_executor(8))
+    assert d.kind == "local"
+    cmd = d.command
+    assert cmd[0] == "torchrun"
+    assert cmd[cmd.index("--nnodes") + 1] == "1" and cmd[cmd.index("--nproc-per-node") + 1] == "8"
+    tail = cmd[cmd.index("-m") :]
+    assert tail == ["-m", L.ENTRY_MODULE, "--config", str(conf.resolve()), "train.train_iters=100", "teachers.0.weight=0.8"]
+    assert d.env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in d.text and "torchrun" in d.text
+
+
+def test_slurm_dry_run_is_16_nodes_of_8_gpus_over_ssh_without_a_cluster():
+    script = L.distill_script("/lustre/me/conf/run.yaml", ["train.train_iters=30000"], local=False)
+    ex = L.slurm_executor(
+        account="acct", partition="batch", host="login.example.com", user="me", job_dir="/lustre/me/jobs",
+        container_mounts=["/lustre:/lustre"], time="04:00:00",
+    )
+    d = L.dry_run(script, ex, name="xtoken-pkl")
+    s = d.text
+    assert d.kind == "slurm" and s.startswith("#!/bin/bash")
+    for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --account=acct",
+                 "#SBATCH --partition=batch", "#SBATCH --time=04:00:00", "#SBATCH --exclusive"):
+        assert line in s, line
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in s
+    srun = next(l for l in s.splitlines() if l.startswith("srun "))
+    assert f"--container-image {L.DEFAULT_CONTAINER_IMAGE}" in srun
+    assert "/lustre:/lustre" in srun
+    assert re.search(r"torchrun .*--nnodes 16 --nproc-per-node 8 --node-rank \$SLURM_NODEID", srun)
+    assert srun.endswith(f"-m {L.ENTRY_MODULE} --config /lustre/me/conf/run.yaml train.train_iters=30000")
+    assert "/lustre/me/jobs/xtoken-pkl" in s  # logs under the cluster job dir
+    assert type(ex.tunnel).__name__ == "SSHTunnel"  # the caller's executor is left as it was
+
+
+def test_launch_errors_before_anything_runs(tmp_path):
+    from nemo_xtoken.errors import XTokenError
+
+    with pytest.raises(XTokenError, match="does not exist"):
+        L.distill_script(tmp_path / "missing.yaml")
+    with pytest.raises(XTokenError, match="absolute path"):
+        L.distill_script("conf/x.yaml", local=False)
+    with pytest.raises(XTokenError, match="key.sub=value"):
+        L.distill_script(CONF, ["train.train_iters"])
+    with pytest.raises(XTokenError, match="account"):
+        L.slurm_executor(account="")
+
+
+def test_example_script_prints_the_sbatch_script():
+    r = subprocess.run(
+        [sys.executable, "examples/launch_slurm.py", "--config", str(CONF), "--account", "acct", "--nodes", "16",
+         "--job-dir", "/tmp/xtoken-jobs", "--dry-run", "train.train_iters=10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=16" in r.stdout
+    assert f"-m nemo_xtoken.integration.train --config {CONF} train.train_iters=10" in r.stdout
+
+
+def test_entry_point_check_validates_strictly(capsys):
+    from nemo_xtoken.integration.train import main
+
+    assert main(["--config", str(CONF), "--check", "--no-resources", "train.train_iters=100"]) == 0
+    out = capsys.readouterr().out
+    assert '"train_iters": 100' in out and '"lr_warmup_iters": 5' in out
+    assert main(["--config", str(CONF), "--check", "--no-resources", "train.no_such_key=1"]) == 2
+    assert "unknown key 'train.no_such_key'" in capsys.readouterr().err
+
+
+def test_entry_point_without_bridge_errors_clearly(capsys):
+    try:
+        import megatron.bridge  # noqa: F401
+
+        pytest.skip("Megatron-Bridge is importable here")
+    except Exception:
+        pass
+    from nemo_xtoken.integration import train
+
+    # resources are the real tokenizers/W: skip loading them, the Bridge error comes first
+    orig = train.prepare
+    train.prepare = lambda c, o, load_resources=True: orig(c, o, load_resources=False)
+    try:
+        assert train.main(["--config", str(CONF)]) == 2
+    finally:
+        train.prepare = orig
+    assert "Megatron-Bridge is not importable" in capsys.readouterr().err
+
+
+# ---- xtoken export-hf ----------------------------------------------------------------------------
+
+
+def _xtoken(*args):
+    from nemo_xtoken.cli.main import main
+
+    return main(list(args))
+
+
+def test_export_hf_rejects_wrong_checkpoint_dirs(tmp_path, capsys):
+    assert _xtoken("export-hf", "--checkpoint", str(tmp_path / "nope"), "--hf-model", "m", "-o", str(tmp_path / "o")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tb").mkdir()
+    assert _xtoken("export-hf", "--checkpoint", str(tmp_path / "run"), "--hf-model", "m", "-o", str(tmp_path / "o")) == 2
+    assert "no iter_N folders" in capsys.readouterr().err
+    (tmp_path / "run" / "iter_0000010").mkdir()
+    assert _xtoken("export-hf", "--checkpoint", str(tmp_path / "run"), "--hf-model", "m", "-o", str(tmp_path / "o")) == 2
+    assert "iter_0000010 is not a Megatron distributed (torch_dist) checkpoint" in capsys.readouterr().err
+
+
+def test_export_hf_picks_the_latest_iteration_and_refuses_non_empty_output(tmp_path, capsys):
+    from nemo_xtoken.cli.integration_cmds import resolve_checkpoint
+
+    run = tmp_path / "run"
+    for it in (10, 200, 30):
+        (run / f"iter_{it:07d}").mkdir(parents=True)
+        (run / f"iter_{it:07d}" / "metadata.json").write_text("{}")
+    assert resolve_checkpoint(run).name == "iter_0000200"
+    assert resolve_checkpoint(run / "iter_0000030").name == "iter_0000030"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert _xtoken("export-hf", "--checkpoint", str(run), "--hf-model", "m", "-o", str(out)) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_export_hf_without_bridge_says_what_to_install(tmp_path, capsys):
+    try:
+        import megatron.bridge  # noqa: F401
+
+        pytest.skip("Megatron-Bridge is importable here")
+    except Exception:
+        pass
+    it = tmp_path / "run" / "iter_0000001"
+    it.mkdir(parents=True)
+    (it / "metadata.json").write_text("{}")
+    assert _xtoken("export-hf", "--checkpoint", str(it), "--hf-model", "meta-llama/Llama-3.2-1B", "-o", str(tmp_path / "hf")) == 2
+    err = capsys.readouterr().err
+    assert "Megatron-Bridge is not importable" in err and ("transformer_engine" in err or "nemo-xtoken[bridge]" in err)
