@@ -132,7 +132,8 @@ def _preimport() -> None:
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
     import megatron.core.models.gpt.gpt_model  # noqa: F401
 
-    import nemo_xtoken.integration.distill  # noqa: F401
+    import modelopt.torch.distill.plugins.megatron  # noqa: F401
+    import nemo_xtoken.integration.distill  # noqa: F401  (imports ModelOpt's distill)
     import nemo_xtoken.parallel  # noqa: F401
     import nemo_xtoken.testing.cpu_megatron  # noqa: F401
 

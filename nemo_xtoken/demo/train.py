@@ -1,10 +1,14 @@
 """Training jobs of the demo: tiny Megatron ``GPTModel``s on gloo, one job per process.
 
 A job is a teacher (plain CE on its own tokens) or a student (Llama-3 ids) trained with CE only or
-with CE + one cross-tokenizer KD loss through :class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`
-and :class:`~nemo_xtoken.integration.distill.XTokenDistillationModel` (the teacher runs on its
-own ids; the loss runs on ``nemo_xtoken.parallel``, vocab-sharded).  Every student starts from the
-same weights and reads the same problems in the same order.  Jobs run in forked worker processes
+with CE + one cross-tokenizer KD loss.  A KD student is ModelOpt's ``DistillationModel``, built by
+:func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` (the teacher, frozen,
+runs on its own ids through ``teacher_inputs``) with :class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`
+as criterion (vocab-sharded, on ``nemo_xtoken.parallel``) and
+:class:`~nemo_xtoken.integration.distill.XTokenLossBalancer` (dynamic scaling) combining it with the
+student's answer-only CE in ``compute_kd_loss(student_loss=ce, alignments=[...])``.  The CE-only
+student is a plain ``GPTModel`` (no teacher).  Every student starts from the same weights and
+reads the same problems in the same order.  Jobs run in forked worker processes
 (one thread each, one gloo group of ``tp`` ranks each) and report progress through a queue.
 """
 
@@ -229,16 +233,18 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         params = list(model.parameters())
         vocab, numerals, sname = data.student_vocab_size, data.student_numerals, "student"
         texts = data.student_texts
-        teacher = wrapper = None
         if job.loss is not None:
             teacher = _load_teacher(job, side, data)
-            wrapper = _wrapper(job, model, teacher, side, data)
+            model = _distillation_model(job, model, teacher, side, data)
+            params = [p for p in model.parameters() if p.requires_grad]  # the student's (the teacher is frozen)
+    distill = job.kind == "student" and job.loss is not None
+    fwd = _StudentOnly(model) if distill else model  # evaluation: the student alone
     multi = np.asarray([i for i in numerals if len(texts[i].strip()) >= 2], dtype=np.int64)
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def evaluate(step: int) -> None:
         model.eval()
-        m = teacher_forced(model, side.eval_m, n_curve, sname, vocab, numerals, multi)
+        m = teacher_forced(fwd, side.eval_m, n_curve, sname, vocab, numerals, multi)
         model.train()
         curves["eval_step"].append(step)
         curves["eval_exact"].append(m["exact_tf"])
@@ -260,14 +266,14 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
             logits = model(ids, b["teacher_position_ids"], _mask(ids.shape[1]))
             ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["teacher_targets"].reshape(-1), vocab_size=vocab, mask=b["teacher_loss_mask"].reshape(-1))
             loss, kd = ce, torch.zeros(())
-        elif wrapper is None:
+        elif not distill:
             ids = b["tokens"]
             logits = model(ids, b["position_ids"], _mask(ids.shape[1]))
             ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
             loss, kd = ce, torch.zeros(())
         else:
-            out = wrapper(b)
-            loss, ce, kd = out["loss"], out["ce_loss"], out["logits_loss"]
+            out = _distill_step(model, b, vocab)
+            loss, ce, kd = out["kd_loss"], out["ce_loss"], out["logits_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -280,12 +286,12 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
             _report(job.name, step + 1, job.steps, loss=curves["loss"][-1])
     evaluate(job.steps)
     model.eval()
-    final = teacher_forced(model, side.eval_m, n_all, sname, vocab, numerals, multi)
+    final = teacher_forced(fwd, side.eval_m, n_all, sname, vocab, numerals, multi)
     if job.kind == "teacher":
         prompts, texts = side.eval_prompts, side.token_texts
     else:
         prompts, texts = data.student_eval_prompts, data.student_texts
-    acc, outs = greedy_exact(model, prompts, [p.answer for p in data.eval_problems], texts, vocab)
+    acc, outs = greedy_exact(fwd, prompts, [p.answer for p in data.eval_problems], texts, vocab)
     result: dict[str, Any] = {
         "job": {k: v for k, v in asdict(job).items() if k not in ("save_to", "teacher_weights")},
         "curves": curves,
@@ -297,8 +303,8 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         "samples": [{"prompt": p.prompt, "answer": p.answer, "output": o} for p, o in list(zip(data.eval_problems, outs))[:8]],
         "train_seconds": time.perf_counter() - t0,
     }
-    if job.kind == "student" and wrapper is not None:
-        result["eval_kd"] = _eval_kd(wrapper, side.eval_m, n_all)
+    if distill:
+        result["eval_kd"] = _eval_kd(model, side.eval_m, n_all, vocab)
     if job.kind == "teacher" and job.save_to:
         from safetensors.torch import save_file
 
@@ -323,9 +329,10 @@ def _load_teacher(job: Job, side: Any, data: Any):
     return teacher
 
 
-def _wrapper(job: Job, student, teacher, side: Any, data: Any):
+def _distillation_model(job: Job, student, teacher, side: Any, data: Any):
+    """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss, dynamic scaling."""
     from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.integration.distill import TeacherSpec, XTokenDistillationModel, XTokenLogitsLoss
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer, convert_to_xtoken_distillation_model
 
     needs_w = job.loss in ("p_kl", "gold", "h_kl")
     crit = XTokenLogitsLoss(
@@ -335,16 +342,45 @@ def _wrapper(job: Job, student, teacher, side: Any, data: Any):
         teacher_padded=[pad_to(side.vocab_size)],
         tp=job.tp,
     )
-    return XTokenDistillationModel(student, [teacher], crit)
+    return convert_to_xtoken_distillation_model(student, [teacher], crit, XTokenLossBalancer("dynamic"))
+
+
+class _StudentOnly:
+    """Calls a converted model's student alone (ModelOpt's ``only_student_forward``): for evaluation."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        with self.model.only_student_forward():
+            return self.model(*args, **kwargs)
+
+
+def _distill_step(model, b: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    """One micro-batch through the ``DistillationModel``: teacher on its own ids, student, CE, ``compute_kd_loss``.
+
+    The CE is the answer-only CE of the CE-only student (``loss_mask``, real ids only: the padded
+    vocabulary columns are left out of the softmax, as for the CE-only student and the teachers);
+    the balancer returns ``kd_loss`` (the differentiable total, dynamic scaling), ``ce_loss``,
+    ``logits_loss`` (the KD term) and ``dynamic_scale``.
+    """
+    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.parallel import vocab_parallel_cross_entropy
+
+    ids, t_ids = b["tokens"], b["teacher_tokens"]
+    teacher_in = {"input_ids": t_ids, "position_ids": b["teacher_position_ids"], "attention_mask": _mask(t_ids.shape[1])}
+    logits = model(ids, b["position_ids"], _mask(ids.shape[1]), teacher_inputs=[teacher_in])
+    ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
+    return model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(b)])
 
 
 @torch.no_grad()
-def _eval_kd(wrapper, samples: Any, n: int, batch: int = 128) -> dict[str, float]:
+def _eval_kd(model, samples: Any, n: int, vocab: int, batch: int = 128) -> dict[str, float]:
     """The method's own KD and the CE on the held-out problems (mean over batches)."""
-    wrapper.student.eval()
+    model.eval()
     kd, ce, k = 0.0, 0.0, 0
     for i in range(0, n, batch):
-        out = wrapper(samples.rows(range(i, min(n, i + batch))))
+        out = _distill_step(model, samples.rows(range(i, min(n, i + batch))), vocab)
         kd += float(out["logits_loss"])
         ce += float(out["ce_loss"])
         k += 1
