@@ -15,7 +15,7 @@ setup: $(STAMP) $(XTOKEN_CACHE)/tokenizers/.fetched
 $(STAMP):
 	@test -n "$(PY312)" || { echo "make setup: Python 3.12 not found (install it, e.g. pyenv install 3.12, or set PY312=)"; exit 1; }
 	@test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[megatron,distill,test]"
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[megatron,distill,test,demo]"
 	@rm -f $(VENV)/.xtoken-setup-*; touch $@
 
 $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)

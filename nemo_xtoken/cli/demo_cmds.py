@@ -1,8 +1,10 @@
 """``xtoken demo``: the main job on the embedded default (real Llama-3, Qwen3 and o200k tokenizers).
 
-Today it builds W for Llama-3 → Qwen3 and Llama-3 → o200k (Phi-4-mini's base vocabulary), prints
-both coverage audits with their recommendation, and shows the paper's two W examples.  The
-distillation runs of the demo are issue 6 and are not part of it yet.
+1. builds W for Llama-3 → Qwen3 and Llama-3 → o200k (Phi-4-mini's base vocabulary), prints both
+   coverage audits with their recommendation and the paper's two W examples (``audits.json``);
+2. distils: two tiny Megatron teachers (Qwen3 ids, o200k ids) trained on price look-ups (cached),
+   six tiny Llama-3 students (CE only, ULD/GOLD/P-KL ← Qwen3, GOLD/H-KL ← o200k) from the same
+   initialization; writes the table, the plot and every figure (``results.{md,json}``, ``curves.png``).
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _audits(out: Path) -> dict:
     from nemo_xtoken.assets import cache_dir, tokenizer_path
     from nemo_xtoken.vocab import audit, cached_projection, canonical_vocab, load_tokenizer
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     student = load_tokenizer(tokenizer_path("llama3"))
     summary = {}
     for teacher_name, label in (("qwen3", "Qwen3 (digits split)"), ("o200k", "o200k / Phi-4-mini (numerals whole)")):
@@ -37,10 +38,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary[teacher_name] = rep.to_dict()
     (out / "audits.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out / 'audits.json'}")
+    return summary
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nemo_xtoken.demo.report import check_results, format_table, write_outputs
+    from nemo_xtoken.demo.run import FAST, FULL, run_demo
+
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    audits = _audits(out)
+    if args.audit_only:
+        return 0
+    cfg = FAST if args.fast else FULL
+    over = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp)) if v is not None}
+    if args.items is not None:
+        over.update(min_items=1, max_items=args.items)
+    cfg = replace(cfg, **over)
+    print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps, {cfg.student_steps} student steps, batch {cfg.batch}")
+    results = run_demo(cfg, progress=not args.no_progress)
+    results["seconds"]["audits_and_startup"] = time.perf_counter() - t0 - results["seconds"]["total"]
+    results["seconds"]["wall"] = time.perf_counter() - t0
+    check_results(results)
+    paths = write_outputs(results, out, audits)
+    print()
+    print(format_table(results))
+    print(f"\nwrote {paths['table']}, {paths['plot']}, {paths['json']}  ({results['seconds']['wall']:.0f} s in all)")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (real tokenizers, no model hub)")
-    p.add_argument("--output", "-o", default="outputs/demo", help="where to write the demo's results")
+    p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
+    p.add_argument("--fast", action="store_true", help="a tiny version (seconds of training; what the test runs)")
+    p.add_argument("--steps", type=int, default=None, help="student training steps (default 300; fast 12)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default 400; fast 150)")
+    p.add_argument("--items", type=int, default=None, help="goods per problem, 1…N (default 1: the answer is the one price)")
+    p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per model on gloo (default 1; 2 runs jobs one by one)")
+    p.add_argument("--audit-only", action="store_true", help="only the coverage audits")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
