@@ -2,7 +2,7 @@
 
 Every case runs on spawned gloo ranks, each holding its Megatron-layout vocabulary shard; the
 loss value must equal the reference on every rank and each rank's gradient on its shard must be
-exactly the slice of the reference gradient (the TP convention of docs/parallel.md: not tp
+exactly the slice of the reference gradient (the TP convention of the README: not tp
 times it).  All cases of one tp run in one spawn to keep the file fast.
 """
 

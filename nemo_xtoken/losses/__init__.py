@@ -2,7 +2,7 @@
 
 ``kl``, ``p_kl``, ``uld``, ``gold``, ``h_kl`` (``reference``); ``multi_teacher`` with static or
 adaptive teacher weights; ``total_loss`` (dynamic scaling or fixed weights); ``LearnableProjection``
-(a trainable W for P-KL).  See ``docs/losses.md``.
+(a trainable W for P-KL).  See README.md, section "Losses".
 """
 
 from nemo_xtoken.losses.learnable import LearnableProjection

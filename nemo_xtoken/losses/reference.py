@@ -4,7 +4,7 @@ Every loss compares, item by item, a student distribution ``p_S`` with a teacher
 ``p_T``.  An *item* is a position (no alignment: student position ``i`` against teacher position
 ``i``) or an aligned chunk (per-position log-softmax, then :func:`merge_log_probs` on each side).
 
-Common conventions (see ``docs/losses.md``):
+Common conventions (see README.md, section "Losses"):
 
 - logits ``[N, V']`` or ``[B, S, V']`` (flattened to ``[B*S, V']``); columns at or beyond the
   real vocabulary size are *padded columns* (Megatron pads the output layer) and get probability

@@ -1,7 +1,7 @@
 """Vocab-parallel (tensor-parallel) losses over Megatron's sharded logits.
 
 Every loss takes this rank's vocabulary shards, returns the full loss on every rank, and gives
-each rank's shard exactly its slice of the reference gradient (see ``docs/parallel.md``).
+each rank's shard exactly its slice of the reference gradient (see README.md, section "Tensor parallelism").
 """
 
 from nemo_xtoken.parallel.combine import (
