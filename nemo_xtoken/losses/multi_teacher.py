@@ -125,6 +125,39 @@ def multi_teacher(
     scale_by_temperature_squared: bool = False,
 ) -> MultiTeacherOutput:
     """``Σ_m α_m · L_m`` over teachers, each with its own logits, W, loss and (optional) alignment."""
+
+    def score(tch: Teacher, logits: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        return teacher_score(logits, weighting, vocab_size=_teacher_vocab(tch, logits), positions=positions, targets=targets)
+
+    return combine_teachers(
+        student_logits, teacher_logits, teachers, LOSSES, NEEDS_PROJECTION, score,
+        alignments=alignments, mask=mask, weighting=weighting, weighting_temperature=weighting_temperature,
+        teacher_targets=teacher_targets,
+        loss_kwargs=dict(merge=merge, temperature=temperature, reduction=reduction,
+                         scale_by_temperature_squared=scale_by_temperature_squared),
+    )
+
+
+def combine_teachers(
+    student_logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    teachers: Sequence[Teacher],
+    losses_table: dict[str, Any],
+    needs_projection: dict[str, bool],
+    score: Any,
+    *,
+    alignments: Sequence[AlignedPositions | None] | None,
+    mask: torch.Tensor | None,
+    weighting: str,
+    weighting_temperature: float,
+    teacher_targets: Sequence[torch.Tensor | None] | None,
+    loss_kwargs: dict[str, Any],
+) -> MultiTeacherOutput:
+    """The multi-teacher driver shared by the reference and the tensor-parallel path.
+
+    ``losses_table`` maps a loss name to its function; ``score(teacher, logits, positions,
+    targets)`` gives a teacher's adaptive score on the positions entering its loss.
+    """
     m = len(teachers)
     if m == 0 or len(teacher_logits) != m:
         raise XTokenError(f"multi_teacher needs one teacher_logits tensor per Teacher: got {len(teacher_logits)} tensors for {m} teachers")
@@ -136,21 +169,18 @@ def multi_teacher(
         raise XTokenError(f"alignments ({len(aligns)}) and teacher_targets ({len(targets)}) need one entry per teacher ({m})")
     losses = []
     for k, (tch, logits, align) in enumerate(zip(teachers, teacher_logits, aligns)):
-        if tch.loss not in LOSSES:
-            raise XTokenError(f"teacher {k}: loss must be one of {tuple(LOSSES)}, got {tch.loss!r}")
-        kw: dict[str, Any] = dict(
-            alignment=align, merge=merge, temperature=temperature, reduction=reduction,
-            scale_by_temperature_squared=scale_by_temperature_squared, **tch.options,
-        )
+        if tch.loss not in losses_table:
+            raise XTokenError(f"teacher {k}: loss must be one of {tuple(losses_table)}, got {tch.loss!r}")
+        kw: dict[str, Any] = dict(alignment=align, **loss_kwargs, **tch.options)
         if align is None:
             kw["mask"] = mask
-        if NEEDS_PROJECTION[tch.loss]:
+        if needs_projection[tch.loss]:
             if tch.projection is None:
                 raise XTokenError(f"teacher {k}: loss {tch.loss!r} needs a projection W")
-            losses.append(LOSSES[tch.loss](student_logits, logits, tch.projection, **kw))
+            losses.append(losses_table[tch.loss](student_logits, logits, tch.projection, **kw))
         else:
-            losses.append(LOSSES[tch.loss](student_logits, logits, **kw))
-    if reduction == "none" and len({tuple(x.shape) for x in losses}) > 1:
+            losses.append(losses_table[tch.loss](student_logits, logits, **kw))
+    if loss_kwargs.get("reduction") == "none" and len({tuple(x.shape) for x in losses}) > 1:
         raise XTokenError(
             "reduction='none' needs the same items for every teacher; per-teacher alignments give "
             f"different chunk counts {[tuple(x.shape) for x in losses]}: use 'mean' or 'sum'"
@@ -169,7 +199,7 @@ def multi_teacher(
                 tg = align.teacher_targets if tg is None else tg
             else:
                 pos = None if mask is None else mask.reshape(-1).bool()
-            vals.append(teacher_score(logits, weighting, vocab_size=_teacher_vocab(tch, logits), positions=pos, targets=tg))
+            vals.append(score(tch, logits, pos, tg))
         scores = torch.stack([v.to(dev) for v in vals])
         alphas = adaptive_weights(scores, weighting, weighting_temperature).to(dt)
     total = sum((alphas[k] * losses[k] for k in range(m)), torch.zeros((), dtype=dt, device=dev))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, adaptive_weights
+from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, combine_teachers
 from nemo_xtoken.losses.total import dynamic_scale, total_loss
 from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, sum_partials
 from nemo_xtoken.parallel.losses import (
@@ -152,66 +152,26 @@ def vocab_parallel_multi_teacher(
     """
     group = resolve_group(group)
     rank, _ = group_rank_size(group)
-    m = len(teachers)
-    if m == 0 or len(teacher_logits) != m:
-        raise XTokenError(f"multi_teacher needs one teacher_logits tensor per Teacher: got {len(teacher_logits)} tensors for {m} teachers")
-    if weighting not in WEIGHTINGS:
-        raise XTokenError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    aligns = list(alignments) if alignments is not None else [None] * m
-    targets = list(teacher_targets) if teacher_targets is not None else [None] * m
-    if len(aligns) != m or len(targets) != m:
-        raise XTokenError(f"alignments ({len(aligns)}) and teacher_targets ({len(targets)}) need one entry per teacher ({m})")
-    losses = []
-    for k, (tch, logits, align) in enumerate(zip(teachers, teacher_logits, aligns)):
-        if tch.loss not in PARALLEL_LOSSES:
-            raise XTokenError(f"teacher {k}: loss must be one of {tuple(PARALLEL_LOSSES)}, got {tch.loss!r}")
-        kw: dict[str, Any] = dict(
-            alignment=align, merge=merge, temperature=temperature, reduction=reduction,
-            scale_by_temperature_squared=scale_by_temperature_squared, group=group, **tch.options,
-        )
-        if align is None:
-            kw["mask"] = mask
-        if _NEEDS_W[tch.loss]:
-            if tch.projection is None:
-                raise XTokenError(f"teacher {k}: loss {tch.loss!r} needs a projection W")
-            losses.append(PARALLEL_LOSSES[tch.loss](student_logits, logits, tch.projection, **kw))
-        else:
-            losses.append(PARALLEL_LOSSES[tch.loss](student_logits, logits, **kw))
-    if reduction == "none" and len({tuple(x.shape) for x in losses}) > 1:
-        raise XTokenError(
-            "reduction='none' needs the same items for every teacher; per-teacher alignments give "
-            f"different chunk counts {[tuple(x.shape) for x in losses]}: use 'mean' or 'sum'"
-        )
-    dev, dt = losses[0].device, losses[0].dtype
-    scores = None
-    if weighting == "static":
-        alphas = torch.tensor([float(t.weight) for t in teachers], dtype=dt, device=dev)
-    else:
-        vals = []
-        for tch, logits, align, tg in zip(teachers, teacher_logits, aligns, targets):
-            plan = tch.projection if isinstance(tch.projection, PKLPlan) else None
-            if align is not None:
-                cm = align.chunk_mask().to(logits.device)
-                ids = align.teacher_chunk_ids.to(logits.device)
-                pos = (ids >= 0) & cm[ids.clamp(min=0)] if ids.numel() else ids >= 0
-                tg = align.teacher_targets if tg is None else tg
-            else:
-                pos = None if mask is None else mask.reshape(-1).bool()
-            valid, vocab = None, tch.options.get("teacher_vocab_size")
-            if plan is not None:
-                w = logits.shape[-1]
-                valid = torch.from_numpy(plan.teacher_valid()[rank * w : (rank + 1) * w]).to(logits.device)
-                tg = plan.map_teacher_ids(tg) if tg is not None else None
-            elif vocab is None and tch.projection is not None:
-                from nemo_xtoken.losses.reference import resolve_projection
 
-                vocab = resolve_projection(tch.projection).teacher_vocab_size
-            vals.append(
-                vocab_parallel_teacher_score(
-                    logits, weighting, vocab_size=vocab, valid=valid, positions=pos, targets=tg, group=group
-                )
-            )
-        scores = torch.stack([v.to(dev) for v in vals])
-        alphas = adaptive_weights(scores, weighting, weighting_temperature).to(dt)
-    total = sum((alphas[k] * losses[k] for k in range(m)), torch.zeros((), dtype=dt, device=dev))
-    return MultiTeacherOutput(total, alphas.detach(), losses, scores)
+    def score(tch: Teacher, logits: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        plan = tch.projection if isinstance(tch.projection, PKLPlan) else None
+        valid, vocab = None, tch.options.get("teacher_vocab_size")
+        if plan is not None:
+            w = logits.shape[-1]
+            valid = torch.from_numpy(plan.teacher_valid()[rank * w : (rank + 1) * w]).to(logits.device)
+            targets = plan.map_teacher_ids(targets) if targets is not None else None
+        elif vocab is None and tch.projection is not None:
+            from nemo_xtoken.losses.reference import resolve_projection
+
+            vocab = resolve_projection(tch.projection).teacher_vocab_size
+        return vocab_parallel_teacher_score(
+            logits, weighting, vocab_size=vocab, valid=valid, positions=positions, targets=targets, group=group
+        )
+
+    return combine_teachers(
+        student_logits, teacher_logits, teachers, PARALLEL_LOSSES, _NEEDS_W, score,
+        alignments=alignments, mask=mask, weighting=weighting, weighting_temperature=weighting_temperature,
+        teacher_targets=teacher_targets,
+        loss_kwargs=dict(merge=merge, temperature=temperature, reduction=reduction,
+                         scale_by_temperature_squared=scale_by_temperature_squared, group=group),
+    )
