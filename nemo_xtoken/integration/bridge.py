@@ -45,6 +45,7 @@ import torch
 
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.integration.config import ConfigError, XTokenDistillConfig
+from nemo_xtoken.integration.data import SAMPLE_KEYS, TEACHER_KEYS
 
 __all__ = [
     "BridgeUnavailableError",
@@ -66,16 +67,7 @@ __all__ = [
 ]
 
 #: Fields a teacher reads from the batch (teacher ``m ≥ 1``: ``"<field>@<m>"``).
-TEACHER_FIELDS = (
-    "teacher_tokens",
-    "teacher_position_ids",
-    "student_chunk_ids",
-    "teacher_chunk_ids",
-    "student_targets",
-    "teacher_targets",
-    "n_chunks",
-)
-_STUDENT_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+TEACHER_FIELDS = TEACHER_KEYS
 
 #: Report keys of :func:`loss_func` besides the per-teacher ``kd/<name>``, ``alpha/<name>`` and
 #: ``aligned chunk fraction/<name>``.  The first four are the keys Bridge's ``loss_func_kd`` reports.
@@ -133,7 +125,7 @@ def get_xtoken_batch(data_iterator: Iterator[dict[str, Any]] | None, device: Any
     batch = next(data_iterator)
     if not isinstance(batch, dict):
         raise XTokenError(f"X-Token batches are dicts of tensors (DualTokenizedDataset + collate), got {type(batch).__name__}")
-    missing = [k for k in (*_STUDENT_FIELDS, *TEACHER_FIELDS) if batch.get(k) is None]
+    missing = [k for k in SAMPLE_KEYS if batch.get(k) is None]
     if missing:
         raise XTokenError(
             f"the batch lacks {missing} (has {sorted(batch)}): X-Token needs a DualTokenizedDataset batch "

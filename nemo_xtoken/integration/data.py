@@ -44,13 +44,13 @@ __all__ = [
     "collate",
     "aligned_positions_from_batch",
     "SAMPLE_KEYS",
+    "STUDENT_KEYS",
+    "TEACHER_KEYS",
 ]
 
-SAMPLE_KEYS = (
-    "tokens",
-    "labels",
-    "loss_mask",
-    "position_ids",
+#: What the student reads, and what each teacher reads (its ids and its alignment).
+STUDENT_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+TEACHER_KEYS = (
     "teacher_tokens",
     "teacher_position_ids",
     "student_chunk_ids",
@@ -59,6 +59,7 @@ SAMPLE_KEYS = (
     "teacher_targets",
     "n_chunks",
 )
+SAMPLE_KEYS = STUDENT_KEYS + TEACHER_KEYS
 
 
 class DocumentSource(Protocol):
