@@ -369,17 +369,22 @@ class PKLPlan:
         return self._device_cache[key]
 
     def teacher_valid(self) -> np.ndarray:
-        """bool ``[teacher_padded]`` in the (possibly permuted) column order: real teacher ids."""
-        ids = np.arange(self.teacher_padded) if self.teacher_perm is None else self.teacher_perm
-        return ids < self.teacher_vocab_size
+        """bool ``[teacher_padded]`` in the (possibly permuted) column order: real teacher ids (computed once)."""
+        if "teacher_valid" not in self._device_cache:
+            ids = np.arange(self.teacher_padded) if self.teacher_perm is None else self.teacher_perm
+            self._device_cache["teacher_valid"] = ids < self.teacher_vocab_size
+        return self._device_cache["teacher_valid"]
 
     def map_teacher_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Original teacher token ids → column positions in the permuted logits."""
         if self.teacher_perm is None:
             return ids
-        inv = np.empty(self.teacher_padded, dtype=np.int64)
-        inv[self.teacher_perm] = np.arange(self.teacher_padded)
-        return torch.from_numpy(inv).to(ids.device)[ids.long()]
+        key = ("teacher_inverse", str(ids.device))
+        if key not in self._device_cache:  # inverted and moved once per device, not every step
+            inv = np.empty(self.teacher_padded, dtype=np.int64)
+            inv[self.teacher_perm] = np.arange(self.teacher_padded)
+            self._device_cache[key] = torch.from_numpy(inv).to(ids.device)
+        return self._device_cache[key][ids.long()]
 
     def values_sent_per_token(self) -> np.ndarray:
         """int64 ``[tp]``: values (student probabilities or partial sums) each rank sends to others, per token."""
