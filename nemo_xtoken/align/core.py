@@ -231,7 +231,6 @@ def _align_arrays(so: np.ndarray, to: np.ndarray, spans: bool = True) -> tuple[n
         _raise_mismatch(so, sc, sreach, to, tc, treach, common)
 
     def side(off: np.ndarray, content: np.ndarray, reach: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = off.shape[0]
         boundary = np.zeros(content.size, dtype=bool)
         if content.size and k_content:
             if ok.all():

@@ -233,7 +233,6 @@ def preprocess(
     skipped = 0
 
     def jobs() -> Iterator[tuple[int, str, list]]:
-        nonlocal skipped
         buf: list = []
         shard = 0
         for doc in iter_documents(input_path, opts.field):

@@ -308,8 +308,6 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
     if job.kind == "teacher" and job.save_to:
         from safetensors.torch import save_file
 
-        from nemo_xtoken.testing.cpu_megatron import gather_vocab_parallel_logits  # noqa: F401  (tp=1 weights are full)
-
         from megatron.core import parallel_state as ps
 
         if ps.get_tensor_model_parallel_rank() == 0:
