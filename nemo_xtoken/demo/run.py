@@ -157,6 +157,15 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
     log(f"data: {len(data.train_problems)} training / {len(data.eval_problems)} held-out problems, e.g. {data.eval_problems[0].text!r}")
     log("vocabularies reduced to the corpus' tokens (same for every method): " + ", ".join(f"{k} {v}" for k, v in data.summary().items() if k.endswith("_vocab")))
     queue = mp.get_context("fork").Queue()
+
+    def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
+        """Train ``jobs`` in the worker pool with one progress bar each."""
+        bars = _Progress(jobs, queue, disable=not progress)
+        try:
+            return _run_in_pool(jobs, cfg.workers, queue)
+        finally:
+            bars.close()
+
     train.set_shared(data, queue)
 
     # ---- teachers (cached by content hash)
@@ -179,11 +188,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
             for n in todo
         ]
         log(f"training teacher(s) {', '.join(todo)} (once; cached afterwards)")
-        bars = _Progress(jobs, queue, disable=not progress)
-        try:
-            res = _run_in_pool(jobs, cfg.workers, queue)
-        finally:
-            bars.close()
+        res = run_jobs(jobs)
         log(f"teacher phase: {time.perf_counter() - t_start - t_data:.1f} s")
         for n, r in zip(todo, res):
             Path(str(paths[n]) + ".tmp").replace(paths[n])
@@ -200,11 +205,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
         for label, tname, loss in METHODS
     ]
     log(f"training {len(jobs)} students (Llama-3 ids, same initialization, {cfg.workers} at a time)")
-    bars = _Progress(jobs, queue, disable=not progress)
-    try:
-        res = _run_in_pool(jobs, cfg.workers, queue)
-    finally:
-        bars.close()
+    res = run_jobs(jobs)
     students = {j.name: r for j, r in zip(jobs, res)}
     total = time.perf_counter() - t_start
     return {
