@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test` (both run `make setup` first).
-# `make setup` installs the CPU stack plus the distill extra (nvidia-modelopt 0.47, nemo-run 0.11.1):
-# about +3 min on a cold pip cache; Megatron-Bridge (needs transformer_engine/CUDA) is not installed.
+# `make setup` installs the CPU stack, the distill extra (nvidia-modelopt 0.47, nemo-run 0.11.1) and
+# Megatron-Bridge 0.6.2 without its CUDA-only dependencies (--no-deps + the bridge-cpu extra), then
+# fetches the real assets (tokenizers of every family, English text, the SmolLM2 GGUF teacher).
 SHELL := /bin/bash
 VENV ?= .venv
 export XTOKEN_CACHE ?= $(CURDIR)/.cache
@@ -15,11 +16,12 @@ setup: $(STAMP) $(XTOKEN_CACHE)/tokenizers/.fetched
 $(STAMP):
 	@test -n "$(PY312)" || { echo "make setup: Python 3.12 not found (install it, e.g. pyenv install 3.12, or set PY312=)"; exit 1; }
 	@test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[megatron,distill,test,demo]"
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[megatron,distill,bridge-cpu,hf,test,demo]"
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -c requirements/constraints.txt megatron-bridge
 	@rm -f $(VENV)/.xtoken-setup-*; touch $@
 
 $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
-	$(VENV)/bin/python -m nemo_xtoken.assets
+	$(VENV)/bin/python -m nemo_xtoken.assets --all
 	@touch $@
 
 test: setup
