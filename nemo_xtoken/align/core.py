@@ -664,6 +664,7 @@ def align_batch(
     if rejected and on_error == "raise":
         raise XTokenError(f"document {rejected[0][0]}: {rejected[0][1]}")
     enc = [_encode_many(info, [texts[i] for i in good], special, bos) for info, special, bos in sides]
+    _screen(texts, good, enc, (S, T), rejected, on_error)
     while True:
         try:
             return _align_encoded(texts, good, enc, (S, T), rejected)
@@ -674,6 +675,68 @@ def align_batch(
             del good[e.k]
             for side in enc:
                 side.remove(e.k)
+
+
+def _spelled_documents(data: np.ndarray, ids: np.ndarray, zero: np.ndarray, doc: np.ndarray, byte_base: np.ndarray,
+                       doc_nbytes: np.ndarray, tb: "TokenBytes") -> np.ndarray:
+    """bool ``[n_docs]``: the documents whose tokens, laid end to end, are exactly their bytes (one vectorized pass)."""
+    n_docs = byte_base.size
+    ok = np.ones(n_docs, dtype=bool)
+    valid = (ids >= 0) & (ids < tb.length.size)
+    ok[np.unique(doc[~valid])] = False
+    safe = np.where(valid, ids, 0)
+    L = np.where(zero | ~valid, 0, tb.length[safe])
+    ok &= np.bincount(doc, weights=L, minlength=n_docs).astype(np.int64) == doc_nbytes
+    keep = ok[doc] & (L > 0)
+    if keep.any():
+        cum = np.zeros(ids.size + 1, dtype=np.int64)
+        np.cumsum(L, out=cum[1:])
+        tok_off = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum(np.bincount(doc, minlength=n_docs), out=tok_off[1:])
+        start = byte_base[doc] + cum[:-1] - cum[tok_off[:-1]][doc]
+        ln = L[keep]
+        within = np.arange(int(ln.sum()), dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)
+        differ = tb.buf[np.repeat(tb.start[safe[keep]], ln) + within] != data[np.repeat(start[keep], ln) + within]
+        if differ.any():
+            ok[np.unique(np.repeat(doc[keep], ln)[differ])] = False
+    return ok
+
+
+def _screen(texts: list, good: list[int], enc: list["_Encoded"], infos: tuple, rejected: list, on_error: str) -> None:
+    """Find, in one pass, the documents that cannot be aligned because a tokenizer changes their text.
+
+    Documents whose tokens spell them are fine; the others are checked one by one with the
+    tokenizer's offsets (which accept some: a tokenizer that drops nothing but splits a character)
+    and the failures are removed from ``good``/``enc`` into ``rejected`` (or raised).  Without this,
+    every rejected document re-ran the whole batch, so a batch with rejections cost several times more.
+    """
+    docs = [texts[i] for i in good]
+    if not docs:
+        return
+    data = np.frombuffer("\x00".join(docs).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    nbytes = np.asarray([len(d.encode("utf-8", "surrogatepass")) for d in docs], dtype=np.int64)
+    byte_base = _doc_offsets((nbytes + 1).tolist())[:-1]
+    drop: dict[int, str] = {}
+    for side, info in zip(enc, infos):
+        n = [x.size for x in side.ids]
+        doc = np.repeat(np.arange(len(docs)), n)
+        ids = np.concatenate(side.ids + [np.zeros(0, np.int64)])
+        zero = np.concatenate(side.zero + [np.zeros(0, bool)])
+        for k in np.flatnonzero(~_spelled_documents(data, ids, zero, doc, byte_base, nbytes, token_bytes(info))).tolist():
+            if k in drop:
+                continue
+            d = docs[k]
+            try:
+                _byte_offsets(d, d.encode("utf-8", "surrogatepass"), side.ids[k], side.offsets(k), token_bytes(info), info.source)
+            except XTokenError as e:
+                if on_error == "raise":
+                    raise XTokenError(f"document {good[k]}: {e}") from None
+                drop[k] = str(e)
+    for k in sorted(drop, reverse=True):
+        rejected.append((good[k], drop[k]))
+        del good[k]
+        for side in enc:
+            side.remove(k)
 
 
 class _Encoded:
