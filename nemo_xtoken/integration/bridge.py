@@ -482,23 +482,6 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-class _ConcatDocuments:
-    def __init__(self, parts: Sequence[Any]) -> None:
-        self.parts = list(parts)
-        self.offsets = [0]
-        for p in self.parts:
-            self.offsets.append(self.offsets[-1] + len(p))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, i: int):
-        import bisect
-
-        k = bisect.bisect_right(self.offsets, i) - 1
-        return self.parts[k][i - self.offsets[k]]
-
-
 class _StreamView(torch.utils.data.Dataset):
     """``n`` samples of a :class:`DualTokenizedDataset` stream (Megatron samplers index ``0 … n-1``)."""
 
@@ -515,49 +498,19 @@ class _StreamView(torch.utils.data.Dataset):
         return self.ds[self.offset + int(i)]
 
 
-def _resolve(path: str, base_dir: str | Path | None) -> str:
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return str(Path(base_dir) / path)
-    return path
-
-
 def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any = None, base_dir: str | Path | None = None):
-    """The training stream: ``num_samples`` collatable samples of a :class:`DualTokenizedDataset`.
+    """The training stream: ``num_samples`` collatable samples of the run's :class:`DualTokenizedDataset`.
 
-    The dataset's teacher side serves the first cross-tokenizer teacher; same-tokenizer teachers
-    read the student side (:func:`teacher_batches_from_batch`).  Two cross-tokenizer teachers need
-    per-teacher fields, which this builder does not produce: it refuses them.
+    Built by :func:`~nemo_xtoken.integration.data.dataset_from_config`: one side per cross-tokenizer
+    teacher (teacher ``m ≥ 1``'s fields under ``"<key>@<m>"``), same-tokenizer teachers read the
+    student side (:func:`teacher_batches_from_batch`), packed unless ``data.packing: false``.
     """
     from nemo_xtoken.integration.config import validate_resources
-    from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, TextDocuments
+    from nemo_xtoken.integration.data import dataset_from_config
 
-    xt = [t for t in cfg.teachers if t.loss != "kl"]
-    if len(xt) > 1:
-        raise ConfigError(
-            f"{len(xt)} cross-tokenizer teachers ({[t.name for t in xt]}): the dataset builder aligns the student with one "
-            "teacher tokenizer; combine one cross-tokenizer teacher with same-tokenizer (loss kl) teachers"
-        )
-    if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give jsonl/parquet files or `xtoken preprocess` folders")
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
-    first = xt[0] if xt else cfg.teachers[0]
-    t_tok = resources.teacher_tokenizers[first.name]
-    paths = [_resolve(p, base_dir) for p in cfg.data.paths]
-    for p in paths:
-        if not Path(p).exists():
-            raise ConfigError(f"data.paths: {p} does not exist")
-    if cfg.data.format == "preprocessed":
-        docs = _ConcatDocuments([PreprocessedDocuments(p) for p in paths])
-    else:
-        docs = _ConcatDocuments(
-            [TextDocuments(p, resources.student_tokenizer, t_tok, text_key=cfg.data.text_key) for p in paths]
-        )
-    ds = DualTokenizedDataset(
-        docs, seq_length=cfg.student.seq_length, teacher_seq_length=cfg.teacher_seq_length(first),
-        seed=cfg.data.seed, on_too_long=cfg.data.on_too_long,
-    )
-    return _StreamView(ds, num_samples)
+    return _StreamView(dataset_from_config(cfg, resources, base_dir=base_dir), num_samples)
 
 
 def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, resources: Any = None):

@@ -83,6 +83,10 @@ __all__ = [
     "packed_seq_params",
     "student_model_inputs",
     "teacher_model_inputs",
+    "config_documents",
+    "dataset_from_config",
+    "check_data",
+    "format_data_check",
     "SAMPLE_KEYS",
     "STUDENT_KEYS",
     "TEACHER_KEYS",
@@ -997,3 +1001,197 @@ def teacher_model_inputs(teacher_batch: dict[str, torch.Tensor], kind: str = "ma
     if att["attention_mask"] is None and "packed_seq_params" not in att:
         att["attention_mask"] = teacher_batch.get("teacher_attention_mask")
     return {"input_ids": teacher_batch["teacher_tokens"], "position_ids": teacher_batch["teacher_position_ids"], **att}
+
+
+# ---- from a run config: the training data and its check ----------------------------------------------
+
+
+def _resolve_path(path: str, base_dir: str | Path | None) -> Path:
+    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
+        return Path(base_dir) / path
+    return Path(path)
+
+
+def _teacher_plan(cfg: Any) -> tuple[list[int], list[str]]:
+    """Config indices of the teachers the documents carry (the cross-tokenizer ones) and their batch-key suffixes.
+
+    Same-tokenizer teachers (loss ``kl``) read the student's ids and need no side of their own; with
+    only such teachers the first one's tokenizer gives the (identity) alignment.
+    """
+    cross = [m for m, t in enumerate(cfg.teachers) if t.loss != "kl"] or [0]
+    return cross, [""] + [f"@{m}" for m in cross[1:]]
+
+
+class _Head:
+    """The first ``n`` documents of a source (``xtoken distill --check``)."""
+
+    def __init__(self, source: DocumentSource, n: int) -> None:
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        s, t = document_lengths(self.source)
+        return s[: self.n], t[:, : self.n]
+
+
+def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = None, limit: int | None = None) -> DocumentSource:
+    """The documents of a run config's ``data`` section, with one side per cross-tokenizer teacher.
+
+    ``data.format: jsonl|parquet``: every path (a file or a folder of them) is read and aligned in
+    memory with each teacher's tokenizer.  ``preprocessed``: every path is an ``xtoken preprocess``
+    folder; each is matched to the teachers by its recorded teacher tokenizer (one folder per teacher
+    tokenizer, or several folders of consecutive parts per teacher, in ``data.paths`` order), and its
+    student tokenizer must be the run's.  ``limit``: the first documents only.
+    """
+    from nemo_xtoken.integration.config import ConfigError
+
+    d = cfg.data
+    if not d.paths:
+        raise ConfigError("data.paths is empty: give .jsonl/.parquet files or folders, or `xtoken preprocess` output folders")
+    paths = [_resolve_path(p, base_dir) for p in d.paths]
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"data.paths: {p} does not exist (paths are relative to the working directory or the config's folder)")
+    cross, _ = _teacher_plan(cfg)
+    names = [cfg.teachers[m].name for m in cross]
+    t_toks = [resources.teacher_tokenizers[n] for n in names]
+    if d.format in ("jsonl", "parquet"):
+        for p in paths:
+            if p.is_file() and p.suffix != f".{d.format}":
+                raise ConfigError(f"data.paths: {p} is not a .{d.format} file but data.format is {d.format!r}")
+        parts, left = [], limit
+        for p in paths:
+            if left is not None and left <= 0:
+                break
+            part = TextDocuments(p, resources.student_tokenizer, t_toks if len(t_toks) > 1 else t_toks[0], text_key=d.text_key, limit=left)
+            parts.append(part)
+            left = None if left is None else left - len(part)
+        docs: DocumentSource = ConcatDocuments(parts)
+    else:
+        groups: dict[int, list[PreprocessedDocuments]] = {i: [] for i in range(len(cross))}
+        s_fp = resources.student_tokenizer.fingerprint
+        for p in paths:
+            if not (p / "manifest.json").is_file():
+                raise ConfigError(
+                    f"data.paths: {p} is not a finished `xtoken preprocess` output (no manifest.json) but data.format is "
+                    "'preprocessed': run `xtoken preprocess --output` into it, or set data.format: jsonl/parquet"
+                )
+            pre = PreprocessedDocuments(p)
+            if pre.params.get("student_fingerprint") != s_fp:
+                raise ConfigError(
+                    f"data.paths: {p} was preprocessed with student tokenizer {pre.params.get('student_tokenizer')}, not the run's "
+                    f"{cfg.student.tokenizer} (fingerprints differ): preprocess again with -s {cfg.student.tokenizer}"
+                )
+            owners = [i for i, tok in enumerate(t_toks) if tok.fingerprint == pre.params.get("teacher_fingerprint")]
+            if not owners:
+                raise ConfigError(
+                    f"data.paths: {p} was preprocessed with teacher tokenizer {pre.params.get('teacher_tokenizer')}, which is "
+                    f"none of the run's cross-tokenizer teachers' ({', '.join(f'{n}: {cfg.teachers[m].tokenizer}' for n, m in zip(names, cross))})"
+                )
+            for i in owners:
+                groups[i].append(pre)
+        missing = [names[i] for i, g in groups.items() if not g]
+        if missing:
+            raise ConfigError(
+                f"data.paths has no `xtoken preprocess` folder for teacher(s) {missing}: preprocess the same input with "
+                "each teacher's tokenizer (-t) and list every folder in data.paths"
+            )
+        sources = [g[0] if len(g) == 1 else ConcatDocuments(g) for g in groups.values()]
+        docs = sources[0] if len(sources) == 1 else MultiTeacherDocuments(sources)
+    if limit is not None:
+        docs = _Head(docs, limit)
+    if len(docs) == 0:
+        raise XTokenError(f"data.paths {[str(p) for p in paths]} hold no documents")
+    return docs
+
+
+def dataset_from_config(cfg: Any, resources: Any, *, base_dir: str | Path | None = None, limit: int | None = None) -> DualTokenizedDataset:
+    """The :class:`DualTokenizedDataset` of a run config (lengths, packing, seed, teacher keys from ``cfg``)."""
+    cross, keys = _teacher_plan(cfg)
+    docs = config_documents(cfg, resources, base_dir=base_dir, limit=limit)
+    return DualTokenizedDataset(
+        docs, seq_length=cfg.student.seq_length, teacher_seq_length=[cfg.teacher_seq_length(cfg.teachers[m]) for m in cross],
+        seed=cfg.data.seed, on_too_long=cfg.data.on_too_long, packing=cfg.data.packing, teacher_keys=keys,
+    )
+
+
+def check_data(cfg: Any, resources: Any, *, base_dir: str | Path | None = None, max_documents: int = 200) -> dict[str, Any]:
+    """What ``xtoken distill --check`` says about the data: it reads, aligns and packs at the configured lengths.
+
+    Reads the first ``max_documents`` documents of ``data.paths`` (every path must exist; the format
+    must read), builds the run's dataset over them (raising as training would: a unit between cut
+    points longer than a budget, a teacher side too long with ``on_too_long: error``) and reports
+    tokens per side, the one-sided token fraction per teacher (tokens in chunks the other side lacks:
+    they take no part in KD) and the packing: loss-bearing fraction, teacher fill, documents split.
+    """
+    from nemo_xtoken.integration.config import ConfigError
+
+    for p in cfg.data.paths:
+        if not _resolve_path(p, base_dir).exists():
+            raise ConfigError(f"data.paths: {_resolve_path(p, base_dir)} does not exist")
+    ds = dataset_from_config(cfg, resources, base_dir=base_dir, limit=max_documents)
+    cross, _ = _teacher_plan(cfg)
+    docs = ds.documents
+    n = len(docs)
+    s_tok = 0
+    per = [{"teacher": cfg.teachers[m].name, "teacher_tokens": 0, "one_sided_student_tokens": 0, "one_sided_teacher_tokens": 0} for m in cross]
+    for i in range(n):
+        doc = as_document(docs[i], i)
+        s_tok += int(doc.student_ids.shape[0])
+        for r, tv in zip(per, doc.teachers):
+            a = tv.alignment
+            one = a.one_sided()
+            r["teacher_tokens"] += int(tv.ids.shape[0])
+            r["one_sided_student_tokens"] += int((a.student_chunks[one, 1] - a.student_chunks[one, 0]).sum())
+            r["one_sided_teacher_tokens"] += int((a.teacher_chunks[one, 1] - a.teacher_chunks[one, 0]).sum())
+    st = ds.packing_stats()
+    warnings = []
+    for m, (r, fill) in enumerate(zip(per, st.teacher_fill)):
+        r["one_sided_fraction"] = (r["one_sided_student_tokens"] + r["one_sided_teacher_tokens"]) / max(s_tok + r["teacher_tokens"], 1)
+        r["tokens_per_student_token"] = r["teacher_tokens"] / max(s_tok, 1)
+        r["seq_length"] = ds.teacher_seq_lengths[m]
+        r["fill"] = fill
+        if ds.packing and st.samples > 1 and st.loss_fraction < 0.95 and fill > 0.97:
+            need = int(np.ceil(r["tokens_per_student_token"] * ds.seq_length * 1.05 / 64) * 64)
+            warnings.append(
+                f"teacher {r['teacher']}: its seq_length {ds.teacher_seq_lengths[m]} is what limits the samples (it has "
+                f"{r['tokens_per_student_token']:.3f} tokens per student token here; loss-bearing fraction {st.loss_fraction:.3f}): "
+                f"raise teachers.{cross[m]}.seq_length to about {need}"
+            )
+    if not ds.packing and st.loss_fraction < 0.5:
+        warnings.append(f"without packing only {st.loss_fraction:.1%} of the student positions carry a loss: set data.packing: true")
+    return {
+        "documents_checked": n,
+        "student_tokens": s_tok,
+        "seq_length": ds.seq_length,
+        "packing": ds.packing,
+        "samples": st.samples,
+        "loss_fraction": st.loss_fraction,
+        "split_documents": st.split_documents,
+        "teachers": per,
+        "warnings": warnings,
+    }
+
+
+def format_data_check(r: dict[str, Any]) -> str:
+    """:func:`check_data`'s report as lines of text."""
+    lines = [
+        f"data: {r['documents_checked']} documents checked, {r['student_tokens']} student tokens; "
+        f"{'packed' if r['packing'] else 'unpacked'} at seq_length {r['seq_length']}: {r['samples']} samples, "
+        f"loss-bearing fraction {r['loss_fraction']:.3f}, {r['split_documents']} documents split",
+    ]
+    for t in r["teachers"]:
+        lines.append(
+            f"data: teacher {t['teacher']}: {t['teacher_tokens']} tokens ({t['tokens_per_student_token']:.3f} per student token), "
+            f"seq_length {t['seq_length']} filled {t['fill']:.3f}; one-sided tokens {t['one_sided_fraction']:.2%} "
+            f"(student {t['one_sided_student_tokens']}, teacher {t['one_sided_teacher_tokens']})"
+        )
+    lines += [f"data: warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)
