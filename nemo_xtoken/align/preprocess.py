@@ -546,11 +546,15 @@ class PreprocessedCorpus:
         return self._shards[k], i - int(self._starts[k])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Alignment]:
+        s, t, sc, tc, n = self.arrays(i)
+        return np.asarray(s), np.asarray(t), Alignment.from_chunk_ids(sc, tc, n)
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Document ``i`` as stored: student ids, teacher ids, their per-token chunk ids (memory-mapped), chunk count."""
         a, j = self._locate(int(i))
         s0, s1 = int(a["student_offsets"][j]), int(a["student_offsets"][j + 1])
         t0, t1 = int(a["teacher_offsets"][j]), int(a["teacher_offsets"][j + 1])
-        al = Alignment.from_chunk_ids(a["student_chunk_ids"][s0:s1], a["teacher_chunk_ids"][t0:t1], int(a["n_chunks"][j]))
-        return np.asarray(a["student_ids"][s0:s1]), np.asarray(a["teacher_ids"][t0:t1]), al
+        return a["student_ids"][s0:s1], a["teacher_ids"][t0:t1], a["student_chunk_ids"][s0:s1], a["teacher_chunk_ids"][t0:t1], int(a["n_chunks"][j])
 
     def source_index(self, i: int) -> int:
         """The input line/row of document ``i``."""

@@ -268,6 +268,39 @@ def _shift_document_number(msg: str, offset: int) -> str:
     return msg
 
 
+class _LazyAlignment:
+    """An :class:`~nemo_xtoken.align.Alignment` read from per-token chunk ids, built in full only when asked.
+
+    Building a sample needs only slices of the chunk ids; the chunk table (``student_chunks`` …,
+    validated by ``Alignment.from_chunk_ids``) is made on first use of any other attribute.
+    """
+
+    __slots__ = ("student_chunk_ids", "teacher_chunk_ids", "n", "_full")
+
+    def __init__(self, student_chunk_ids: np.ndarray, teacher_chunk_ids: np.ndarray, n_chunks: int) -> None:
+        self.student_chunk_ids, self.teacher_chunk_ids, self.n, self._full = student_chunk_ids, teacher_chunk_ids, int(n_chunks), None
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n
+
+    def full(self) -> Any:
+        """The complete :class:`~nemo_xtoken.align.Alignment`."""
+        if self._full is None:
+            from nemo_xtoken.align import Alignment
+
+            self._full = Alignment.from_chunk_ids(self.student_chunk_ids, self.teacher_chunk_ids, self.n)
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.full(), name)
+
+    def __eq__(self, other: object) -> bool:
+        return self.full() == (other.full() if isinstance(other, _LazyAlignment) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class PreprocessedDocuments:
     """Documents from an ``xtoken preprocess`` output folder (memory-mapped; one teacher per folder)."""
 
@@ -281,8 +314,8 @@ class PreprocessedDocuments:
         return len(self.corpus)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Any]:
-        s, t, a = self.corpus[i]
-        return s.astype(np.int64), t.astype(np.int64), a
+        s, t, sc, tc, n = self.corpus.arrays(i)
+        return s.astype(np.int64), t.astype(np.int64), _LazyAlignment(sc, tc, n)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Student lengths ``[n]`` and teacher lengths ``[1, n]`` (from the shards' offsets, no document loaded)."""
