@@ -138,6 +138,16 @@ def test_packed_epoch_covers_every_token_once_on_every_side(docs2, tbs):
         pad = x["loss_mask"] == 0
         assert (x["student_chunk_ids"][pad] == -1).all() and (x["student_chunk_ids@1"][pad] == -1).all()
     assert sorted(got_s) == [d for d in range(len(docs2)) if len(docs2[d].student_ids)]
+    # every cut the packer made is a cut point (a chunk boundary of every teacher, with its teacher offsets)
+    cuts = 0
+    for i in range(n):
+        for sg in ds.segments(i):
+            if sg.s1 < len(docs2[sg.doc].student_ids):
+                cs, ct = cut_points(docs2[sg.doc])
+                k = int(np.searchsorted(cs, sg.s1))
+                assert cs[k] == sg.s1 and tuple(ct[:, k].tolist()) == sg.t1, sg
+                cuts += 1
+    assert cuts > 5
     for d, ranges in got_s.items():
         ranges.sort()
         assert ranges[0][0] == 0 and ranges[-1][1] == len(docs2[d].student_ids)

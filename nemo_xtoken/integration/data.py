@@ -500,6 +500,50 @@ def _last_cut(cs: np.ndarray, ct: np.ndarray, s0: int, t0: np.ndarray, room_s: i
     return c - 1
 
 
+def _window_cut(
+    doc: Document, s0: int, t0: list[int], room_s: int, room_t: list[int], d: int, ls: int, lt: list[int]
+) -> tuple[int, list[int]] | None:
+    """The last cut point after ``(s0, t0)`` within ``room_s`` student and ``room_t[m]`` teacher tokens, or None.
+
+    The same points as :func:`cut_points`, found without reading the whole document: student
+    offset ``s`` (``0 < s < n``) is a cut point when it starts a chunk in every teacher's alignment
+    (``chunk[s] != chunk[s-1]``), and teacher ``m``'s offset there is the number of its tokens in
+    chunks up to ``chunk[s-1]``.  That offset stays within ``L = t0 + room_t`` exactly when
+    ``chunk[s-1] < teacher_chunk[L]``, so each teacher's budget is one binary search; the last
+    common chunk start below the tightest bound is then found by scanning back a few tokens.
+    """
+    n = int(doc.student_ids.shape[0])
+    if n != ls or [int(tv.ids.shape[0]) for tv in doc.teachers] != list(lt):
+        raise XTokenError(f"document {d}: its lengths ({n}, {[int(tv.ids.shape[0]) for tv in doc.teachers]}) differ from "
+                          f"the document source's lengths() ({ls}, {list(lt)})")
+    hi = min(s0 + room_s, n)
+    for m, tv in enumerate(doc.teachers):
+        limit = t0[m] + room_t[m]
+        if limit < lt[m]:  # the teacher's budget ends inside the document: not at its end
+            tc, sc = tv.alignment.teacher_chunk_ids, tv.alignment.student_chunk_ids
+            hi = min(hi, int(np.searchsorted(sc, tc[limit], "left")), n - 1)
+    if hi <= s0:
+        return None
+    if hi == n:  # the end of the document fits every budget
+        return n, list(lt)
+    w = 32
+    while True:
+        lo = max(s0 + 1, hi - w + 1)
+        ok = np.ones(hi - lo + 1, dtype=bool)
+        for tv in doc.teachers:
+            sc = np.asarray(tv.alignment.student_chunk_ids[lo - 1 : hi + 1])
+            ok &= sc[1:] != sc[:-1]
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            s = lo + int(idx[-1])
+            t = [int(np.searchsorted(tv.alignment.teacher_chunk_ids, int(tv.alignment.student_chunk_ids[s - 1]) + 1, "left"))
+                 for tv in doc.teachers]
+            return s, t
+        if lo == s0 + 1:
+            return None
+        w *= 4
+
+
 @dataclass(frozen=True)
 class Segment:
     """A run of one document's tokens in a sample: student ``[s0, s1)``, teacher ``m`` ``[t0[m], t1[m])``."""
@@ -663,50 +707,48 @@ class DualTokenizedDataset:
     # -- packing plans --
 
     def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy lock-step packing of documents in ``order``: segments ``[n_seg, 3 + 2M]`` and sample pointers."""
+        """Greedy lock-step packing of documents in ``order``: segments ``[n_seg, 3 + 2M]`` and sample pointers.
+
+        Whole documents are placed from their lengths alone; only a document that must be cut is
+        read, and only around the cut (:func:`_window_cut`).
+        """
         M = self.n_teachers
-        sb, tb = self._budgets()
+        sb, tb = self.seq_length + 1, [x + 1 for x in self.teacher_seq_lengths]
         rows: list[tuple[int, ...]] = []
         ptr = [0]
-        used_s, used_t = 0, np.zeros(M, np.int64)
-        s_len, t_len = self._s_len, self._t_len
+        used_s, used_t = 0, [0] * M
+        s_len, t_len = self._s_len.tolist(), self._t_len.T.tolist()
         for d in order.tolist():
-            ls, lt = int(s_len[d]), t_len[:, d]
+            ls, lt = s_len[d], t_len[d]
             if ls == 0:
                 continue
-            s0, t0 = 0, np.zeros(M, np.int64)
-            cuts: tuple[np.ndarray, np.ndarray] | None = None
-            c0 = 0
+            s0, t0 = 0, [0] * M
             while True:
-                room_s, room_t = sb - used_s, tb - used_t
-                if ls - s0 <= room_s and bool(np.all(lt - t0 <= room_t)):
-                    rows.append((d, s0, ls, *t0.tolist(), *lt.tolist()))
+                room_s, room_t = sb - used_s, [tb[m] - used_t[m] for m in range(M)]
+                if ls - s0 <= room_s and all(lt[m] - t0[m] <= room_t[m] for m in range(M)):
+                    rows.append((d, s0, ls, *t0, *lt))
                     used_s += ls - s0
-                    used_t = used_t + (lt - t0)
+                    used_t = [used_t[m] + lt[m] - t0[m] for m in range(M)]
                     break
-                if cuts is None:
-                    cuts = cut_points(self._doc(d))
-                    cs, ct = cuts
-                    if cs[-1] != ls or not np.array_equal(ct[:, -1], lt):
-                        raise XTokenError(f"document {d}: its lengths ({ls}, {lt.tolist()}) differ from the document source's lengths()")
-                c = _last_cut(cs, ct, s0, t0, room_s, room_t)
-                if c > c0 and cs[c] - s0 >= 2:  # a segment with at least one predicting position
-                    rows.append((d, s0, int(cs[c]), *t0.tolist(), *ct[:, c].tolist()))
+                cut = _window_cut(self._doc(d), s0, t0, room_s, room_t, d, ls, lt)
+                if cut is not None and cut[0] - s0 >= 2:  # a segment with at least one predicting position
+                    rows.append((d, s0, cut[0], *t0, *cut[1]))
                     ptr.append(len(rows))
-                    used_s, used_t = 0, np.zeros(M, np.int64)
-                    s0, t0, c0 = int(cs[c]), ct[:, c].copy(), c
-                elif used_s > 0 or bool(np.any(used_t > 0)):
+                    used_s, used_t = 0, [0] * M
+                    s0, t0 = cut
+                elif used_s > 0 or any(used_t):
                     ptr.append(len(rows))  # close this sample, continue in a fresh one
-                    used_s, used_t = 0, np.zeros(M, np.int64)
+                    used_s, used_t = 0, [0] * M
                 else:
-                    nxt = min(c0 + 1, cs.size - 1)
+                    cs, ct = cut_points(self._doc(d))
+                    nxt = int(np.searchsorted(cs, s0, "right"))
                     over = [f"student {int(cs[nxt]) - s0} > {sb}"] if cs[nxt] - s0 > sb else []
-                    over += [f"teacher {m} {int(ct[m, nxt] - t0[m])} > {int(tb[m])}" for m in range(M) if ct[m, nxt] - t0[m] > tb[m]]
+                    over += [f"teacher {m} {int(ct[m, nxt]) - t0[m]} > {tb[m]}" for m in range(M) if ct[m, nxt] - t0[m] > tb[m]]
                     raise XTokenError(
                         f"document {d}: the text between student tokens {s0} and {int(cs[nxt])} cannot be cut on every side "
                         f"and does not fit one sample ({', '.join(over)} tokens): raise seq_length / the teacher's seq_length"
                     )
-        if used_s > 0 or bool(np.any(used_t > 0)):
+        if used_s > 0 or any(used_t):
             ptr.append(len(rows))
         seg = np.asarray(rows, dtype=np.int64).reshape(-1, 3 + 2 * M)
         return seg, np.asarray(ptr, dtype=np.int64)
