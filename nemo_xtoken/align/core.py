@@ -732,11 +732,12 @@ def _screen(texts: list, good: list[int], enc: list["_Encoded"], infos: tuple, r
                 if on_error == "raise":
                     raise XTokenError(f"document {good[k]}: {e}") from None
                 drop[k] = str(e)
-    for k in sorted(drop, reverse=True):
-        rejected.append((good[k], drop[k]))
-        del good[k]
+    if drop:
+        rejected += [(good[k], drop[k]) for k in sorted(drop)]
+        good[:] = [g for k, g in enumerate(good) if k not in drop]
         for side in enc:
-            side.remove(k)
+            for lst in (side.encs, side.ids, side.zero, side.bos_added):
+                lst[:] = [x for k, x in enumerate(lst) if k not in drop]
 
 
 class _Encoded:
