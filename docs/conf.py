@@ -45,7 +45,7 @@ myst_heading_anchors = 3
 
 # API reference: autosummary writes one page per module into docs/api/ at build time.
 autosummary_generate = True
-autosummary_ignore_module_all = False
+autosummary_ignore_module_all = True  # list every submodule of a package (their __all__ names re-exports only)
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "description"
 autodoc_class_signature = "separated"
