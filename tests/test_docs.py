@@ -182,16 +182,23 @@ def test_docs_site_builds_without_warnings(tmp_path: Path) -> None:
 
 
 def test_docs_build_fails_on_a_warning_and_picks_up_new_pages(tmp_path: Path) -> None:
-    """The glob toctree takes a new page without editing index.md, and a broken reference fails
-    the build (-W): checked on a copy of the pages without the API reference (fast)."""
+    """The glob toctree takes a new page without editing index.md (its sub-folder's Markdown is
+    built, linkable, not listed), and a broken reference fails the build (-W): checked on a copy of
+    the pages without the API reference (fast)."""
     pytest.importorskip("myst_parser", reason="the docs extra (sphinx, myst-parser) is installed by make setup")
     src = tmp_path / "src"
     shutil.copytree(DOCS, src, ignore=shutil.ignore_patterns("_build", "api"))
     (src / "api.md").write_text("# API reference\n", encoding="utf-8")  # no autodoc: seconds, not a minute
-    (src / "zz_new_topic.md").write_text("# A new topic\n\nSee the [design](design.md).\n", encoding="utf-8")
+    (src / "zz_new_topic").mkdir()
+    (src / "zz_new_topic" / "table.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n", encoding="utf-8")  # an asset
+    (src / "zz_new_topic.md").write_text(
+        "# A new topic\n\nSee the [design](design.md) and [the table](zz_new_topic/table.md).\n", encoding="utf-8"
+    )
     rc, err = _sphinx_build(src, tmp_path / "ok")
     assert rc == 0, err
-    assert 'href="zz_new_topic.html"' in (tmp_path / "ok" / "index.html").read_text(encoding="utf-8")
+    index = (tmp_path / "ok" / "index.html").read_text(encoding="utf-8")
+    assert 'href="zz_new_topic.html"' in index and "table.html" not in index  # assets are not in the contents
+    assert (tmp_path / "ok" / "zz_new_topic" / "table.html").is_file()
     (src / "zz_new_topic.md").write_text("# A new topic\n\nSee [nothing](no_such_page.md).\n", encoding="utf-8")
     rc, err = _sphinx_build(src, tmp_path / "broken")
     assert rc != 0 and "no_such_page" in err, err
