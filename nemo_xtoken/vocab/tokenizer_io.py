@@ -19,6 +19,7 @@ import json
 import os
 from collections import OrderedDict
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,12 @@ class TokenizerInfo:
         model = self.spec.get("model") or {}
         h = hashlib.sha256()
         h.update(f"type={model.get('type')}\n".encode())
-        by_id = sorted(self.vocab.items(), key=lambda kv: kv[1])
-        h.update("\n".join(f"{i}\t{tok}" for tok, i in by_id).encode("utf-8", "surrogatepass"))
+        by_id = sorted(self.vocab.items(), key=itemgetter(1))
+        h.update("\n".join([f"{i}\t{tok}" for tok, i in by_id]).encode("utf-8", "surrogatepass"))
         h.update(b"merges\n")
         merges = model.get("merges") or []
         # Older files store merges as "a b", newer as ["a", "b"]: hash one form.
-        h.update("\n".join(m if isinstance(m, str) else " ".join(m) for m in merges).encode("utf-8", "surrogatepass"))
+        h.update("\n".join([m if m.__class__ is str else " ".join(m) for m in merges]).encode("utf-8", "surrogatepass"))
         h.update(b"\nadded\n")
         for t in sorted(self.added_tokens, key=lambda t: t["id"]):
             h.update(f"{t['id']}\t{t['content']}\t{bool(t.get('special'))}\n".encode("utf-8", "surrogatepass"))
