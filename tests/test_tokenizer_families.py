@@ -12,6 +12,7 @@ derandomized hypothesis examples (a list of texts each), checked with ``align`` 
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 
@@ -413,3 +414,16 @@ def test_dual_tokenized_dataset_with_a_sentencepiece_teacher(family_tokenizers):
         assert ids.max().item() < n
         covered.add(ds.pieces[i].doc)
     assert covered == {0, 1, 2}
+
+
+def test_cli_align_names_what_a_one_sided_chunk_is(capsys):
+    from nemo_xtoken.cli.main import main
+
+    argv = ["align", "-s", str(tokenizer_path("qwen3")), "-t", str(tokenizer_path("mistral")), "--text", " lead"]
+    assert main(argv + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["chunks"]
+    assert [(r["text"], r["teacher_tokens"], r.get("why")) for r in rows] == [
+        ("", ["<s>"], "special token"), ("", [" "], "dummy prefix"), (" lead", [" lead"], None)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(one-sided: special token)" in out and "(one-sided: dummy prefix)" in out

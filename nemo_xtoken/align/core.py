@@ -921,4 +921,7 @@ def alignment_to_json(a: Alignment, text: str, student_ids: np.ndarray, teacher_
                 "one_sided": (a0 == a1) != (b0 == b1),
             }
         )
+        if out[-1]["one_sided"]:  # what the token of no text is: a BOS/template token, or a dummy-prefix space
+            cv, ids = (scv, student_ids[a0:a1]) if a1 > a0 else (tcv, teacher_ids[b0:b1])
+            out[-1]["why"] = "special token" if all(cv.special[int(i)] is not None for i in ids) else "dummy prefix"
     return out

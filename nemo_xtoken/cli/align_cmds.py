@@ -50,7 +50,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     for r in rows:
         st = " ".join(repr(x) for x in r["student_tokens"]) or "-"
         tt = " ".join(repr(x) for x in r["teacher_tokens"]) or "-"
-        mark = "  (one-sided)" if r["one_sided"] else ""
+        mark = f"  (one-sided: {r['why']})" if r["one_sided"] else ""
         txt = "'" + r["text"].replace("\n", "\\n").replace("\t", "\\t") + "'"
         print(f"{r['chunk']:4d}  {txt:<16} student[{r['student'][0]}:{r['student'][1]}] {st}  <->  teacher[{r['teacher'][0]}:{r['teacher'][1]}] {tt}{mark}")
     return 0

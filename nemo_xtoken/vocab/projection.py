@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -317,7 +317,8 @@ def _model_alphabet_pieces(b: bytes, family: str, vocab: dict[str, int]) -> list
 
 
 def _retokenize(
-    texts: list[bytes], teacher: TokenizerInfo, tcv: CanonicalVocab, progress: bool
+    texts: list[bytes], teacher: TokenizerInfo, tcv: CanonicalVocab, progress: bool,
+    while_waiting: Callable[[], Any] | None = None,
 ) -> list[list[int] | None]:
     """The teacher's tokenization of each student text, exact in bytes, or ``None`` if impossible.
 
@@ -329,6 +330,8 @@ def _retokenize(
     so it goes to its model directly: a student token is a piece of running text, not the start
     of a document.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from nemo_xtoken.vocab.canonical import dummy_prefix
@@ -354,13 +357,22 @@ def _retokenize(
         tok = teacher.tokenizer
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         batch = 8192
-        for a in range(0, len(strs), batch):
-            encs = encode(strs[a : a + batch], add_special_tokens=False)
-            for k, enc in zip(decodable[a : a + batch], encs):
-                ids = enc.ids
-                if spells(ids, texts[k]):
-                    out[k] = list(ids)
-            bar.update(len(encs))
+        # The Rust tokenizer releases the GIL while it encodes: one thread encodes batch after
+        # batch while this one does ``while_waiting`` (the fingerprints) and checks the results.
+        with ThreadPoolExecutor(1) as pool:
+            futures = [(a, pool.submit(encode, strs[a : a + batch], add_special_tokens=False))
+                       for a in range(0, len(strs), batch)]
+            if while_waiting is not None:
+                while_waiting()
+            for a, fut in futures:
+                encs = fut.result()
+                for k, enc in zip(decodable[a : a + batch], encs):
+                    ids = enc.ids
+                    if spells(ids, texts[k]):
+                        out[k] = ids
+                bar.update(len(encs))
+    elif while_waiting is not None:
+        while_waiting()
     bar.n = len(texts)
     # The rest: the teacher's model on its own alphabet, no normalizer or pre-tokenizer.
     model = teacher.tokenizer.model
@@ -466,7 +478,10 @@ def build_projection(
     kind[exact_rows] = ROW_EXACT
     kind[pending] = ROW_EMPTY
 
-    retok = _retokenize([stext[s] for s in pending], teacher, tcv, progress)  # type: ignore[misc]
+    def fingerprints() -> None:  # computed while the teacher's tokenizer works (it releases the GIL)
+        student.fingerprint, teacher.fingerprint
+
+    retok = _retokenize([stext[s] for s in pending], teacher, tcv, progress, fingerprints)  # type: ignore[misc]
     multi = [(s, ids) for s, ids in zip(pending, retok) if ids is not None and 1 <= len(ids) <= max_len]
     kind[[s for s, _ in multi]] = ROW_MULTI
     indptr, indices, data = _assemble_rows(
