@@ -15,6 +15,13 @@ byte offsets (byte-level tokens that split one multi-byte character share its ch
 Hugging Face ``tokenizers``; on bytes they are disjoint, so CJK and emoji align byte by byte), and
 checks that every token's bytes equal the text under its offsets: a normalizer that changes the
 text (lowercasing, NFC/NFKC) is reported with the span, never misaligned silently.
+
+**Tokenizer families** (docs/tokenizers.md).  SentencePiece ``▁`` is a space and ``<0xHH>`` its
+byte (the canonical strings of :mod:`nemo_xtoken.vocab.canonical`).  A dummy prefix (a space the
+tokenizer inserts: ``Prepend("▁")``, ``Metaspace``, ``ByteLevel(add_prefix_space)``; probed, not
+named) stands for no byte of the text: a token that is only that space has zero width and becomes
+a one-sided chunk, a token that starts with it (``▁In``) covers the text after it.  A text with
+the character ``▁`` (U+2581) is refused for a tokenizer that reads it as a space.
 """
 
 from __future__ import annotations

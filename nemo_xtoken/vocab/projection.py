@@ -373,7 +373,7 @@ def _retokenize(
                 bar.update(len(encs))
     elif while_waiting is not None:
         while_waiting()
-    bar.n = len(texts)
+    bar.update(len(texts) - bar.n)  # pass 1 done (texts it skipped included)
     # The rest: the teacher's model on its own alphabet, no normalizer or pre-tokenizer.
     model = teacher.tokenizer.model
     vocab = teacher.vocab
