@@ -98,6 +98,7 @@ def make_cases() -> list[dict]:
             dict(tag="none", s=logits(n, vsp), t=logits(n, vtp), opts=dict(reduction="none"), weights=torch.rand(n, generator=g)),
             dict(tag="chain", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al)),
             dict(tag="mean-merge-none", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="mean", reduction="none"), weights=torch.rand(al.n_chunks, generator=g)),
+            dict(tag="reference-merge", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="reference")),
             dict(tag="empty", s=logits(0, vsp), t=logits(0, vtp), opts=dict()),
             dict(tag="all-masked", s=logits(4, vsp), t=logits(4, vtp), opts=dict(mask=torch.zeros(4, dtype=torch.bool))),
             dict(tag="bf16", s=logits(n, vsp).bfloat16(), t=logits(n, vtp).bfloat16(), opts=dict(temperature=1.5)),

@@ -45,7 +45,7 @@ __all__ = [
 LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl")
 ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
 KD_SCALINGS = ("dynamic", "fixed")
-MERGES = ("chain", "mean")
+MERGES = ("chain", "mean", "reference")  # = nemo_xtoken.align.merge.MERGES (not imported: keeps the config import torch-free)
 DATA_FORMATS = ("jsonl", "parquet", "preprocessed")
 
 
@@ -94,7 +94,7 @@ class DistillConfig:
     """How KD terms are formed and combined."""
 
     temperature: float = 1.0
-    merge: str = "chain"  # chain | mean
+    merge: str = "chain"  # chain | mean | reference (the public reference code's merge)
     alpha: str = "static"  # static | ce | entropy | max_prob
     kd_scaling: str = "dynamic"  # dynamic: sg(L_CE / L_KD)·L_KD + L_CE; fixed: ce_weight·L_CE + kd_weight·L_KD
     kd_weight: float = 1.0

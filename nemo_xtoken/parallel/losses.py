@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs
+from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.losses.reference import REFERENCE_EPS, floored_log, grad_floor
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
+    all_reduce_sum,
     all_to_all_columns,
     group_rank_size,
     resolve_group,
@@ -46,7 +48,7 @@ __all__ = [
     "P_KL_EPS",
 ]
 
-P_KL_EPS = 1e-12  # log(max(p̃_S, eps)) where the teacher has mass and the projection has none
+P_KL_EPS = 1e-12  # value floor: log(max(p̃_S, eps)); the gradient is that of log p̃_S (see _KLPartial)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -140,14 +142,12 @@ def _prepare(
             "(positions_from_token_chunks(..., student_loss_mask=...))"
         )
     s_ids = al.student_chunk_ids
-    if merge == "chain":
-        tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group)
-        tt = al.teacher_targets if teacher_id_map is None else teacher_id_map(al.teacher_targets)
-        tlp_t = vocab_parallel_gather(lp_t, tt, group=group)
-    else:
-        tlp_s = tlp_t = None
-    ms = merge_log_probs(lp_s, s_ids, al.n_chunks, mode=merge, target_log_probs=tlp_s)
-    mt = merge_log_probs(lp_t, al.teacher_chunk_ids, al.n_chunks, mode=merge, target_log_probs=tlp_t)
+    s_mode, t_mode = side_modes(merge)
+    # the student's chain needs its target log-probabilities (one gather); the teacher's chain is
+    # normalized (its first position's distribution), so teacher targets are not read
+    tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group) if s_mode == "chain" else None
+    ms = merge_log_probs(lp_s, s_ids, al.n_chunks, mode=s_mode, target_log_probs=tlp_s)
+    mt = merge_log_probs(lp_t, al.teacher_chunk_ids, al.n_chunks, mode=t_mode, normalize=True)
     cm = torch.zeros(al.n_chunks, dtype=torch.bool, device=s.device)
     if al.n_chunks:
         cs, ct = torch.zeros_like(cm), torch.zeros_like(cm)
@@ -282,17 +282,22 @@ class _ExchangeProject(torch.autograd.Function):
 class _KLPartial(torch.autograd.Function):
     """Per row ``Σ_v p_T (log p_T − log q)`` over this shard, terms with ``p_T = 0`` exactly 0.
 
-    ``q`` is given as ``log_q`` (KL) or as a probability floored at ``eps`` (P-KL,
-    ``log max(q, eps)``, no gradient through the floor).  Saves only its inputs; the
-    gradient flows to ``q`` / ``log_q`` (the teacher side is frozen: no gradient).
+    ``q`` is given as ``log_q`` (KL) or as a probability (P-KL, H-KL's grouped probabilities):
+    then the value uses ``log max(q, eps)`` (``additive``: ``log(q + eps)``, the public form) and
+    the gradient that of ``log(q + δ)`` (:func:`~nemo_xtoken.losses.reference.floored_log`: the
+    floor bounds the value only).  Saves only its inputs; the gradient flows to ``q`` / ``log_q``
+    (the teacher side is frozen: no gradient).
     """
 
     @staticmethod
-    def forward(ctx, lp_t: torch.Tensor, q: torch.Tensor, is_prob: bool, eps: float) -> torch.Tensor:
+    def forward(ctx, lp_t: torch.Tensor, q: torch.Tensor, is_prob: bool, eps: float, additive: bool = False) -> torch.Tensor:
         ctx.is_prob, ctx.eps = is_prob, eps
         ctx.save_for_backward(lp_t, q)
         p_t = lp_t.exp()
-        log_q = q.clamp_min(eps).log() if is_prob else q
+        if is_prob:
+            log_q = (q + eps).log() if additive else q.clamp_min(eps).log()
+        else:
+            log_q = q
         diff = torch.where(p_t > 0, lp_t - log_q, torch.zeros((), dtype=lp_t.dtype, device=lp_t.device))
         del log_q
         return (diff.mul_(p_t)).sum(-1)
@@ -303,8 +308,8 @@ class _KLPartial(torch.autograd.Function):
         p_t = lp_t.exp()  # 0 where the teacher has no mass (and on padded columns)
         gq = p_t.mul_(-g.unsqueeze(1))
         if ctx.is_prob:
-            gq = torch.where(q >= ctx.eps, gq / q.clamp_min(ctx.eps), torch.zeros((), dtype=gq.dtype, device=gq.device))
-        return None, gq, None, None
+            gq = gq.div_(q + grad_floor(q.dtype))
+        return None, gq, None, None, None
 
 
 def vocab_parallel_p_kl(
@@ -358,7 +363,11 @@ def vocab_parallel_p_kl(
     )
     rp = plan.rank_plan(rank, items.lp_s.device)
     p_tilde = _ExchangeProject.apply(items.lp_s, rp, group)
-    partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
+    if alignment is not None and merge == "reference":  # renormalized over the whole teacher vocabulary, as published
+        total = all_reduce_sum(p_tilde.sum(dim=1, keepdim=True), group)
+        partial = _KLPartial.apply(items.lp_t, p_tilde / (total + REFERENCE_EPS), True, REFERENCE_EPS, True)
+    else:
+        partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
     loss = sum_partials(partial, group)
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
@@ -448,7 +457,7 @@ def _hybrid(
         log_q = ls.index_select(1, sid)
     else:
         grouped = ls.new_zeros(ls.shape[0], tid.numel()).index_add(1, grp, ls.index_select(1, sid).exp())
-        log_q = grouped.clamp_min(P_KL_EPS).log()
+        log_q = floored_log(grouped, P_KL_EPS)
     matched = _kl_terms(lt.index_select(1, tid), log_q)
     s_keep = torch.ones(v_s, dtype=torch.bool, device=dev)
     s_keep[sid] = False
