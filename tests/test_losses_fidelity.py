@@ -328,7 +328,7 @@ def _tp_fidelity(rank: int, world: int) -> dict:
 
 @pytest.mark.parametrize("tp", (1, 2))
 def test_tensor_parallel_far_and_perfect_students(tp):
-    per_rank = run_distributed(_tp_fidelity, tp, timeout=300)
+    per_rank = run_distributed(_tp_fidelity, tp, timeout=900)
     for loss in ("p_kl", "h_kl"):
         W, s0, t = far_case(loss)
         s = s0.float().requires_grad_(True)

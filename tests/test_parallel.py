@@ -191,7 +191,7 @@ _RESULTS: dict[int, list] = {}
 
 def results_for(tp: int, cases) -> list:
     if tp not in _RESULTS:
-        _RESULTS[tp] = run_distributed(_rank_run, tp, cases, timeout=120)
+        _RESULTS[tp] = run_distributed(_rank_run, tp, cases, timeout=900)
     return _RESULTS[tp]
 
 
@@ -405,7 +405,7 @@ def test_multi_teacher_ce_and_total_parity(tp):
     """Multi-teacher (static and the three adaptive weightings), CE and the dynamic total = reference."""
     inp = make_combine_inputs()
     refs = [_combine_ref(inp, scheme, None) for scheme in WEIGHTING_SCHEMES]
-    per_rank = run_distributed(_rank_run_combine, tp, inp, timeout=120)
+    per_rank = run_distributed(_rank_run_combine, tp, inp, timeout=900)
     for k, scheme in enumerate(WEIGHTING_SCHEMES):
         tot, alphas, ce, grad = refs[k]
         for rank in range(tp):

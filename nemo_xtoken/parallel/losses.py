@@ -234,49 +234,90 @@ def _mm(dense: torch.Tensor, csr: torch.Tensor) -> torch.Tensor | None:
     return dense @ csr
 
 
+def _csr_entries(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of each stored value of a CSR matrix, in value order."""
+    crow = m.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(m.shape[0], device=crow.device), crow[1:] - crow[:-1])
+    return rows, m.col_indices()
+
+
+def _sampled_products(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``Σ_n a[n, rows[k]] · b[n, cols[k]]`` for every k (W's gradient at its non-zeros), ``block`` rows at a time."""
+    out = a.new_zeros(rows.numel())
+    for n0 in range(0, a.shape[0], block):
+        out += (a[n0 : n0 + block].index_select(1, rows) * b[n0 : n0 + block].index_select(1, cols)).sum(0)
+    return out
+
+
 class _ExchangeProject(torch.autograd.Function):
     """``p̃_S = Wᵀ p_S`` on this teacher shard from log-probability shards ``lp_S``.
 
     Forward: ``q = exp(lp_S)``; the local block of W; one all-to-all of the planned values
     (student columns and partial sums, ``q @ send_mat``); their sparse block.  Backward: the
     transposed blocks, the reverse all-to-all, times ``q`` (recomputed; nothing but ``lp_S``
-    saved).
+    saved).  With a learnable W (``w_values`` ``[nnz]``, W's non-zeros): the plan's matrices are
+    filled with those weights, and W's gradient — each non-zero sits in exactly one rank's
+    matrices — is summed over the group, so every rank holds the full gradient of its
+    (replicated) W.
     """
 
     @staticmethod
-    def forward(ctx, lp: torch.Tensor, plan, group) -> torch.Tensor:  # lp [n, w_S]
-        ctx.plan, ctx.group = plan, group
-        ctx.save_for_backward(lp)
+    def forward(ctx, lp: torch.Tensor, plan, group, w_values: torch.Tensor | None = None) -> torch.Tensor:  # lp [n, w_S]
+        if w_values is not None:
+            plan = plan.with_values(w_values)
+        ctx.plan, ctx.group, ctx.has_w = plan, group, w_values is not None
+        ctx.nnz = 0 if w_values is None else w_values.numel()
         n = lp.shape[0]
         q = lp.exp()
         out = _mm(q, plan.local)
         out = q.new_zeros(n, plan.local.shape[1]) if out is None else out
+        recv = None
         if plan.exchange:  # the same decision on every rank
             send = _mm(q, plan.send_mat)
             send = q.new_zeros(n, plan.send_mat.shape[1]) if send is None else send
             del q
-            recv = all_to_all_columns(send.t().contiguous(), plan.send_splits, plan.recv_splits, group)
-            add = _mm(recv.t(), plan.recv_mat)
+            recv = all_to_all_columns(send.t().contiguous(), plan.send_splits, plan.recv_splits, group).t()
+            add = _mm(recv, plan.recv_mat)
             if add is not None:
                 out.add_(add)
+        keep_recv = ctx.has_w and recv is not None  # [n, K_recv]: small (the planned values), for W's gradient
+        ctx.save_for_backward(lp, recv if keep_recv else None)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (lp,) = ctx.saved_tensors
+        lp, recv = ctx.saved_tensors
         plan = ctx.plan
         n = g.shape[0]
         g = g.float()
         gq = _mm(g, plan.local_t)
         gq = g.new_zeros(n, lp.shape[1]) if gq is None else gq
+        gsend = None
         if plan.exchange:  # the same decision on every rank
             grecv = _mm(g, plan.recv_mat_t)
             grecv = g.new_zeros(n, plan.recv_mat_t.shape[1]) if grecv is None else grecv
-            gsend = all_to_all_columns(grecv.t().contiguous(), plan.recv_splits, plan.send_splits, ctx.group)
-            add = _mm(gsend.t(), plan.send_mat_t)
+            gsend = all_to_all_columns(grecv.t().contiguous(), plan.recv_splits, plan.send_splits, ctx.group).t()
+            add = _mm(gsend, plan.send_mat_t)
             if add is not None:
                 gq.add_(add)
-        return gq.mul_(lp.exp()), None, None
+        q = lp.exp()
+        gw = None
+        if ctx.has_w:
+            gw = g.new_zeros(ctx.nnz)
+            for mat, src, left, right in (
+                (plan.local, plan.sources["local"], q, g),
+                (plan.send_mat, plan.sources["send_mat"], q, gsend),
+                (plan.recv_mat, plan.sources["recv_mat"], recv, g),
+            ):
+                if right is None or left is None or src.numel() == 0:
+                    continue
+                rows, cols = _csr_entries(mat)
+                learn = src >= 0  # one-hot routing entries (constant 1) carry no W weight
+                if bool(learn.any()):
+                    gw.index_add_(0, src[learn], _sampled_products(left, right, rows[learn], cols[learn]))
+            if group_rank_size(ctx.group)[1] > 1:
+                torch.distributed.all_reduce(gw, group=ctx.group)
+        return gq.mul_(q), None, None, gw
 
 
 class _KLPartial(torch.autograd.Function):
@@ -332,7 +373,9 @@ def vocab_parallel_p_kl(
 
     ``projection``: a :class:`PKLPlan` (build it once: ``PKLPlan.build(W, tp, V_S', V_T')``, with
     ``teacher_perm`` if the teacher's output rows were permuted), or W itself (a plan is then
-    built on every call: fine for tests, slow for training).  Teacher targets in ``alignment``
+    built on every call: fine for tests, slow for training).  W may be a
+    :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (or the plan built from one): its
+    current weights are used and its gradient is the full one on every rank.  Teacher targets in ``alignment``
     stay original teacher ids; the plan maps them to permuted columns.
     """
     _check_reduction(reduction)
@@ -342,7 +385,7 @@ def vocab_parallel_p_kl(
     t = _flatten(teacher_logits, "teacher_logits")
     plan = projection
     if not isinstance(plan, PKLPlan):
-        projection_csr(projection)  # validates the type with a clear error
+        projection_csr(projection)  # validates the type with a clear error (a LearnableProjection is kept by the plan)
         plan = PKLPlan.build(
             projection, tp, s.shape[1] * tp, t.shape[1] * tp,
             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
@@ -362,7 +405,15 @@ def vocab_parallel_p_kl(
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
     rp = plan.rank_plan(rank, items.lp_s.device)
-    p_tilde = _ExchangeProject.apply(items.lp_s, rp, group)
+    w_values = None
+    if plan.learnable is not None:  # a learnable W: its current weights fill the plan, its gradient comes back
+        w_values = plan.learnable.weights()
+        if w_values.numel() != plan.nnz:
+            raise XTokenError(
+                f"the P-KL plan was built for a W with {plan.nnz} non-zeros but its learnable W has {w_values.numel()}: rebuild the plan"
+            )
+        w_values = w_values.to(items.lp_s.device)
+    p_tilde = _ExchangeProject.apply(items.lp_s, rp, group, w_values)
     if alignment is not None and merge == "reference":  # renormalized over the whole teacher vocabulary, as published
         total = all_reduce_sum(p_tilde.sum(dim=1, keepdim=True), group)
         partial = _KLPartial.apply(items.lp_t, p_tilde / (total + REFERENCE_EPS), True, REFERENCE_EPS, True)
