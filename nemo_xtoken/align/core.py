@@ -496,12 +496,14 @@ def _dummy_skips(prof: _Profile, data: np.ndarray, ids: np.ndarray, zero: np.nda
     return skip
 
 
-def _side_byte_offsets(info: Any, enc: "_Encoded", docs: list[str], datas: list[bytes]) -> np.ndarray:
+def _side_byte_offsets(info: Any, enc: "_Encoded", docs: list[str], datas: list[bytes],
+                       errors: dict[int, str] | None = None) -> np.ndarray:
     """Byte offsets of every token of ``enc`` (documents laid end to end, one byte between them).
 
     Fast path: the tokens' bytes (less dummy prefixes) spell each document exactly.  Otherwise
     the tokenizer's own offsets decide, to accept the tokenization or raise naming the document
-    (:class:`_DocError`) and the token whose bytes differ from the text under it.
+    (:class:`_DocError`) and the token whose bytes differ from the text under it.  With ``errors``
+    given, every failing document is recorded there (index -> reason) instead, and its offsets left out.
     """
     prof = _profile(info)
     nbytes = np.asarray([len(d) for d in datas], dtype=np.int64)
@@ -526,15 +528,22 @@ def _side_byte_offsets(info: Any, enc: "_Encoded", docs: list[str], datas: list[
         if one is None:
             if prof.u2581_is_space and "\u2581" in d:
                 i = d.index("\u2581")
-                raise _DocError(k, (
+                err = _DocError(k, (
                     f"{info.source} cannot represent this text: it reads the character '\u2581' (U+2581) at text[{i}] as a "
                     "space (its normalizer writes spaces as '\u2581'), so its tokens do not spell the text. Replace U+2581 "
                     "in the corpus (e.g. with a space), or use another tokenizer"
                 ))
+                if errors is None:
+                    raise err
+                errors[k] = err.msg
+                continue
             try:
                 one = _byte_offsets(d, data, enc.ids[k], enc.offsets(k), prof.tb, info.source, sk)
             except XTokenError as e:
-                raise _DocError(k, str(e)) from None
+                if errors is None:
+                    raise _DocError(k, str(e)) from None
+                errors[k] = str(e)
+                continue
         out.append(one + byte_base[k])
     return np.concatenate(out + [np.zeros((0, 2), np.int64)])
 
@@ -822,6 +831,7 @@ def align_batch(
         raise XTokenError(f"document {rejected[0][0]}: {rejected[0][1]}")
     enc = [_encode_many(info, [texts[i] for i in good], special, bos, side)
            for (info, special, bos), side in zip(sides, ("student", "teacher"))]
+    _screen(texts, good, enc, (S, T), rejected, on_error)
     while True:
         try:
             return _align_encoded(texts, good, enc, (S, T), rejected)
@@ -832,6 +842,34 @@ def align_batch(
             del good[e.k]
             for side in enc:
                 side.remove(e.k)
+
+
+def _screen(texts: list, good: list[int], enc: list["_Encoded"], infos: tuple, rejected: list, on_error: str) -> None:
+    """Find, in one pass per side, the documents that cannot be aligned because a tokenizer changes their text.
+
+    Failures are removed from ``good``/``enc`` into ``rejected`` (or the first is raised).  Without
+    this, every rejected document re-ran the alignment of the whole batch, so a batch with
+    rejections cost several times more.
+    """
+    docs = [texts[i] for i in good]
+    if not docs:
+        return
+    datas = [d.encode("utf-8", "surrogatepass") for d in docs]
+    drop: dict[int, str] = {}
+    for side, info in zip(enc, infos):
+        errors: dict[int, str] = {}
+        _side_byte_offsets(info, side, docs, datas, errors=errors)
+        for k, msg in errors.items():
+            drop.setdefault(k, msg)
+    if drop and on_error == "raise":
+        k = min(drop)
+        raise XTokenError(f"document {good[k]}: {drop[k]}")
+    if drop:
+        rejected += [(good[k], drop[k]) for k in sorted(drop)]
+        good[:] = [g for k, g in enumerate(good) if k not in drop]
+        for side in enc:
+            for lst in (side.encs, side.ids, side.zero, side.bos_added):
+                lst[:] = [x for k, x in enumerate(lst) if k not in drop]
 
 
 class _Encoded:

@@ -67,7 +67,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, student_special_tokens=special, teacher_special_tokens=special,
         student_add_bos=args.student_bos, teacher_add_bos=args.teacher_bos,
     )
-    report = preprocess(args.input, args.output, opts, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty())
+    report = preprocess(args.input, args.output, opts, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
+                        overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
@@ -84,8 +85,12 @@ def register(sub) -> None:
 
     p = sub.add_parser("preprocess", help="tokenize and align a corpus (jsonl or parquet) into memory-mappable arrays")
     _add_pair_args(p)
-    p.add_argument("--input", required=True, help="a .jsonl file (one JSON object per line) or .parquet (needs pyarrow)")
-    p.add_argument("--output", required=True, help="output folder (rerun on it to resume)")
+    p.add_argument("--input", required=True,
+                   help="a .jsonl file (one JSON object per line; blank lines skipped), a .parquet file (needs pyarrow), "
+                   "or a folder of them (read in name order)")
+    p.add_argument("--output", required=True, help="output folder (rerun on it with the same input and settings to resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the shards of an earlier run in --output (needed when the input or settings changed)")
     p.add_argument("--field", default="text", help="the text field / column (default: text)")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="documents per shard (the unit of resumption)")

@@ -106,13 +106,14 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    """Training text and how it is dual-tokenized."""
+    """Training text and how it is dual-tokenized and packed (see docs/data.md)."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # files, folders of them, or `xtoken preprocess` folders
     format: str = "jsonl"  # jsonl | parquet | preprocessed
     text_key: str = "text"
     seed: int = 1234
-    on_too_long: str = "error"  # error | split: a document whose teacher side exceeds its max length
+    packing: bool = True  # documents concatenated into full samples in lock-step with every teacher
+    on_too_long: str = "split"  # without packing: split | error for a piece whose teacher side exceeds its length
 
 
 @dataclass
