@@ -378,6 +378,21 @@ def test_check_model_cli_json_phi3_tp2(tiny, capfd):
     assert {"architecture", "supported", "max_abs_logit_diff", "argmax_agreement", "vocab_size", "padded_vocab_size"} <= set(out)
     assert out["architecture"] == "Phi3ForCausalLM" and out["bridge"] == "Phi3Bridge" and out["supported"] and out["parity"]
     assert out["max_abs_logit_diff"] < 1e-5 and out["argmax_agreement"] == 1.0 and out["vocab_size"] == VOCAB["phi3"]
+    assert out["tolerance"] == pytest.approx(1e-4 + 1e-4 * out["max_abs_reference_logit"]) and out["max_abs_reference_logit"] > 0
+
+
+def test_check_model_refuses_a_tp_that_does_not_divide_the_heads(tiny, capfd):
+    """4 heads, 2 key/value heads, MLP 64: --tp 3 is one line and exit 2 before any model is built (was a rank's
+    traceback, as SmolLM2's 9 heads at --tp 2 were); --tp 4 is valid (Megatron replicates the 2 key/value heads)."""
+    from nemo_xtoken.cli.main import main
+    from nemo_xtoken.integration.check_model import check_tp_divides_heads
+    from transformers import AutoConfig
+
+    assert main(["check-model", "--hf-model", str(tiny["student"]), "--tp", "3"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xtoken check-model: error: --tp 3: ") and "4 attention heads, 2 key/value heads" in err[-1]
+    assert err[-1].endswith("use --tp 1, 2 or 4")
+    check_tp_divides_heads(AutoConfig.from_pretrained(tiny["student"]), 4, "student")  # no error
 
 
 def test_check_model_unsupported_architecture_is_one_line_exit_2(tmp_path, capfd):
@@ -390,6 +405,36 @@ def test_check_model_unsupported_architecture_is_one_line_exit_2(tmp_path, capfd
     assert main(["check-model", "--hf-model", str(tmp_path / "opt")]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1].startswith("xtoken check-model: error: ") and "OPTForCausalLM is not supported" in err[-1]
+
+
+# ---- xtoken distill --check asks Bridge about every model ------------------------------------------------
+
+
+def test_distill_check_reports_every_model_and_refuses_an_unconvertible_teacher(tiny, w_files, llama3_path, o200k_path,
+                                                                                 tmp_path, capfd):
+    """With resources, ``--check`` names each model's bridge (Phi3 through the plugin's); a teacher whose architecture
+    Bridge cannot convert (OPT: ``AutoBridge.supports()`` says yes) is one line naming its key, exit 2."""
+    from transformers import OPTConfig
+
+    from nemo_xtoken.cli.main import main
+
+    teachers = [{"name": "phi4_mini", "tokenizer": o200k_path, "model": str(tiny["phi3"]), "projection": w_files["phi3"],
+                 "loss": "h_kl", "weight": 0.8},
+                {"name": "llama_t", "tokenizer": llama3_path, "model": str(tiny["llama_t"]), "loss": "kl", "weight": 0.2}]
+    write_docs(tmp_path)
+    conf = write_config(tmp_path, run_config(student=tiny["student"], llama_tok=llama3_path, teachers=teachers))
+    assert main(["distill", "--config", str(conf), "--check"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    assert {k: (v["architecture"], v["bridge"]) for k, v in report["models"].items()} == {
+        "student.model": ("LlamaForCausalLM", "LlamaBridge"),
+        "teachers.0.model": ("Phi3ForCausalLM", "Phi3Bridge"),
+        "teachers.1.model": ("LlamaForCausalLM", "LlamaBridge"),
+    }
+    OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+              architectures=["OPTForCausalLM"]).save_pretrained(tmp_path / "opt")
+    assert main(["distill", "--config", str(conf), "--check", "teachers.0.model=opt"]) == 2  # relative: the config's folder
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("xtoken distill: error: teachers.0.model=opt: OPTForCausalLM cannot be converted by Megatron-Bridge")
 
 
 # ---- resubmission: the checkpoint is found from any working directory ------------------------------------

@@ -47,17 +47,19 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_check_model(args: argparse.Namespace) -> int:
-    from nemo_xtoken.integration.check_model import check_model
+    from nemo_xtoken.integration.check_model import check_model, tolerance
 
     r = check_model(args.hf_model, tp=args.tp, sequences=args.sequences, seq_length=args.seq_length,
                     trust_remote_code=args.trust_remote_code)
-    ok = r.max_abs_logit_diff <= args.atol and r.argmax_agreement >= args.min_argmax
+    tol = tolerance(r, args.atol, args.rtol)
+    ok = r.max_abs_logit_diff <= tol and r.argmax_agreement >= args.min_argmax
     if args.json:
-        print(json.dumps({**r.to_dict(), "parity": ok}, indent=2))
+        print(json.dumps({**r.to_dict(), "tolerance": tol, "parity": ok}, indent=2))
     else:
         print(f"{r.model}: {r.architecture} via {r.bridge}, tp {r.tp}; vocabulary {r.vocab_size} padded to {r.padded_vocab_size}")
         print(f"logits vs Hugging Face on {r.sequences}x{r.seq_length} random tokens: max |diff| {r.max_abs_logit_diff:.3g}, "
-              f"argmax agreement {r.argmax_agreement:.4f} -> {'parity' if ok else 'MISMATCH'} (atol {args.atol:g})")
+              f"argmax agreement {r.argmax_agreement:.4f} -> {'parity' if ok else 'MISMATCH'} "
+              f"(tolerance {tol:.3g} = atol {args.atol:g} + rtol {args.rtol:g} x max |HF logit| {r.max_abs_reference_logit:.3g})")
     return 0 if ok else 1
 
 
@@ -113,7 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (gloo processes), default 1")
     p.add_argument("--sequences", type=int, default=3, help="random sequences (default 3)")
     p.add_argument("--seq-length", type=int, default=32, help="tokens per sequence (default 32; also the rotary length)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted |logit difference| (default 1e-4, fp32)")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="accepted |logit difference|: atol + rtol x the largest |HF logit| (default atol 1e-4, fp32)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="see --atol (default 1e-4)")
     p.add_argument("--min-argmax", type=float, default=0.999, help="smallest accepted argmax agreement (default 0.999)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--trust-remote-code", action="store_true")

@@ -28,7 +28,7 @@ import torch
 
 from nemo_xtoken.errors import XTokenError
 
-__all__ = ["UnsupportedModelError", "ModelCheck", "check_model"]
+__all__ = ["UnsupportedModelError", "ModelCheck", "check_model", "check_tp_divides_heads", "tolerance"]
 
 
 class UnsupportedModelError(XTokenError):
@@ -47,6 +47,7 @@ class ModelCheck:
     argmax_agreement: float
     vocab_size: int
     padded_vocab_size: int
+    max_abs_reference_logit: float
     tp: int
     sequences: int
     seq_length: int
@@ -82,6 +83,39 @@ def _megatron_logits(rank: int, world: int, model: str, tp: int, ids: torch.Tens
         "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "padded_vocab_size": int(logits.shape[-1]),
     }
+
+
+def tolerance(check: ModelCheck, atol: float = 1e-4, rtol: float = 1e-4) -> float:
+    """The accepted largest |logit difference|: ``atol + rtol · max |reference logit|``.
+
+    fp32 sums in another order differ in proportion to the logits' size: a pretrained model's logits
+    (tens) differ more than a tiny random model's (below one), while a conversion error is of the
+    logits' own order.
+    """
+    return atol + rtol * check.max_abs_reference_logit
+
+
+def check_tp_divides_heads(hf_config: Any, tp: int, model: str) -> None:
+    """Refuse (one line, before any model is built) a ``tp`` Megatron cannot split the model over.
+
+    Megatron needs ``tp`` to divide the attention heads and the MLP width, and the key/value heads to
+    be a multiple or a divisor of ``tp`` (fewer key/value heads than ranks are replicated).
+    """
+    heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+    groups = int(getattr(hf_config, "num_key_value_heads", 0) or heads)
+    ffn = int(getattr(hf_config, "intermediate_size", 0) or 0)
+    if not heads:
+        return
+
+    def fits(d: int) -> bool:
+        return heads % d == 0 and (groups % d == 0 or d % groups == 0) and (not ffn or ffn % d == 0)
+
+    if not fits(tp):
+        ok = [str(d) for d in range(1, heads + 1) if fits(d)]
+        valid = ", ".join(ok[:-1]) + " or " + ok[-1] if len(ok) > 1 else ok[0]
+        raise XTokenError(f"--tp {tp}: {model} has {heads} attention heads, {groups} key/value heads and MLP width {ffn}; "
+                          f"Megatron needs --tp to divide the heads and the MLP width and the key/value heads to be a "
+                          f"multiple or divisor of it: use --tp {valid}")
 
 
 @contextlib.contextmanager
@@ -123,8 +157,9 @@ def _check_model(model: str, tp: int, sequences: int, seq_length: int, seed: int
     support = model_support(model, trust_remote_code=trust_remote_code)
     if not support.supported:
         raise UnsupportedModelError(f"{model}: architecture {support.architecture} is not supported ({support.reason})")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_tp_divides_heads(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), tp, model)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     vocab = int(hf.config.vocab_size)
     max_pos = int(getattr(hf.config, "max_position_embeddings", seq_length) or seq_length)
@@ -141,5 +176,5 @@ def _check_model(model: str, tp: int, sequences: int, seq_length: int, seed: int
     return ModelCheck(
         model=model, architecture=support.architecture, supported=True, bridge=support.bridge,
         max_abs_logit_diff=r0["max_abs_logit_diff"], argmax_agreement=r0["argmax_agreement"], vocab_size=vocab,
-        padded_vocab_size=r0["padded_vocab_size"], tp=tp, sequences=sequences, seq_length=seq_length,
+        padded_vocab_size=r0["padded_vocab_size"], max_abs_reference_logit=float(ref.abs().max()), tp=tp, sequences=sequences, seq_length=seq_length,
     )
