@@ -84,9 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML run config (conf/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100")
     p.add_argument("--check", action="store_true",
-                   help="validate (keys, values, tokenizers, W, audit, Megatron-Bridge support of every model) and print the "
-                   "Bridge settings; no training, no GPU")
-    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers, W files and model configs")
+                   help="validate (keys, values, tokenizers, W, audit, data: reads, aligns and packs the first documents, "
+                   "Megatron-Bridge support of every model) and print the Bridge settings; no training, no GPU")
+    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers, W files, data and model configs")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(

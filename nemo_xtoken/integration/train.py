@@ -4,12 +4,13 @@ What every rank runs (under ``torchrun`` or ``srun``, launched by ``examples/``)
 config with host-style overrides, validate it strictly, load tokenizers and W and run the coverage
 audit (a warning when the configured loss contradicts it) — all before any GPU time is spent —
 then build Megatron-Bridge's ``ConfigContainer`` and call ``pretrain`` with X-Token's forward
-step.  ``--check`` stops after validation: it also asks Megatron-Bridge whether it can convert the
+step.  ``--check`` stops after validation: it also reads, aligns and packs the first documents of
+``data.paths`` at the configured lengths, and asks Megatron-Bridge whether it can convert the
 student and every teacher (their ``config.json`` only; :func:`~nemo_xtoken.integration.bridge.model_support`),
 so a teacher Bridge cannot load (before the plugin's Phi3 bridge: Phi-4-mini) fails here, not after
 the job has started.  On a machine without transformer_engine (a login node, CI) ``--check`` imports
 Bridge through the scoped import hook of :mod:`nemo_xtoken.testing.bridge_te_shim`; training itself
-never does.  ``--no-resources`` skips every file: tokenizers, W files and model configs.
+never does.  ``--no-resources`` skips every file: tokenizers, W files, data and model configs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True, help="YAML run config (see conf/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100 teachers.0.weight=0.8")
     p.add_argument("--check", action="store_true", help="validate config, tokenizers, W files and audit, print the Bridge settings, exit")
-    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers, W files and model configs")
+    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers, W files, data and model configs")
     return p
 
 
@@ -72,6 +73,17 @@ def check_models(cfg, base_dir: Path) -> dict:
     return out
 
 
+def _check_data(cfg, resources, base_dir: Path) -> None:
+    """``--check``'s data part (docs/data.md): the paths exist, the first documents read, align and pack.
+
+    Skipped with ``--no-resources`` (the config alone is checked then; the data needs the tokenizers).
+    """
+    from nemo_xtoken.integration.data import check_data, format_data_check
+
+    if resources is not None:
+        print(format_data_check(check_data(cfg, resources, base_dir=base_dir)), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             from nemo_xtoken.integration.bridge import bridge_config_kwargs
 
+            _check_data(cfg, resources, base_dir)
             report = bridge_config_kwargs(cfg, base_dir=base_dir)
             if not args.no_resources:
                 report = {"models": check_models(cfg, base_dir), **report}
