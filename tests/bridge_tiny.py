@@ -96,7 +96,9 @@ def run_config(*, student: Path, llama_tok: str, teachers: list[dict], tp: int =
     return {
         "student": {"name": "llama_s", "tokenizer": llama_tok, "model": str(student), "seq_length": s},
         "teachers": teachers,
-        "data": {"paths": ["docs.jsonl"], "on_too_long": "split", "seed": 0},
+        # one document per row (packing off): a teacher's logits on a row must equal a plain Hugging Face forward of
+        # that row, which does not keep packed documents apart (packing: tests/test_packing_equivalence.py)
+        "data": {"paths": ["docs.jsonl"], "on_too_long": "split", "seed": 0, "packing": False},
         "optimizer": {"lr": 3e-3, "min_lr": 0.0, "warmup_fraction": 0.0},
         "train": {"train_iters": steps, "global_batch_size": 2, "micro_batch_size": 2, "bf16": False, "seed": 1},
         "parallel": {"tensor_model_parallel_size": tp},

@@ -86,7 +86,7 @@ def _megatron_logits(rank: int, world: int, model: str, tp: int, ids: torch.Tens
 
 
 def tolerance(check: ModelCheck, atol: float = 1e-4, rtol: float = 1e-4) -> float:
-    """The accepted largest |logit difference|: ``atol + rtol · max |reference logit|``.
+    """The accepted largest absolute logit difference: ``atol + rtol · max(abs(reference logits))``.
 
     fp32 sums in another order differ in proportion to the logits' size: a pretrained model's logits
     (tens) differ more than a tiny random model's (below one), while a conversion error is of the
