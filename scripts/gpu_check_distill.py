@@ -243,8 +243,12 @@ def _child(device: str, cfg_path: str, q) -> None:
 
 
 def run_in_process(device: str, cfg_path: str, timeout: float) -> dict:
-    """``_run`` in a fresh process (fork for the CPU, spawn for CUDA); raises with the child's traceback."""
-    ctx = mp.get_context("spawn" if device == "cuda" else "fork")
+    """``_run`` in a fresh, spawned process; raises with the child's traceback.
+
+    Spawned, not forked, for the CPU run too: a fork of a process whose torch already ran a parallel
+    CPU op (an OpenMP pool) can hang in the child's first parallel op.
+    """
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_child, args=(device, cfg_path, q))
     proc.start()
