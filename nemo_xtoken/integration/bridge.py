@@ -1,8 +1,17 @@
-"""Megatron-Bridge glue: provider conversion, forward step and loss function for X-Token KD.
+"""Megatron-Bridge glue: models from Hugging Face, provider conversion, forward step and loss function.
 
-Megatron-Bridge imports transformer_engine at import time (no CPU build), so every Bridge import
-here is lazy (:func:`require_bridge`); what needs no Bridge — batch handling, the loss function,
-the config → Bridge argument mapping — is plain code, tested on a CPU.
+Every Bridge import here is lazy (:func:`require_bridge`, which also registers the plugin's own
+model bridges: Phi3 for Phi-4-mini, :mod:`nemo_xtoken.integration.phi3_bridge`); what needs no
+Bridge — batch handling, the loss function, the config → Bridge argument mapping — is plain code.
+
+**Models.** :func:`build_providers` turns the config's Hugging Face models into Bridge providers
+through ``AutoBridge`` (:func:`provider_from_hf`): it refuses an architecture that Bridge (with the
+plugin's bridges) cannot convert, naming the key (:func:`model_support`: the dispatch registry, not
+``AutoBridge.supports()``, which answers True for any ``*ForCausalLM``); sets one precision on every
+model from ``train.bf16`` (a fp16 checkpoint would otherwise leave ``fp16`` and ``bf16`` both set);
+loads a teacher's Megatron checkpoint (``teachers.N.checkpoint``) instead of its Hugging Face
+weights; and makes the student's LM loss Megatron's native cross-entropy (TE's fused one writes
+its gradient into the logits buffer, which the KD criterion reads).
 
 Why not Bridge's ``DistillationProvider`` (HOST_NOTES "Extension points and traps"): it requires
 equal ``seq_length`` for student and teacher (cross-tokenizer teachers read a different number of
@@ -12,7 +21,8 @@ setup sets ``vocab_size`` and would overwrite the teacher's vocabulary), and
 process.  :func:`convert_to_xtoken_distillation_provider` leaves the student provider's class alone
 and registers one pre-wrap hook: it runs inside ``provide_distributed_model`` after model-parallel
 initialization and after Bridge's weight-loading hooks, builds every teacher from its own provider
-(own vocabulary, own sequence length), builds the criterion and balancer
+(own vocabulary, own sequence length; each teacher provider is finalized there, as Bridge's own flows
+do, since ``ConfigContainer.validate()`` finalizes only the student), builds the criterion and balancer
 (:func:`~nemo_xtoken.integration.distill.criterion_from_config`, on the tensor-parallel group) and
 returns ModelOpt's ``DistillationModel`` from
 :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` — the one model type
@@ -37,6 +47,7 @@ with a one-token-per-chunk alignment (:func:`identity_teacher_batch`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,12 +55,19 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.integration.config import ConfigError, XTokenDistillConfig
+from nemo_xtoken.integration.config import CONTEXT_REFUSAL, PIPELINE_REFUSAL, ConfigError, XTokenDistillConfig
 from nemo_xtoken.integration.data import SAMPLE_KEYS, TEACHER_KEYS
 
 __all__ = [
     "BridgeUnavailableError",
     "require_bridge",
+    "ModelSupport",
+    "model_support",
+    "provider_from_hf",
+    "settle_precision",
+    "build_providers",
+    "resolve_checkpoint",
+    "resolve_run_path",
     "TEACHER_FIELDS",
     "REPORT_KEYS",
     "get_xtoken_batch",
@@ -86,20 +104,157 @@ class BridgeUnavailableError(XTokenError):
 
 
 def require_bridge() -> Any:
-    """Import ``megatron.bridge`` or raise :class:`BridgeUnavailableError` saying what to install."""
+    """Import ``megatron.bridge`` (and register the plugin's model bridges) or raise :class:`BridgeUnavailableError`."""
     try:
         import megatron.bridge as mb  # noqa: F401
     except Exception as e:  # ImportError, or TE's own errors when CUDA libraries are missing
         te = "transformer_engine" in str(e) or isinstance(e, ImportError) and (e.name or "").startswith("transformer_engine")
         hint = (
             "Megatron-Bridge imports transformer_engine, which needs CUDA: run on a GPU machine, e.g. in the NeMo "
-            "container (docker/Dockerfile)"
+            "container (docker/Dockerfile); on a CPU, `xtoken check-model` and `xtoken distill --check` import it "
+            "without transformer_engine"
             if te
-            else "install it with `pip install 'nemo-xtoken[bridge]'` (needs transformer_engine and CUDA) or use the "
+            else "install it with `pip install -c requirements/constraints.txt 'nemo-xtoken[bridge]'` or use the "
             "NeMo container (docker/Dockerfile)"
         )
         raise BridgeUnavailableError(f"Megatron-Bridge is not importable ({type(e).__name__}: {e}); {hint}") from e
+    import nemo_xtoken.integration.phi3_bridge  # noqa: F401  (registers Phi3ForCausalLM with AutoBridge)
+
     return mb
+
+
+# ---- models from Hugging Face ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelSupport:
+    """Whether Megatron-Bridge (with the plugin's bridges) converts a Hugging Face model, and why not."""
+
+    model: str
+    architecture: str | None
+    supported: bool
+    reason: str = ""
+    bridge: str | None = None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip(" ✗") for ln in str(e).splitlines() if ln.strip(" ✗")]
+    return lines[0] if lines else type(e).__name__
+
+
+def _hf_config(model: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as local_error:  # not a folder / not cached: try the hub unless offline
+        if Path(model).exists():
+            raise XTokenError(f"cannot read the Hugging Face config in {model} ({_first_line(local_error)})") from None
+        try:
+            return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise XTokenError(
+                f"cannot read the Hugging Face config of {model!r} ({type(e).__name__}: {_first_line(e)}): give a local "
+                "folder with config.json, or a hub id that is cached or downloadable here"
+            ) from None
+
+
+def model_support(model: str, *, trust_remote_code: bool = False) -> ModelSupport:
+    """Can Megatron-Bridge (plus the plugin's Phi3 bridge) convert ``model``?  Reads only its ``config.json``.
+
+    Uses AutoBridge's dispatch registry (what ``to_megatron_provider`` will need), not
+    ``AutoBridge.supports()``, which accepts any architecture name ending in ``ForCausalLM``.
+    """
+    require_bridge()
+    from megatron.bridge import AutoBridge
+
+    config = _hf_config(model, trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else None
+    try:
+        auto = AutoBridge.from_hf_config(config)
+        bridge = type(auto._model_bridge).__name__
+    except (ValueError, TypeError) as e:
+        return ModelSupport(model, arch, False, _first_line(e))
+    return ModelSupport(model, arch, True, "", bridge)
+
+
+def _resolve_model(model: str, base_dir: str | Path | None) -> str:
+    if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).exists():
+        return str(Path(base_dir) / model)
+    return model
+
+
+def provider_from_hf(model: str, *, load_weights: bool = True, trust_remote_code: bool = False, key: str = "model") -> Any:
+    """A Bridge model provider for a Hugging Face id or folder (weights loaded by a pre-wrap hook if asked).
+
+    An architecture Bridge cannot convert raises :class:`ConfigError` naming ``key`` and the supported list's source.
+    """
+    require_bridge()
+    from megatron.bridge import AutoBridge
+
+    support = model_support(model, trust_remote_code=trust_remote_code)
+    if not support.supported:
+        raise ConfigError(
+            f"{key}: {model} is a {support.architecture}, which Megatron-Bridge cannot convert ({support.reason}); "
+            "supported: AutoBridge.list_supported_models() plus Phi3ForCausalLM (nemo_xtoken)"
+        )
+    if load_weights:
+        auto = AutoBridge.from_hf_pretrained(model, trust_remote_code=trust_remote_code)
+    else:
+        auto = AutoBridge.from_hf_config(_hf_config(model, trust_remote_code))
+    return auto.to_megatron_provider(load_weights=load_weights)
+
+
+def settle_precision(provider: Any, bf16: bool) -> None:
+    """One precision for a provider: bf16 (``train.bf16``) or fp32, never fp16 (whatever the checkpoint's dtype)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    provider.bf16 = bool(bf16)
+    provider.fp16 = False
+    for name in ("params_dtype", "pipeline_dtype", "autocast_dtype"):
+        if hasattr(provider, name):
+            setattr(provider, name, dtype)
+
+
+def _megatron_checkpoint_hook(path: str, who: str):
+    """A pre-wrap hook loading a Megatron ``torch_dist`` checkpoint (``DIR`` or ``DIR/iter_N``) into the model."""
+
+    def load_megatron_checkpoint(model_chunks: list) -> list:
+        from megatron.bridge.training.checkpointing import _load_model_weights_from_checkpoint
+
+        ckpt = resolve_checkpoint(path, key=who)
+        _load_model_weights_from_checkpoint(str(ckpt), model_chunks)
+        return model_chunks
+
+    return load_megatron_checkpoint
+
+
+def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, load_weights: bool = True) -> tuple[Any, list[Any]]:
+    """The student's and every teacher's Bridge provider for a run (see the module doc: support, precision, checkpoints, CE).
+
+    ``load_weights=False`` builds the models with random weights (a dry build).  A teacher with
+    ``checkpoint`` loads that Megatron checkpoint instead of its Hugging Face weights; a student with
+    ``checkpoint`` is loaded by Bridge (``CheckpointConfig.pretrained_checkpoint``).
+    """
+    for who, m in [("student", cfg.student.model)] + [(f"teachers.{i} ({t.name})", t.model) for i, t in enumerate(cfg.teachers)]:
+        if not m:
+            raise ConfigError(f"{who}.model is required to build Megatron-Bridge models (a Hugging Face id or folder)")
+    student = provider_from_hf(
+        _resolve_model(cfg.student.model, base_dir), load_weights=load_weights and not cfg.student.checkpoint, key="student.model",
+    )
+    teachers = []
+    for i, t in enumerate(cfg.teachers):
+        key = f"teachers.{i} ({t.name})"
+        prov = provider_from_hf(_resolve_model(t.model, base_dir), load_weights=load_weights and not t.checkpoint, key=f"{key}.model")
+        if t.checkpoint:
+            ckpt = resolve_run_path(t.checkpoint, base_dir)
+            resolve_checkpoint(ckpt, key=f"{key}.checkpoint")  # fail now, not after the student is built
+            prov.perform_initialization = False
+            prov.register_pre_wrap_hook(_megatron_checkpoint_hook(ckpt, f"{key}.checkpoint"))
+        teachers.append(prov)
+    for prov in [student, *teachers]:
+        settle_precision(prov, cfg.train.bf16)
+    return student, teachers
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -313,6 +468,37 @@ def packed_model_inputs(
     return student_model_inputs(batch, attention_kind(inner)), [teacher_model_inputs(tb, k) for tb, k in zip(teacher_batches, kinds)]
 
 
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+def resolve_checkpoint(path: str | Path, *, key: str = "--checkpoint") -> Path:
+    """The iteration folder of a Megatron distributed checkpoint (``DIR/iter_N``, or ``DIR``'s latest).
+
+    Raises :class:`XTokenError` naming ``key`` when the folder is missing or holds no ``torch_dist`` checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise XTokenError(f"{key} {p} does not exist (give a checkpoint.save folder or one of its iter_N folders)")
+    if not p.is_dir():
+        raise XTokenError(f"{key} {p} is a file; a Megatron distributed checkpoint is a folder (…/iter_0030000)")
+    if not _ITER.match(p.name):
+        iters = sorted((int(m.group(1)), c) for c in p.iterdir() if c.is_dir() and (m := _ITER.match(c.name)))
+        if not iters:
+            raise XTokenError(
+                f"{key} {p} has no iter_N folders and is not one: give a checkpoint.save folder or "
+                f"…/iter_N (found {sorted(c.name for c in p.iterdir())[:8]})"
+            )
+        p = iters[-1][1]
+    if not (p / "metadata.json").is_file():
+        raise XTokenError(
+            f"{p} is not a Megatron distributed (torch_dist) checkpoint: no metadata.json; was the save interrupted? "
+            "Pick an earlier iter_N folder"
+        )
+    return p
+
+
 # ---- provider conversion ---------------------------------------------------------------------------
 
 _PARALLEL_ATTRS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
@@ -333,14 +519,11 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
                     "so their tensor/pipeline/context parallel sizes must be equal"
                 )
     if (getattr(student, "pipeline_model_parallel_size", 1) or 1) > 1:
-        raise ConfigError(
-            "pipeline_model_parallel_size > 1: X-Token teachers read sequences of other lengths, which cannot travel "
-            "with the student's activations between pipeline stages; use tensor and data parallelism"
-        )
+        raise ConfigError(PIPELINE_REFUSAL.format(pp=student.pipeline_model_parallel_size))
     if (getattr(student, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
         raise ConfigError("virtual pipeline parallelism is not supported by X-Token KD (nor by ModelOpt KD)")
     if (getattr(student, "context_parallel_size", 1) or 1) > 1:
-        raise ConfigError("context_parallel_size > 1 would cut aligned chunks across ranks: X-Token supports CP = 1")
+        raise ConfigError(CONTEXT_REFUSAL.format(cp=student.context_parallel_size))
 
 
 def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
@@ -364,11 +547,14 @@ def convert_to_xtoken_distillation_provider(
     """Make ``student_provider`` build an X-Token student+teachers model; returns the same provider.
 
     Sets the run's TP/PP/CP/SP and each model's own ``seq_length`` on the providers, checks them
-    (:func:`check_parallel_sizes`), loads tokenizers and W (:func:`validate_resources`, audit
-    warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after Bridge's
-    weight-loading hooks) that builds the teachers, the criterion and the balancer once parallel
-    state exists and returns ``[convert_to_xtoken_distillation_model(student, teachers, ...)]``.
-    The provider's class is not changed; no global state is touched.
+    (:func:`check_parallel_sizes`), makes the student's LM loss Megatron's native cross-entropy
+    (``cross_entropy_fusion_impl="native"``, whatever its provider says: TE's fused cross-entropy
+    overwrites the logits the KD criterion reads), loads tokenizers and W (:func:`validate_resources`,
+    audit warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after
+    Bridge's weight-loading hooks) that, once parallel state exists, finalizes and builds the
+    teachers (on the CPU if the student is initialized there, otherwise on the current GPU), the
+    criterion and the balancer, and returns ``[convert_to_xtoken_distillation_model(student,
+    teachers, ...)]``.  The provider's class is not changed; no global state is touched.
     """
     from nemo_xtoken.integration.config import validate_resources
 
@@ -385,6 +571,7 @@ def convert_to_xtoken_distillation_provider(
         prov.sequence_parallel = p.sequence_parallel
         prov.seq_length = int(seq)
     check_parallel_sizes(student_provider, teacher_providers, [f"teachers.{i} ({t.name})" for i, t in enumerate(cfg.teachers)])
+    student_provider.cross_entropy_fusion_impl = "native"
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
     teachers = list(teacher_providers)
@@ -400,7 +587,14 @@ def convert_to_xtoken_distillation_provider(
         student = unwrap_model(model_chunks[0])
         tp = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_model_parallel_group()
-        built = [unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0]) for prov in teachers]
+        on_cpu = bool(getattr(student.config, "use_cpu_initialization", False))
+        built = []
+        for prov in teachers:
+            # Bridge's TransformerConfig.__post_init__ is a no-op: finalize() fills init methods etc.;
+            # Bridge finalizes only cfg.model (the student), so every teacher is finalized here.
+            prov.finalize()
+            (chunk,) = prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None, use_cpu_initialization=on_cpu)
+            built.append(unwrap_model(chunk))
         criterion, balancer = criterion_from_config(
             cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
             group=group,
@@ -417,14 +611,30 @@ def convert_to_xtoken_distillation_provider(
 # ---- config mapping --------------------------------------------------------------------------------
 
 
-def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
+def resolve_run_path(path: str | None, base_dir: str | Path | None) -> str | None:
+    """A run's folder (checkpoints, TensorBoard) as an absolute path: relative ones are under ``base_dir``.
+
+    ``base_dir`` is the config file's folder: under Slurm every experiment starts in a new working
+    directory (``/nemo_run/code``), so a path relative to it would send a resubmitted run's
+    ``checkpoint.load`` to an empty folder and restart it from step 0.
+    """
+    if path is None or base_dir is None:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (Path(base_dir).resolve() / p))
+
+
+def bridge_config_kwargs(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Keyword arguments of Bridge's config classes for ``cfg`` (plain data; no Bridge import).
 
     Keys: ``train`` (TrainingConfig), ``validation``, ``optimizer`` (OptimizerConfig),
     ``scheduler``, ``checkpoint``, ``logger``, ``rng``, ``ddp``.  Field names are those of
     megatron-core 0.19's ``megatron.training.config`` classes, which Bridge 0.6 subclasses.
+    Relative checkpoint, TensorBoard and student-checkpoint paths are resolved against ``base_dir``
+    (the config's folder; :func:`resolve_run_path`).
     """
     o, tr, ck, lg = cfg.optimizer, cfg.train, cfg.checkpoint, cfg.logging
+    save, load = resolve_run_path(ck.save, base_dir), resolve_run_path(ck.load, base_dir)
     return {
         "train": {
             "train_iters": tr.train_iters,
@@ -455,16 +665,16 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
             "weight_decay_incr_style": "constant",
         },
         "checkpoint": {
-            "save": ck.save,
-            "load": ck.load if ck.load is not None else ck.save,  # resume from the save folder when it has one
+            "save": save,
+            "load": load if load is not None else save,  # resume from the save folder when it has one
             "save_interval": ck.save_interval,
             "ckpt_format": ck.ckpt_format,
             "async_save": ck.async_save,
-            "pretrained_checkpoint": cfg.student.checkpoint,
+            "pretrained_checkpoint": resolve_run_path(cfg.student.checkpoint, base_dir),
         },
         "logger": {
             "log_interval": lg.log_interval,
-            "tensorboard_dir": lg.tensorboard_dir,
+            "tensorboard_dir": resolve_run_path(lg.tensorboard_dir, base_dir),
             "wandb_project": lg.wandb_project or "",
             "wandb_exp_name": cfg.student.name if lg.wandb_project else "",
         },
@@ -540,7 +750,6 @@ def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | No
 def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, load_weights: bool = True):
     """The Bridge ``ConfigContainer`` of a run: HF models through ``AutoBridge``, X-Token provider, data, schedule."""
     require_bridge()
-    from megatron.bridge import AutoBridge
     from megatron.bridge.training.config import (
         CheckpointConfig,
         ConfigContainer,
@@ -556,18 +765,10 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
 
     from nemo_xtoken.integration.config import validate_resources
 
-    for who, m in [("student", cfg.student.model)] + [(f"teachers ({t.name})", t.model) for t in cfg.teachers]:
-        if not m:
-            raise ConfigError(f"{who}.model is required to build Bridge models (a Hugging Face id or folder)")
     resources = validate_resources(cfg, base_dir=base_dir)
-    student = AutoBridge.from_hf_pretrained(cfg.student.model).to_megatron_provider(load_weights=load_weights)
-    teachers = [AutoBridge.from_hf_pretrained(t.model).to_megatron_provider(load_weights=load_weights) for t in cfg.teachers]
-    for prov in [student, *teachers]:
-        prov.bf16 = cfg.train.bf16
-        prov.params_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-        prov.pipeline_dtype = prov.params_dtype
+    student, teachers = build_providers(cfg, base_dir=base_dir, load_weights=load_weights)
     convert_to_xtoken_distillation_provider(student, teachers, cfg, resources=resources, base_dir=base_dir)
-    kw = bridge_config_kwargs(cfg)
+    kw = bridge_config_kwargs(cfg, base_dir=base_dir)
     return ConfigContainer(
         model=student,
         train=TrainingConfig(**kw["train"]),
@@ -576,7 +777,7 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
         scheduler=SchedulerConfig(**kw["scheduler"]),
         dataset=make_dataset_provider(cfg, base_dir=base_dir, resources=resources),
         logger=LoggerConfig(**kw["logger"]),
-        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.student.model or cfg.student.tokenizer),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=_resolve_model(cfg.student.model, base_dir)),
         checkpoint=CheckpointConfig(**kw["checkpoint"]),
         rng=RNGConfig(**kw["rng"]),
         ddp=DistributedDataParallelConfig(**kw["ddp"]),
