@@ -282,9 +282,10 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
         timers("batch-generator").stop()
     inner = _unwrap(model)
     teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in xtoken_criterion(inner).specs])
+    modules = list(getattr(getattr(inner, "_teacher_model", None), "teachers", [None] * len(teacher_batches)))
     output = model(
         batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-        teacher_inputs=[teacher_inputs_from_batch(tb) for tb in teacher_batches],
+        teacher_inputs=[teacher_inputs_from_batch(tb, m) for tb, m in zip(teacher_batches, modules)],  # cached: its rows
     )
     return output, partial(loss_func, inner, batch, teacher_batches, training=bool(inner.training))
 
@@ -301,6 +302,8 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
     """
     names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
     for name, t in zip(names, teachers):
+        if t is None:  # a cached teacher: no model
+            continue
         for attr in _PARALLEL_ATTRS:
             s_v, t_v = getattr(student, attr, 1) or 1, getattr(t, attr, 1) or 1
             if s_v != t_v:
@@ -317,6 +320,15 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
         raise ConfigError("virtual pipeline parallelism is not supported by X-Token KD (nor by ModelOpt KD)")
     if (getattr(student, "context_parallel_size", 1) or 1) > 1:
         raise ConfigError("context_parallel_size > 1 would cut aligned chunks across ranks: X-Token supports CP = 1")
+
+
+def _cached_teacher(t: Any, resources: Any, tp: int) -> Any:
+    """A :class:`~nemo_xtoken.offline.teachers.CachedTeacher` for a ``teachers.N.cache`` teacher (no model)."""
+    from nemo_xtoken.offline import padded_vocab_size
+    from nemo_xtoken.offline.teachers import CachedTeacher
+
+    v = resources.caches[t.name].vocab_size
+    return CachedTeacher(v, padded_vocab_size(v, tp), name=t.name)
 
 
 def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
@@ -352,8 +364,11 @@ def convert_to_xtoken_distillation_provider(
     if len(teacher_providers) != len(cfg.teachers):
         raise ConfigError(f"{len(teacher_providers)} teacher providers for {len(cfg.teachers)} configured teachers")
     p = cfg.parallel
+    for i, (prov, t) in enumerate(zip(teacher_providers, cfg.teachers)):
+        if (prov is None) != (t.cache is not None):
+            raise ConfigError(f"teachers.{i} ({t.name}): give a provider for a live teacher and None for a cached one (teachers.N.cache)")
     for prov, seq in [(student_provider, cfg.student.seq_length)] + [
-        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers)
+        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers) if tp_ is not None
     ]:
         prov.tensor_model_parallel_size = p.tensor_model_parallel_size
         prov.pipeline_model_parallel_size = p.pipeline_model_parallel_size
@@ -376,9 +391,14 @@ def convert_to_xtoken_distillation_provider(
         student = unwrap_model(model_chunks[0])
         tp = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_model_parallel_group()
-        built = [unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0]) for prov in teachers]
+        built = [
+            _cached_teacher(cfg.teachers[m], resources, tp) if prov is None
+            else unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0])
+            for m, prov in enumerate(teachers)
+        ]
         criterion, balancer = criterion_from_config(
-            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
+            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp),
+            teacher_padded=[getattr(t, "vocab_size") if prov is None else _padded_vocab(t, tp) for t, prov in zip(built, teachers)],
             group=group,
         )
         # ModelOpt's DistillationModel (a Distill<GPTModel>): Megatron's config, state dicts and
@@ -508,6 +528,12 @@ def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any 
     from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, TextDocuments
 
     xt = [t for t in cfg.teachers if t.loss != "kl"]
+    for t in cfg.teachers:
+        if t.cache is not None and t.loss == "kl":
+            raise ConfigError(
+                f"teachers ({t.name}): a cached same-tokenizer (loss kl) teacher is not supported by the dataset builder "
+                "(its rows follow the student's ids); run it live, or cache a cross-tokenizer teacher"
+            )
     if len(xt) > 1:
         raise ConfigError(
             f"{len(xt)} cross-tokenizer teachers ({[t.name for t in xt]}): the dataset builder aligns the student with one "
@@ -523,7 +549,9 @@ def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any 
     for p in paths:
         if not Path(p).exists():
             raise ConfigError(f"data.paths: {p} does not exist")
-    if cfg.data.format == "preprocessed":
+    if first.cache is not None:  # the cached teacher's rows ride along as per-teacher-token fields
+        docs = _cached_documents(cfg, first, resources.caches[first.name], paths)
+    elif cfg.data.format == "preprocessed":
         docs = _ConcatDocuments([PreprocessedDocuments(p) for p in paths])
     else:
         docs = _ConcatDocuments(
@@ -534,6 +562,28 @@ def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any 
         seed=cfg.data.seed, on_too_long=cfg.data.on_too_long,
     )
     return _StreamView(ds, num_samples)
+
+
+def _cached_documents(cfg: XTokenDistillConfig, teacher: Any, cache: Any, paths: Sequence[str]) -> Any:
+    """The document source of a cached teacher: its corpus with the cached rows (the data must be the cached text)."""
+    from nemo_xtoken.offline.teachers import CachedTeacherDocuments
+
+    if len(paths) != 1:
+        raise ConfigError(
+            f"teachers ({teacher.name}) is cached: data.paths must be the one corpus the cache covers, got {len(paths)} paths"
+        )
+    if cfg.data.format == "preprocessed":
+        return CachedTeacherDocuments(cache, paths[0])  # refused unless it is the cached text (content hash)
+    source = cache.corpus_path
+    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+
+    cached_input = PreprocessedCorpus(source).params.get("input")
+    if cached_input != str(Path(paths[0]).resolve()):
+        raise ConfigError(
+            f"teachers ({teacher.name}): the cache {cache.path} was built from {cached_input}, but data.paths is {paths[0]}: "
+            "train on the cached text (or its `xtoken preprocess` folder), or cache this corpus"
+        )
+    return CachedTeacherDocuments(cache)
 
 
 def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, resources: Any = None):
@@ -579,13 +629,16 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
 
     from nemo_xtoken.integration.config import validate_resources
 
-    for who, m in [("student", cfg.student.model)] + [(f"teachers ({t.name})", t.model) for t in cfg.teachers]:
+    for who, m in [("student", cfg.student.model)] + [(f"teachers ({t.name})", t.model) for t in cfg.teachers if t.cache is None]:
         if not m:
             raise ConfigError(f"{who}.model is required to build Bridge models (a Hugging Face id or folder)")
     resources = validate_resources(cfg, base_dir=base_dir)
     student = AutoBridge.from_hf_pretrained(cfg.student.model).to_megatron_provider(load_weights=load_weights)
-    teachers = [AutoBridge.from_hf_pretrained(t.model).to_megatron_provider(load_weights=load_weights) for t in cfg.teachers]
-    for prov in [student, *teachers]:
+    teachers = [  # a cached teacher (teachers.N.cache) has no model: None
+        None if t.cache is not None else AutoBridge.from_hf_pretrained(t.model).to_megatron_provider(load_weights=load_weights)
+        for t in cfg.teachers
+    ]
+    for prov in [student, *(t for t in teachers if t is not None)]:
         prov.bf16 = cfg.train.bf16
         prov.params_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         prov.pipeline_dtype = prov.params_dtype

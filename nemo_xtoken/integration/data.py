@@ -63,7 +63,11 @@ SAMPLE_KEYS = STUDENT_KEYS + TEACHER_KEYS
 
 
 class DocumentSource(Protocol):
-    """Anything indexable giving ``(student_ids, teacher_ids, Alignment)`` per document."""
+    """Anything indexable giving ``(student_ids, teacher_ids, Alignment)`` per document.
+
+    A 4th element, ``{name: array [n_teacher_tokens, ...]}``, adds per-teacher-token fields to the
+    samples (cut and zero-padded like ``teacher_tokens``): a cached teacher's rows.
+    """
 
     def __len__(self) -> int: ...
 
@@ -223,7 +227,7 @@ class DualTokenizedDataset:
         self.shuffle = shuffle
         pieces: list[_Piece] = []
         for d in range(len(documents)):
-            _, _, a = documents[d]
+            a = documents[d][2]
             for k0, k1 in plan_pieces(a.student_chunks, a.teacher_chunks, self.seq_length, self.teacher_seq_length, on_too_long=on_too_long, doc=d):
                 pieces.append(_Piece(d, k0, k1))
         if not pieces:
@@ -255,8 +259,17 @@ class DualTokenizedDataset:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         p = self.pieces[self.piece_index(i)]
-        s_ids, t_ids, a = self.documents[p.doc]
-        return self._make_sample(s_ids, t_ids, a, p)
+        item = self.documents[p.doc]
+        sample = self._make_sample(*item[:3], p)
+        if len(item) > 3:  # per-teacher-token fields (a cached teacher's rows): cut and padded like teacher_tokens
+            a, T = item[2], self.teacher_seq_length
+            t0, t1 = int(a.teacher_chunks[p.k0, 0]), int(a.teacher_chunks[p.k1 - 1, 1])
+            for name, arr in item[3].items():
+                rows = np.asarray(arr[t0 : min(t1, t0 + T)])
+                out = np.zeros((T, *rows.shape[1:]), dtype=rows.dtype)
+                out[: rows.shape[0]] = rows
+                sample[name] = torch.from_numpy(out)
+        return sample
 
     def _make_sample(self, s_ids: np.ndarray, t_ids: np.ndarray, a: Any, p: _Piece) -> dict[str, torch.Tensor]:
         S, T = self.seq_length, self.teacher_seq_length

@@ -20,7 +20,7 @@ from torch import nn
 
 from nemo_xtoken.errors import XTokenError
 
-__all__ = ["CACHED_TEACHER_KEYS", "CachedTeacher", "cached_teacher_inputs", "is_cached_teacher"]
+__all__ = ["CACHED_TEACHER_KEYS", "CachedTeacher", "CachedTeacherDocuments", "cached_teacher_inputs", "is_cached_teacher"]
 
 #: Batch fields of a cached teacher: ``[B, T, k]`` ids, ``[B, T, k]`` log-probabilities, ``[B, T]`` rest log-mass.
 CACHED_TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_log_probs", "teacher_rest_log_mass")
@@ -69,3 +69,40 @@ def cached_teacher_inputs(teacher_batch: dict[str, torch.Tensor], name: str = "c
             "cache's rows (build it with the teacher's cache)"
         )
     return {k: teacher_batch[k] for k in CACHED_TEACHER_KEYS}
+
+
+class CachedTeacherDocuments:
+    """The documents of a cached corpus with the cache's rows as per-teacher-token fields (a document source).
+
+    ``cache``: a :class:`~nemo_xtoken.offline.cache.TeacherCache` or its folder; ``corpus``: the
+    ``xtoken preprocess`` folder the dataset reads (default: the one the cache was built from), which
+    must be the cached text (checked by content hash).  Items are ``(student_ids, teacher_ids,
+    Alignment, {teacher_topk_ids, teacher_topk_log_probs, teacher_rest_log_mass})``; ``suffix``
+    (e.g. ``"@1"``) names the fields of teacher ``m ≥ 1``.
+    """
+
+    def __init__(self, cache: Any, corpus: Any = None, *, suffix: str = "") -> None:
+        from nemo_xtoken.align.preprocess import PreprocessedCorpus
+        from nemo_xtoken.offline.cache import TeacherCache
+
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        if corpus is None:
+            corpus = self.cache.corpus_path
+        self.corpus = corpus if isinstance(corpus, PreprocessedCorpus) else PreprocessedCorpus(corpus)
+        self.cache.attach(self.corpus)
+        self.suffix = suffix
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, i: int) -> tuple:
+        import numpy as np
+
+        s, t, a = self.corpus[i]
+        ids, lp, rest = self.cache.rows(i, 0, len(t))
+        names = [k + self.suffix for k in CACHED_TEACHER_KEYS]
+        return s.astype(np.int64), t.astype(np.int64), a, dict(zip(names, (ids, lp, rest)))
+
+    def lengths(self) -> tuple[Any, Any]:
+        """Student and teacher token counts per document (no document loaded)."""
+        return self.corpus.lengths()
