@@ -94,7 +94,7 @@ def weights_hash(model: nn.Module, samples: int = 4096) -> str:
         h.update(f"{name}:{tuple(t.shape)}\n".encode())
         flat = t.detach().reshape(-1)
         if flat.numel() > samples:
-            idx = torch.linspace(0, flat.numel() - 1, samples).long()
+            idx = torch.arange(samples, dtype=torch.float64).mul_((flat.numel() - 1) / (samples - 1)).long()
             flat = flat[idx.to(flat.device)]
         h.update(flat.float().cpu().numpy().tobytes())
     return h.hexdigest()
