@@ -357,19 +357,20 @@ def build_cache(
         else:
             import multiprocessing as mp
 
-            ctx = mp.get_context("spawn")
-            counter = ctx.Manager().Queue()
-            for i in range(workers):
-                counter.put(i)
-            spec = {"model": hf_model or teacher.source, "gguf": gguf_file, "device": opts.device, "dtype": opts.dtype,
-                    "trust_remote_code": trust_remote_code, "workers": workers, "worker_index": counter}
             if hf_model is None:
                 raise XTokenError("workers > 1 load the teacher in every worker: pass hf_model (and gguf_file), not a loaded teacher")
-            jobs = [(shard, str(out), corpus_path, opts, max_length, vocab, stats) for shard, stats in todo]
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(spec,)) as pool:
-                for shard, stats in pool.imap_unordered(_worker_job, jobs):
-                    results[shard] = stats
-                    bar.update(stats["tokens"])
+            ctx = mp.get_context("spawn")  # never fork a process whose torch threads already run
+            with ctx.Manager() as manager:
+                counter = manager.Queue()
+                for i in range(workers):
+                    counter.put(i)
+                spec = {"model": hf_model, "gguf": gguf_file, "device": opts.device, "dtype": opts.dtype,
+                        "trust_remote_code": trust_remote_code, "workers": workers, "worker_index": counter}
+                jobs = [(shard, str(out), corpus_path, opts, max_length, vocab, stats) for shard, stats in todo]
+                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(spec,)) as pool:
+                    for shard, stats in pool.imap_unordered(_worker_job, jobs):
+                        results[shard] = stats
+                        bar.update(stats["tokens"])
     finally:
         bar.close()
     shards = [results[k] for k in sorted(results)]

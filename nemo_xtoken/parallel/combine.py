@@ -150,8 +150,9 @@ def vocab_parallel_multi_teacher(
     """``Σ_m α_m · L_m`` on vocab shards: :func:`nemo_xtoken.losses.multi_teacher` with parallel losses.
 
     A teacher's ``projection`` may be a :class:`PKLPlan` for ``p_kl`` (with a permuted teacher,
-    the permutation is taken into account by the scores as well).  A teacher may be a :class:`~nemo_xtoken.offline.SparseTeacher` (a cached
-    teacher): each rank materializes only its columns.
+    the permutation is taken into account by the scores as well).  A teacher may be a
+    :class:`~nemo_xtoken.offline.SparseTeacher` (a cached teacher): each rank materializes only its
+    columns.
     """
     group = resolve_group(group)
     rank, _ = group_rank_size(group)
