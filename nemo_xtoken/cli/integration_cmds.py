@@ -86,8 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", "-c", required=True, help="YAML run config (conf/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100")
-    p.add_argument("--check", action="store_true", help="validate and print the Bridge settings, do not train")
-    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers and W files")
+    p.add_argument("--check", action="store_true", help="validate (config, tokenizers, W, audit, data: reads, aligns and packs the first documents) and print the Bridge settings, do not train")
+    p.add_argument("--no-resources", action="store_true", help="with --check: skip tokenizers, W files and data")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(

@@ -137,13 +137,16 @@ def get_xtoken_batch(data_iterator: Iterator[dict[str, Any]] | None, device: Any
 
 
 def identity_teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Teacher fields for a same-tokenizer teacher: the student's ids, one chunk per predicting position."""
+    """Teacher fields for a same-tokenizer teacher: the student's ids, one chunk per predicting position.
+
+    A packed batch's ``segment_ids`` become the teacher's (same documents, same positions).
+    """
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).expand(b, s)
     ids = torch.where(mask > 0, pos, torch.full_like(pos, -1))
     targets = torch.where(mask > 0, labels, torch.zeros_like(labels))
-    return {
+    out = {
         "teacher_tokens": tokens,
         "teacher_position_ids": batch["position_ids"],
         "student_chunk_ids": ids,
@@ -152,6 +155,9 @@ def identity_teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
         "teacher_targets": targets.clone(),
         "n_chunks": torch.full((b,), s, dtype=torch.long, device=tokens.device),
     }
+    if batch.get("segment_ids") is not None:
+        out["teacher_segment_ids"] = batch["segment_ids"]
+    return out
 
 
 def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[str]) -> list[dict[str, torch.Tensor]]:
@@ -163,7 +169,8 @@ def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[
     out: list[dict[str, torch.Tensor]] = []
     plain_owner = next((i for i, l in enumerate(losses) if l != "kl"), None)
     for m, loss in enumerate(losses):
-        own = {k: batch[f"{k}@{m}"] for k in TEACHER_FIELDS if f"{k}@{m}" in batch}
+        # every "<key>@m" field is teacher m's (TEACHER_FIELDS, its segment ids, cached-teacher fields)
+        own = {k.rpartition("@")[0]: v for k, v in batch.items() if "@" in k and k.rpartition("@")[2] == str(m)}
         if own:
             lacking = [k for k in TEACHER_FIELDS if k not in own]
             if lacking:
@@ -270,7 +277,7 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
     :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model`) and returns the
     student's per-token CE with :func:`loss_func` bound to the model, the batch and the alignments.
     """
-    from nemo_xtoken.integration.distill import teacher_inputs_from_batch, xtoken_criterion
+    from nemo_xtoken.integration.distill import xtoken_criterion
 
     if return_schedule_plan:
         raise XTokenError("X-Token KD does not support overlap_moe_expert_parallel_comm (return_schedule_plan=True)")
@@ -282,12 +289,34 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
         timers("batch-generator").stop()
     inner = _unwrap(model)
     teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in xtoken_criterion(inner).specs])
-    modules = list(getattr(getattr(inner, "_teacher_model", None), "teachers", [None] * len(teacher_batches)))
-    output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-        teacher_inputs=[teacher_inputs_from_batch(tb, m) for tb, m in zip(teacher_batches, modules)],  # cached: its rows
-    )
+    s_in, t_in = packed_model_inputs(inner, batch, teacher_batches)
+    output = model(s_in.pop("input_ids"), s_in.pop("position_ids"), s_in.pop("attention_mask"), labels=batch["labels"],
+                   teacher_inputs=t_in, **s_in)
     return output, partial(loss_func, inner, batch, teacher_batches, training=bool(inner.training))
+
+
+def packed_model_inputs(
+    inner: Any, batch: dict[str, torch.Tensor], teacher_batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The student's and every teacher's forward inputs, with the attention of packed samples.
+
+    Each model gets its own ids, position ids (restarting per document in a packed sample) and the
+    attention that keeps documents apart: an attention mask for Megatron's local attention, Megatron's
+    ``PackedSeqParams`` (``cu_seqlens``) for Transformer Engine's (:mod:`nemo_xtoken.integration.data`).
+    """
+    from nemo_xtoken.integration.data import attention_kind, student_model_inputs, teacher_model_inputs
+
+    teachers = list(getattr(getattr(inner, "_teacher_model", None), "teachers", []))
+    kinds = [attention_kind(t) for t in teachers] or ["mask"] * len(teacher_batches)
+    if len(kinds) != len(teacher_batches):
+        raise XTokenError(f"{len(teacher_batches)} teacher batches for {len(kinds)} teacher models")
+    from nemo_xtoken.offline.teachers import cached_teacher_inputs, is_cached_teacher
+
+    t_in = [  # a cached teacher (CachedTeacher) reads its rows from the batch
+        cached_teacher_inputs(tb, teachers[m].name) if teachers and is_cached_teacher(teachers[m]) else teacher_model_inputs(tb, k)
+        for m, (tb, k) in enumerate(zip(teacher_batches, kinds))
+    ]
+    return student_model_inputs(batch, attention_kind(inner)), t_in
 
 
 # ---- provider conversion ---------------------------------------------------------------------------
@@ -478,23 +507,6 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
 # ---- data ------------------------------------------------------------------------------------------
 
 
-class _ConcatDocuments:
-    def __init__(self, parts: Sequence[Any]) -> None:
-        self.parts = list(parts)
-        self.offsets = [0]
-        for p in self.parts:
-            self.offsets.append(self.offsets[-1] + len(p))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, i: int):
-        import bisect
-
-        k = bisect.bisect_right(self.offsets, i) - 1
-        return self.parts[k][i - self.offsets[k]]
-
-
 class _StreamView(torch.utils.data.Dataset):
     """``n`` samples of a :class:`DualTokenizedDataset` stream (Megatron samplers index ``0 … n-1``)."""
 
@@ -511,79 +523,19 @@ class _StreamView(torch.utils.data.Dataset):
         return self.ds[self.offset + int(i)]
 
 
-def _resolve(path: str, base_dir: str | Path | None) -> str:
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return str(Path(base_dir) / path)
-    return path
-
-
 def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any = None, base_dir: str | Path | None = None):
-    """The training stream: ``num_samples`` collatable samples of a :class:`DualTokenizedDataset`.
+    """The training stream: ``num_samples`` collatable samples of the run's :class:`DualTokenizedDataset`.
 
-    The dataset's teacher side serves the first cross-tokenizer teacher; same-tokenizer teachers
-    read the student side (:func:`teacher_batches_from_batch`).  Two cross-tokenizer teachers need
-    per-teacher fields, which this builder does not produce: it refuses them.
+    Built by :func:`~nemo_xtoken.integration.data.dataset_from_config`: one side per cross-tokenizer
+    teacher (teacher ``m ≥ 1``'s fields under ``"<key>@<m>"``), same-tokenizer teachers read the
+    student side (:func:`teacher_batches_from_batch`), packed unless ``data.packing: false``.
     """
     from nemo_xtoken.integration.config import validate_resources
-    from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, TextDocuments
+    from nemo_xtoken.integration.data import dataset_from_config
 
-    xt = [t for t in cfg.teachers if t.loss != "kl"]
-    for t in cfg.teachers:
-        if t.cache is not None and t.loss == "kl":
-            raise ConfigError(
-                f"teachers ({t.name}): a cached same-tokenizer (loss kl) teacher is not supported by the dataset builder "
-                "(its rows follow the student's ids); run it live, or cache a cross-tokenizer teacher"
-            )
-    if len(xt) > 1:
-        raise ConfigError(
-            f"{len(xt)} cross-tokenizer teachers ({[t.name for t in xt]}): the dataset builder aligns the student with one "
-            "teacher tokenizer; combine one cross-tokenizer teacher with same-tokenizer (loss kl) teachers"
-        )
-    if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give jsonl/parquet files or `xtoken preprocess` folders")
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
-    first = xt[0] if xt else cfg.teachers[0]
-    t_tok = resources.teacher_tokenizers[first.name]
-    paths = [_resolve(p, base_dir) for p in cfg.data.paths]
-    for p in paths:
-        if not Path(p).exists():
-            raise ConfigError(f"data.paths: {p} does not exist")
-    if first.cache is not None:  # the cached teacher's rows ride along as per-teacher-token fields
-        docs = _cached_documents(cfg, first, resources.caches[first.name], paths)
-    elif cfg.data.format == "preprocessed":
-        docs = _ConcatDocuments([PreprocessedDocuments(p) for p in paths])
-    else:
-        docs = _ConcatDocuments(
-            [TextDocuments(p, resources.student_tokenizer, t_tok, text_key=cfg.data.text_key) for p in paths]
-        )
-    ds = DualTokenizedDataset(
-        docs, seq_length=cfg.student.seq_length, teacher_seq_length=cfg.teacher_seq_length(first),
-        seed=cfg.data.seed, on_too_long=cfg.data.on_too_long,
-    )
-    return _StreamView(ds, num_samples)
-
-
-def _cached_documents(cfg: XTokenDistillConfig, teacher: Any, cache: Any, paths: Sequence[str]) -> Any:
-    """The document source of a cached teacher: its corpus with the cached rows (the data must be the cached text)."""
-    from nemo_xtoken.offline.teachers import CachedTeacherDocuments
-
-    if len(paths) != 1:
-        raise ConfigError(
-            f"teachers ({teacher.name}) is cached: data.paths must be the one corpus the cache covers, got {len(paths)} paths"
-        )
-    if cfg.data.format == "preprocessed":
-        return CachedTeacherDocuments(cache, paths[0])  # refused unless it is the cached text (content hash)
-    source = cache.corpus_path
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
-
-    cached_input = PreprocessedCorpus(source).params.get("input")
-    if cached_input != str(Path(paths[0]).resolve()):
-        raise ConfigError(
-            f"teachers ({teacher.name}): the cache {cache.path} was built from {cached_input}, but data.paths is {paths[0]}: "
-            "train on the cached text (or its `xtoken preprocess` folder), or cache this corpus"
-        )
-    return CachedTeacherDocuments(cache)
+    return _StreamView(dataset_from_config(cfg, resources, base_dir=base_dir), num_samples)
 
 
 def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, resources: Any = None):

@@ -4,7 +4,8 @@ What every rank runs (under ``torchrun`` or ``srun``, launched by ``examples/``)
 config with host-style overrides, validate it strictly, load tokenizers and W and run the coverage
 audit (a warning when the configured loss contradicts it) — all before any GPU time is spent —
 then build Megatron-Bridge's ``ConfigContainer`` and call ``pretrain`` with X-Token's forward
-step.  ``--check`` stops after validation (no Bridge needed: usable on a login node or in CI).
+step.  ``--check`` stops after validation (no Bridge needed: usable on a login node or in CI); it also
+reads, aligns and packs the first documents of ``data.paths`` at the configured lengths.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True, help="YAML run config (see conf/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100 teachers.0.weight=0.8")
     p.add_argument("--check", action="store_true", help="validate config, tokenizers, W files and audit, print the Bridge settings, exit")
-    p.add_argument("--no-resources", action="store_true", help="with --check: skip loading tokenizers and W files")
+    p.add_argument("--no-resources", action="store_true", help="with --check: skip loading tokenizers, W files and data")
     return p
 
 
@@ -40,6 +41,17 @@ def prepare(config: str, overrides: list[str], *, load_resources: bool = True):
     return cfg, resources
 
 
+def _check_data(cfg, resources, base_dir: Path) -> None:
+    """``--check``'s data part (docs/data.md): the paths exist, the first documents read, align and pack.
+
+    Skipped with ``--no-resources`` (the config alone is checked then; the data needs the tokenizers).
+    """
+    from nemo_xtoken.integration.data import check_data, format_data_check
+
+    if resources is not None:
+        print(format_data_check(check_data(cfg, resources, base_dir=base_dir)), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -50,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             from nemo_xtoken.integration.bridge import bridge_config_kwargs
 
+            _check_data(cfg, resources, Path(args.config).resolve().parent)
             print(json.dumps(bridge_config_kwargs(cfg), indent=2, default=str))
             return 0
         from nemo_xtoken.integration.bridge import build_config_container, run_pretrain

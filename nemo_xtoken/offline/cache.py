@@ -528,6 +528,18 @@ class TeacherCache:
             np.array(a["rest_log_mass"][base + start : base + end], dtype=np.float32),
         )
 
+    def views(self, doc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Document ``doc``'s rows as memory-mapped views (stored dtypes, nothing read): ids, log-probs, rest."""
+        if self._offsets is None:
+            raise XTokenError("TeacherCache.views needs the corpus's document offsets: call cache.attach(corpus) first")
+        if not 0 <= doc < len(self):
+            raise IndexError(f"document {doc} out of range (cache of {len(self)} documents)")
+        k = int(np.searchsorted(self._doc_starts, doc, "right") - 1)
+        j = doc - int(self._doc_starts[k])
+        b0, b1 = int(self._offsets[k][j]), int(self._offsets[k][j + 1])
+        a = self._shards[k]
+        return a["ids"][b0:b1], a["log_probs"][b0:b1], a["rest_log_mass"][b0:b1]
+
     def sparse(self, doc: int, start: int, end: int) -> Any:
         """The rows of :meth:`rows` as a :class:`~nemo_xtoken.offline.sparse.SparseTeacher`."""
         from nemo_xtoken.offline.sparse import SparseTeacher

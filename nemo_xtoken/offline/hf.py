@@ -156,7 +156,8 @@ def load_hf_teacher(
 class HFTeacher(nn.Module):
     """A Hugging Face causal LM as a live teacher of the distillation model: logits of this rank's vocab shard.
 
-    ``forward(input_ids, position_ids=None, attention_mask=None)`` → ``[B, T, padded/tp]`` float32:
+    ``forward(input_ids, position_ids=None, attention_mask=None)`` → ``[B, T, padded/tp]`` float32
+    (``attention_mask``: Megatron's boolean mask of a packed batch, True = masked, or Hugging Face's own):
     the model's logits, columns beyond its output width filled with a finite floor (probability 0
     once the loss masks the padded vocabulary).  The model is replicated on every rank (it is not
     sharded); it stays frozen and in eval mode.  ``vocab_size`` is ``padded`` (the criterion's width).
@@ -174,6 +175,12 @@ class HFTeacher(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         from nemo_xtoken.offline.sparse import FLOOR
 
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            # Megatron's mask of a packed batch (True = masked) → Hugging Face's additive mask (0 = attend)
+            dt = next(self.model.parameters()).dtype
+            attention_mask = torch.zeros(attention_mask.shape, dtype=dt, device=attention_mask.device).masked_fill(
+                attention_mask, torch.finfo(dt).min
+            )
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).logits.float()
         w = self.vocab_size // self.tp
         a, b = self.rank * w, (self.rank + 1) * w
