@@ -70,6 +70,8 @@ def test_config_selects_a_cache_instead_of_a_model(setup, qwen3_path, o200k_path
     validate_resources(_cfg(setup, tokenizer=qwen3_path))  # the same tokenizer, given explicitly
     with pytest.raises(ConfigError, match="built with another teacher tokenizer"):
         validate_resources(_cfg(setup, tokenizer=o200k_path, projection=None, loss="uld"))
+    with pytest.raises(ConfigError, match=r"cache: a same-tokenizer \(loss kl\) teacher"):
+        _cfg(setup, loss="kl", projection=None)
     with pytest.raises(ConfigError, match="cache: replaces the teacher model"):
         _cfg(setup, model="HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(ConfigError, match=r"tokenizer: is required \(or a cache"):
@@ -125,6 +127,51 @@ def test_dataset_delivers_the_cached_rows_beside_the_batch(setup):
     bad.data.paths = [str(other)]
     with pytest.raises(ConfigError, match="was built from .*docs.jsonl.*but data.paths is"):
         B.build_dataset(bad, 4, resources=res)
+
+
+@pytest.mark.parametrize("cached_first", [True, False])
+def test_live_and_cached_teachers_share_the_packed_documents(setup, o200k_path, w_llama3_o200k, cached_first):
+    """A cached teacher beside a live cross-tokenizer teacher (either order): one packed dataset, both sides."""
+    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.integration.data import dataset_from_config
+
+    w_o = setup.root / "w_o200k.safetensors"
+    w_llama3_o200k.save(w_o)
+    cached = {"name": "smol", "cache": str(setup.cache), "projection": str(setup.w), "loss": "p_kl", "seq_length": T}
+    live = {"name": "o200k", "tokenizer": o200k_path, "projection": str(w_o), "loss": "h_kl", "seq_length": T}
+    cfg = _cfg(setup)
+    cfg.teachers = config_from_dict({"student": {"tokenizer": setup.llama3}, "teachers": [cached, live] if cached_first else [live, cached]}).teachers
+    res = validate_resources(cfg)
+    ds = dataset_from_config(cfg, res)
+    assert ds.n_teachers == 2 and ds.packing
+    sfx = "" if cached_first else "@1"  # the cached teacher's fields: its side's keys
+    cache = TeacherCache(setup.cache).attach(PreprocessedCorpus(setup.cache / "corpus"))
+    m = 0 if cached_first else 1
+    for i in range(len(ds)):
+        sample, segs = ds[i], ds.segments(i)
+        assert "teacher_topk_ids" + sfx in sample and ("teacher_topk_ids@1" if cached_first else "teacher_topk_ids") not in sample
+        assert "teacher_tokens@1" in sample
+        for sg, (q0, q1) in zip(segs, _slots(segs, m)):
+            q1 = min(q1, T)
+            ids, lp, _ = cache.rows(sg.doc, sg.t0[m], sg.t0[m] + q1 - q0)
+            assert torch.equal(sample["teacher_topk_ids" + sfx][q0:q1], torch.from_numpy(ids))
+            assert torch.equal(sample["teacher_topk_log_probs" + sfx][q0:q1], torch.from_numpy(lp))
+
+
+def test_preprocessed_data_must_be_the_cached_corpus(setup, qwen3_path):
+    """data.format preprocessed: the cached corpus (or none: the cache's own) is read; another corpus is refused."""
+    from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+    from nemo_xtoken.integration.data import dataset_from_config
+
+    cfg = _cfg(setup)
+    cfg.data.format, cfg.data.paths = "preprocessed", [str(setup.cache / "corpus")]
+    res = validate_resources(cfg)
+    assert "teacher_topk_ids" in dataset_from_config(cfg, res)[0]
+    other = write_jsonl(short_passages(text_corpus("moby-dick"), 3, max_chars=180), setup.root / "other_pre.jsonl")
+    preprocess(other, setup.root / "other_pre", PreprocessOptions(setup.llama3, qwen3_path), progress=False)
+    cfg.data.paths = [str(setup.root / "other_pre")]
+    with pytest.raises(ConfigError, match="smol.*built from other text than"):
+        dataset_from_config(cfg, res)
 
 
 def _kd(report) -> float:

@@ -210,6 +210,8 @@ class XTokenDistillConfig:
                 raise bad(f"{k}.loss", f"{t.loss!r} is not one of {list(LOSSES)}")
             if t.cache is not None and (t.model or t.checkpoint):
                 raise bad(f"{k}.cache", "replaces the teacher model: remove model/checkpoint, or remove cache to run the teacher live")
+            if t.cache is not None and t.loss == "kl":
+                raise bad(f"{k}.cache", "a same-tokenizer (loss kl) teacher reads the student's ids and has no cached side in the dataset: run it live (model), or cache a cross-tokenizer teacher")
             if not t.tokenizer and t.cache is None:
                 raise bad(f"{k}.tokenizer", "is required (or a cache, whose tokenizer is used)")
             if t.loss in ("p_kl", "h_kl", "gold") and not t.projection:
