@@ -236,7 +236,9 @@ def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = N
     ``checkpoint`` loads that Megatron checkpoint instead of its Hugging Face weights; a student with
     ``checkpoint`` is loaded by Bridge (``CheckpointConfig.pretrained_checkpoint``).
     """
-    for who, m in [("student", cfg.student.model)] + [(f"teachers.{i} ({t.name})", t.model) for i, t in enumerate(cfg.teachers)]:
+    for who, m in [("student", cfg.student.model)] + [
+        (f"teachers.{i} ({t.name})", t.model) for i, t in enumerate(cfg.teachers) if t.cache is None
+    ]:
         if not m:
             raise ConfigError(f"{who}.model is required to build Megatron-Bridge models (a Hugging Face id or folder)")
     student = provider_from_hf(
@@ -244,6 +246,9 @@ def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = N
     )
     teachers = []
     for i, t in enumerate(cfg.teachers):
+        if t.cache is not None:  # a cached teacher (teachers.N.cache) has no model: None
+            teachers.append(None)
+            continue
         key = f"teachers.{i} ({t.name})"
         prov = provider_from_hf(_resolve_model(t.model, base_dir), load_weights=load_weights and not t.checkpoint, key=f"{key}.model")
         if t.checkpoint:
@@ -252,7 +257,7 @@ def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = N
             prov.perform_initialization = False
             prov.register_pre_wrap_hook(_megatron_checkpoint_hook(ckpt, f"{key}.checkpoint"))
         teachers.append(prov)
-    for prov in [student, *teachers]:
+    for prov in [student, *(t for t in teachers if t is not None)]:
         settle_precision(prov, cfg.train.bf16)
     return student, teachers
 
@@ -465,7 +470,13 @@ def packed_model_inputs(
     kinds = [attention_kind(t) for t in teachers] or ["mask"] * len(teacher_batches)
     if len(kinds) != len(teacher_batches):
         raise XTokenError(f"{len(teacher_batches)} teacher batches for {len(kinds)} teacher models")
-    return student_model_inputs(batch, attention_kind(inner)), [teacher_model_inputs(tb, k) for tb, k in zip(teacher_batches, kinds)]
+    from nemo_xtoken.offline.teachers import cached_teacher_inputs, is_cached_teacher
+
+    t_in = [  # a cached teacher (CachedTeacher) reads its rows from the batch
+        cached_teacher_inputs(tb, teachers[m].name) if teachers and is_cached_teacher(teachers[m]) else teacher_model_inputs(tb, k)
+        for m, (tb, k) in enumerate(zip(teacher_batches, kinds))
+    ]
+    return student_model_inputs(batch, attention_kind(inner)), t_in
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -511,6 +522,8 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
     """
     names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
     for name, t in zip(names, teachers):
+        if t is None:  # a cached teacher: no model
+            continue
         for attr in _PARALLEL_ATTRS:
             s_v, t_v = getattr(student, attr, 1) or 1, getattr(t, attr, 1) or 1
             if s_v != t_v:
@@ -524,6 +537,15 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
         raise ConfigError("virtual pipeline parallelism is not supported by X-Token KD (nor by ModelOpt KD)")
     if (getattr(student, "context_parallel_size", 1) or 1) > 1:
         raise ConfigError(CONTEXT_REFUSAL.format(cp=student.context_parallel_size))
+
+
+def _cached_teacher(t: Any, resources: Any, tp: int) -> Any:
+    """A :class:`~nemo_xtoken.offline.teachers.CachedTeacher` for a ``teachers.N.cache`` teacher (no model)."""
+    from nemo_xtoken.offline import padded_vocab_size
+    from nemo_xtoken.offline.teachers import CachedTeacher
+
+    v = resources.caches[t.name].vocab_size
+    return CachedTeacher(v, padded_vocab_size(v, tp), name=t.name)
 
 
 def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
@@ -562,8 +584,11 @@ def convert_to_xtoken_distillation_provider(
     if len(teacher_providers) != len(cfg.teachers):
         raise ConfigError(f"{len(teacher_providers)} teacher providers for {len(cfg.teachers)} configured teachers")
     p = cfg.parallel
+    for i, (prov, t) in enumerate(zip(teacher_providers, cfg.teachers)):
+        if (prov is None) != (t.cache is not None):
+            raise ConfigError(f"teachers.{i} ({t.name}): give a provider for a live teacher and None for a cached one (teachers.N.cache)")
     for prov, seq in [(student_provider, cfg.student.seq_length)] + [
-        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers)
+        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers) if tp_ is not None
     ]:
         prov.tensor_model_parallel_size = p.tensor_model_parallel_size
         prov.pipeline_model_parallel_size = p.pipeline_model_parallel_size
@@ -589,14 +614,18 @@ def convert_to_xtoken_distillation_provider(
         group = parallel_state.get_tensor_model_parallel_group()
         on_cpu = bool(getattr(student.config, "use_cpu_initialization", False))
         built = []
-        for prov in teachers:
+        for m, prov in enumerate(teachers):
+            if prov is None:  # a cached teacher: its rows come with the batch
+                built.append(_cached_teacher(cfg.teachers[m], resources, tp))
+                continue
             # Bridge's TransformerConfig.__post_init__ is a no-op: finalize() fills init methods etc.;
             # Bridge finalizes only cfg.model (the student), so every teacher is finalized here.
             prov.finalize()
             (chunk,) = prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None, use_cpu_initialization=on_cpu)
             built.append(unwrap_model(chunk))
         criterion, balancer = criterion_from_config(
-            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
+            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp),
+            teacher_padded=[getattr(t, "vocab_size") if prov is None else _padded_vocab(t, tp) for t, prov in zip(built, teachers)],
             group=group,
         )
         # ModelOpt's DistillationModel (a Distill<GPTModel>): Megatron's config, state dicts and

@@ -116,7 +116,11 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """One frozen teacher: its tokenizer, W (student → teacher), loss mode and weight α."""
+    """One frozen teacher: its tokenizer, W (student → teacher), loss mode and weight α.
+
+    ``model`` (a live teacher) or ``cache`` (an ``xtoken cache-teacher`` folder: distil from its
+    cached top-k distributions, no teacher model in memory; its tokenizer is the cache's unless given).
+    """
 
     name: str = ""
     tokenizer: str = ""
@@ -128,6 +132,7 @@ class TeacherConfig:
     seq_length: int | None = None  # teacher-side maximum length (None: the student's)
     parallel: ParallelConfig | None = None  # if given, must equal the run's
     learnable_w: bool = False  # p_kl only: train W's weights with the student (its sparsity pattern fixed)
+    cache: str | None = None  # `xtoken cache-teacher` output: an offline teacher instead of model/checkpoint
 
 
 @dataclass
@@ -243,8 +248,12 @@ class XTokenDistillConfig:
             k = f"teachers.{i} ({t.name})"
             if t.loss not in LOSSES:
                 raise bad(f"{k}.loss", f"{t.loss!r} is not one of {list(LOSSES)}")
-            if not t.tokenizer:
-                raise bad(f"{k}.tokenizer", "is required")
+            if t.cache is not None and (t.model or t.checkpoint):
+                raise bad(f"{k}.cache", "replaces the teacher model: remove model/checkpoint, or remove cache to run the teacher live")
+            if t.cache is not None and t.loss == "kl":
+                raise bad(f"{k}.cache", "a same-tokenizer (loss kl) teacher reads the student's ids and has no cached side in the dataset: run it live (model), or cache a cross-tokenizer teacher")
+            if not t.tokenizer and t.cache is None:
+                raise bad(f"{k}.tokenizer", "is required (or a cache, whose tokenizer is used)")
             if t.loss in ("p_kl", "h_kl", "gold") and not t.projection:
                 raise bad(f"{k}.projection", f"loss {t.loss} needs W: build it with `xtoken build-projection`")
             if t.learnable_w and t.loss != "p_kl":
@@ -467,6 +476,7 @@ class ResourceReport:
     projections: dict[str, Any]
     recommendations: dict[str, str]
     warnings: list[str]
+    caches: dict[str, Any] = field(default_factory=dict)  # teacher name → TeacherCache (cached teachers)
 
 
 def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> ResourceReport:
@@ -483,9 +493,24 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
         return s
 
     student = load_tokenizer(resolve(cfg.student.tokenizer))
-    teachers, projs, recs, warns = {}, {}, {}, []
+    teachers, projs, recs, warns, caches = {}, {}, {}, [], {}
     for i, t in enumerate(cfg.teachers):
-        tok = load_tokenizer(resolve(t.tokenizer))
+        cache = None
+        if t.cache is not None:
+            from nemo_xtoken.offline.cache import TeacherCache
+
+            cache = caches[t.name] = TeacherCache(resolve(t.cache))
+        tok = load_tokenizer(resolve(t.tokenizer) if t.tokenizer else cache.tokenizer_path)
+        if cache is not None and tok.fingerprint != cache.tokenizer_fingerprint:
+            raise ConfigError(
+                f"teachers.{i} ({t.name}): the cache {t.cache} was built with another teacher tokenizer than {tok.source}: "
+                "remove teachers.N.tokenizer (the cache's is used) or rebuild the cache"
+            )
+        if cache is not None and cache.params.get("corpus_student_fingerprint") != student.fingerprint:
+            raise ConfigError(
+                f"teachers.{i} ({t.name}): the cache {t.cache} covers a corpus aligned for another student tokenizer than "
+                f"{student.source}: rebuild it with `xtoken cache-teacher -s {cfg.student.tokenizer}`"
+            )
         teachers[t.name] = tok
         if t.loss == "kl":
             if tok.fingerprint != student.fingerprint:
@@ -508,4 +533,4 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
                 )
                 warns.append(msg)
                 warnings.warn(msg, UserWarning, stacklevel=2)
-    return ResourceReport(student, teachers, projs, recs, warns)
+    return ResourceReport(student, teachers, projs, recs, warns, caches)

@@ -1123,7 +1123,10 @@ def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = 
     memory with each teacher's tokenizer.  ``preprocessed``: every path is an ``xtoken preprocess``
     folder; each is matched to the teachers by its recorded teacher tokenizer (one folder per teacher
     tokenizer, or several folders of consecutive parts per teacher, in ``data.paths`` order), and its
-    student tokenizer must be the run's.  ``limit``: the first documents only.
+    student tokenizer must be the run's.  A cached teacher (``teachers.N.cache``) reads its cache's
+    corpus with the cached rows as fields (:func:`~nemo_xtoken.offline.teachers.cached_teacher_source`:
+    the folder of ``data.paths`` made with its tokenizer, or the input the cache was built from, must
+    be the cached text).  ``limit``: the first documents only.
     """
     from nemo_xtoken.integration.config import ConfigError
 
@@ -1137,18 +1140,29 @@ def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = 
     cross, _ = _teacher_plan(cfg)
     names = [cfg.teachers[m].name for m in cross]
     t_toks = [resources.teacher_tokenizers[n] for n in names]
+    caches = {i: resources.caches[n] for i, n in enumerate(names) if n in (getattr(resources, "caches", None) or {})}
     if d.format in ("jsonl", "parquet"):
         for p in paths:
             if p.is_file() and p.suffix != f".{d.format}":
                 raise ConfigError(f"data.paths: {p} is not a .{d.format} file but data.format is {d.format!r}")
-        parts, left = [], limit
-        for p in paths:
-            if left is not None and left <= 0:
-                break
-            part = TextDocuments(p, resources.student_tokenizer, t_toks if len(t_toks) > 1 else t_toks[0], text_key=d.text_key, limit=left)
-            parts.append(part)
-            left = None if left is None else left - len(part)
-        docs: DocumentSource = ConcatDocuments(parts)
+        if caches:  # cached teachers (teachers.N.cache): one source per teacher, a cached one with its rows
+            from nemo_xtoken.offline.teachers import cached_teacher_source
+
+            per = [
+                cached_teacher_source(caches[i], names[i], data_format=d.format, paths=paths, folders=[], limit=limit) if i in caches
+                else ConcatDocuments([TextDocuments(p, resources.student_tokenizer, t_toks[i], text_key=d.text_key, limit=limit) for p in paths])
+                for i in range(len(cross))
+            ]
+            docs: DocumentSource = per[0] if len(per) == 1 else MultiTeacherDocuments(per)
+        else:
+            parts, left = [], limit
+            for p in paths:
+                if left is not None and left <= 0:
+                    break
+                part = TextDocuments(p, resources.student_tokenizer, t_toks if len(t_toks) > 1 else t_toks[0], text_key=d.text_key, limit=left)
+                parts.append(part)
+                left = None if left is None else left - len(part)
+            docs = ConcatDocuments(parts)
     else:
         groups: dict[int, list[PreprocessedDocuments]] = {i: [] for i in range(len(cross))}
         s_fp = resources.student_tokenizer.fingerprint
@@ -1172,13 +1186,18 @@ def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = 
                 )
             for i in owners:
                 groups[i].append(pre)
-        missing = [names[i] for i, g in groups.items() if not g]
+        missing = [names[i] for i, g in groups.items() if not g and i not in caches]  # a cached teacher: its cache's corpus
         if missing:
             raise ConfigError(
                 f"data.paths has no `xtoken preprocess` folder for teacher(s) {missing}: preprocess the same input with "
                 "each teacher's tokenizer (-t) and list every folder in data.paths"
             )
-        sources = [g[0] if len(g) == 1 else ConcatDocuments(g) for g in groups.values()]
+        sources = [g[0] if len(g) == 1 else ConcatDocuments(g) for i, g in groups.items() if i not in caches]
+        if caches:  # cached teachers (teachers.N.cache): their corpus with the cached rows, in teacher order
+            from nemo_xtoken.offline.teachers import cached_teacher_source
+
+            for i in sorted(caches):
+                sources.insert(i, cached_teacher_source(caches[i], names[i], data_format=d.format, paths=paths, folders=groups[i]))
         docs = sources[0] if len(sources) == 1 else MultiTeacherDocuments(sources)
     if limit is not None:
         docs = _Head(docs, limit)

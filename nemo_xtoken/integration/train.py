@@ -57,7 +57,9 @@ def check_models(cfg, base_dir: Path) -> dict:
 
     bridge_te_shim.install()  # no-op where transformer_engine is installed
     out = {}
-    entries = [("student.model", cfg.student.model)] + [(f"teachers.{i}.model", t.model) for i, t in enumerate(cfg.teachers)]
+    entries = [("student.model", cfg.student.model)] + [  # a cached teacher (teachers.N.cache) has no model
+        (f"teachers.{i}.model", t.model) for i, t in enumerate(cfg.teachers) if t.cache is None
+    ]
     for key, model in entries:
         if not model:
             raise ConfigError(f"{key} is not set: Megatron-Bridge builds every model from a Hugging Face id or folder")
