@@ -14,7 +14,13 @@ all-reduces per side) and one scalar all-reduce of the partial losses:
 * ``p_kl``: one all-to-all of the student probabilities the :class:`PKLPlan` lists (forward),
   the reverse all-to-all (backward);
 * ``uld``, ``gold``, ``h_kl``: exact, by an all-gather of both sides' item probabilities (the
-  rank-sorted L1 needs a global order); cost = an all-gather of the (chunk-merged) logits.
+  rank-sorted L1 needs a global order); cost = an all-gather of the (chunk-merged) logits;
+  or low traffic (a :class:`~nemo_xtoken.parallel.summary.HybridPlan` as the projection,
+  ``summary_bins=`` for ULD): the common-set KL exact through an exchange plan, the sorted L1
+  from additive shard summaries within a computed error bound (:mod:`nemo_xtoken.parallel.summary`).
+
+Every loss takes ``block_size=n``: computed ``n`` positions (whole chunks) at a time with
+recomputation in the backward (:mod:`nemo_xtoken.losses.blocked`).
 """
 
 from __future__ import annotations
@@ -665,7 +671,7 @@ def vocab_parallel_gold(
     block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards, exact."""
+    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
@@ -690,7 +696,7 @@ def vocab_parallel_h_kl(
     block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards, exact."""
+    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
