@@ -24,7 +24,8 @@ def test_gpu_loss_benchmark_runs_on_cpu_small(tmp_path):
     assert all(row["time"] > 0 and row["peak"] is None for row in res["rows"])  # no CUDA memory counter on the CPU
     assert [p["loss"] for p in res["parity"]] == ["p_kl", "h_kl", "gold"]
     for p in res["parity"]:
-        assert p["value_rel_err"] < 1e-3 and p["grad_max_abs_err"] < 1e-3 * max(p["grad_scale"], 1e-6)
+        # the device gradient is bf16 (the inputs' dtype): half an ulp is 2e-3 relative
+        assert p["value_rel_err"] < 1e-3 and p["grad_max_abs_err"] < 1e-2 * max(p["grad_scale"], 1e-6)
     assert "fwd+bwd" in r.stdout and "parity" in r.stdout
 
 
