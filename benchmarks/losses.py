@@ -106,6 +106,60 @@ def print_bytes(rows: list[dict]) -> None:
         )
 
 
+def hybrid_bytes_table(teachers=("qwen3", "o200k"), tps=(8,)) -> list[dict]:
+    """GOLD / H-KL / ULD: the exact path's all-gather of both sides vs the low-traffic HybridPlan (permuted teacher)."""
+    from nemo_xtoken.parallel.summary import DEFAULT_BINS, HybridPlan, summary_values_per_token
+
+    rows = []
+    for teacher in teachers:
+        W = projection(teacher)
+        for tp in tps:
+            vs = pad(max(W.shape[0], STUDENT_CHECKPOINT_VOCAB), tp)
+            vt = pad(max(W.shape[1], CHECKPOINT_VOCAB[teacher]), tp)
+            scalars = ring_all_reduce(5, tp)
+            allgather = (tp - 1) * (vs + vt) / tp  # the exact path: both sides' item rows
+            perm = teacher_permutation(W, tp, vs, vt)  # the P-KL permutation (one per teacher model)
+            uld = ring_all_reduce(summary_values_per_token(DEFAULT_BINS), tp) + scalars
+            row = dict(pair=f"llama3->{teacher}", tp=tp, V_S=vs, V_T=vt, allgather=allgather * BYTES, uld=uld * BYTES)
+            for name, relaxed in (("gold", False), ("h_kl", True)):
+                sent = HybridPlan.build(W, tp, vs, vt, relaxed=relaxed, teacher_perm=perm).values_sent_per_token()
+                row[f"{name}_mean"], row[f"{name}_max"] = (sent.mean() + scalars) * BYTES, (sent.max() + scalars) * BYTES
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_hybrid_bytes(rows: list[dict]) -> None:
+    print("\nGOLD / H-KL / ULD: bytes sent per token per rank, forward (fp32), exact all-gather vs low traffic (HybridPlan, permuted teacher)")
+    hdr = f"{'pair':<16}{'tp':>3}{'all-gather':>12}{'GOLD mean/max':>20}{'H-KL mean/max':>20}{'ULD':>9}{'GOLD/AG':>9}{'H-KL/AG':>9}{'ULD/AG':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(
+            f"{r['pair']:<16}{r['tp']:>3}{r['allgather']:>12,.0f}{r['gold_mean']:>12,.0f}/{r['gold_max']:<7,.0f}"
+            f"{r['h_kl_mean']:>12,.0f}/{r['h_kl_max']:<7,.0f}{r['uld']:>9,.0f}"
+            f"{100 * r['gold_mean'] / r['allgather']:>8.2f}%{100 * r['h_kl_mean'] / r['allgather']:>8.2f}%{100 * r['uld'] / r['allgather']:>7.2f}%"
+        )
+
+
+def summary_error_table(widths=(128256, 200019), scales=(1.0, 3.0, 6.0), items: int = 8) -> None:
+    """The low-traffic sorted L1 (shard summaries) against the exact one at the real widths (random softmaxes)."""
+    import torch
+
+    from nemo_xtoken.parallel.losses import _sorted_l1
+    from nemo_xtoken.parallel.summary import DEFAULT_BINS, summary_sorted_l1
+
+    print(f"\nsorted-L1 summary ({DEFAULT_BINS} bins) vs exact, {items} items, widths {widths}, softmax of N(0, scale²) logits")
+    print(f"{'scale':>6}{'exact mean':>12}{'max rel err':>13}{'max bound/exact':>17}")
+    g = torch.Generator().manual_seed(0)
+    for scale in scales:
+        ps = torch.softmax(torch.randn(items, widths[0], generator=g) * scale, 1)
+        pt = torch.softmax(torch.randn(items, widths[1], generator=g) * scale, 1)
+        ex = _sorted_l1(ps, pt)
+        v, b = summary_sorted_l1(ps, pt)
+        print(f"{scale:>6}{float(ex.mean()):>12.4f}{float(((ex - v) / ex).abs().max()):>13.2e}{float((b / ex).max()):>17.2e}")
+
+
 # ---- time and memory -------------------------------------------------------------------------------
 LOSS_NAMES = ("kl", "p_kl", "uld", "gold", "h_kl")
 
@@ -204,10 +258,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--teacher", default="qwen3", choices=("qwen3", "o200k"))
     ap.add_argument("--skip-time", action="store_true")
+    ap.add_argument("--hybrid-bytes", action="store_true", help="only the GOLD/H-KL/ULD low-traffic error and traffic tables (tp 2, 4, 8)")
     ap.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.peak_child:
         _peak_child(a.peak_child, a.tokens, a.teacher)
+        return
+    if a.hybrid_bytes:
+        summary_error_table()
+        print_hybrid_bytes(hybrid_bytes_table(tps=(2, 4, 8)))
         return
     print_bytes(bytes_table())
     if a.skip_time:

@@ -116,6 +116,7 @@ def test_overrides_host_style(tmp_path):
         (lambda d: d.update(teachers=[]), r"at least one teacher"),
         (lambda d: d.update(optimizer={"warmup_fraction": 1.5}), r"warmup_fraction: must be in \[0, 1\)"),
         (lambda d: d["teachers"][0].update(loss="h_kl", learnable_w=True), r"learnable_w: a learnable W is trained through P-KL only"),
+        (lambda d: d.update(distill={"block_size": -1}), r"distill.block_size: must be ≥ 0"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, mutate, pattern):

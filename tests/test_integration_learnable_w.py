@@ -40,7 +40,7 @@ STEPS, CKPT_AT = 6, 4
 W_KEY = "learnable_w.qwen.logits"
 
 
-def _run(rank: int, world: int, ckpt_dir: str, mode: str) -> dict:
+def _run(rank: int, world: int, ckpt_dir: str, mode: str, block_size: int | None = 512) -> dict:
     from megatron.core import dist_checkpointing
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=3)
@@ -53,7 +53,10 @@ def _run(rank: int, world: int, ckpt_dir: str, mode: str) -> dict:
             with torch.no_grad():
                 lw.logits.normal_()  # must be overwritten by the checkpoint
         w0 = lw.weights().detach().clone()
-        crit = XTokenLogitsLoss([TeacherSpec("qwen", "p_kl", lw, 1.0, VT_REAL)], student_vocab_size=VS_REAL, student_padded=VS, teacher_padded=[VT], tp=world)
+        crit = XTokenLogitsLoss(
+            [TeacherSpec("qwen", "p_kl", lw, 1.0, VT_REAL)], student_vocab_size=VS_REAL, student_padded=VS, teacher_padded=[VT], tp=world,
+            block_size=block_size,
+        )
         model = convert_to_xtoken_distillation_model(student, [teacher], crit)
         params = [p for p in model.parameters() if p.requires_grad]
         facts = {
@@ -80,14 +83,14 @@ def _run(rank: int, world: int, ckpt_dir: str, mode: str) -> dict:
             clip_grad_norm_tp(params, 1.0)
             opt.step()
             logs.append({"loss": float(loss.detach()), "kd": float(log["kd/qwen"]), "w_grad_norm": float(lw.logits.grad.norm())})
-            if mode == "full" and step + 1 == CKPT_AT:
+            if mode == "full" and step + 1 == CKPT_AT and ckpt_dir:
                 msd = model.sharded_state_dict()
                 dist_checkpointing.save({"model": msd, "optimizer": optimizer_sharded_state_dict(opt, msd)}, ckpt_dir)
                 facts["w_at_ckpt"] = lw.weights().detach().clone()
         facts["logs"] = logs
         facts["w_start"] = w0
         facts["w_end"] = lw.weights().detach().clone()
-        if mode == "full":
+        if mode == "full" and ckpt_dir:
             meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
             facts["ckpt_shapes"] = {k: tuple(v.global_shape) for k, v in meta.items() if "learnable" in k}
         return facts
@@ -98,7 +101,8 @@ def runs(tmp_path_factory):
     out = {}
     for tp in (1, 2):
         ckpt = tmp_path_factory.mktemp(f"ckpt_tp{tp}")
-        out[tp] = (spawn(_run, tp, str(ckpt), "full", timeout=600), spawn(_run, tp, str(ckpt), "resume", timeout=600))
+        out[tp] = (spawn(_run, tp, str(ckpt), "full", timeout=900), spawn(_run, tp, str(ckpt), "resume", timeout=900))
+    out["blocked"] = spawn(_run, 2, "", "full", 3, timeout=900)  # the criterion token-blocked (3 positions)
     return out
 
 
@@ -127,3 +131,12 @@ def test_learnable_w_trained_at_tp2_equals_tp1(runs):
     torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-6)
     for a, b in zip(runs[1][0][0]["logs"], runs[2][0][0]["logs"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_token_blocked_criterion_trains_the_same(runs):
+    """block_size=3 (chunks kept whole, recomputed in the backward, collectives included) = unblocked, at TP 2."""
+    full, blocked = runs[2][0][0], runs["blocked"][0]
+    for a, b in zip(full["logs"], blocked["logs"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kd"] == pytest.approx(b["kd"], rel=1e-5)
+        assert a["w_grad_norm"] == pytest.approx(b["w_grad_norm"], rel=1e-4)
+    torch.testing.assert_close(blocked["w_end"], full["w_end"], rtol=1e-4, atol=1e-6)

@@ -54,7 +54,7 @@ def _steps(fn, inp, n_steps: int = 3):
     return out, lw.weights().detach()
 
 
-def _rank(rank: int, world: int, inp: dict, permute: bool) -> tuple:
+def _rank(rank: int, world: int, inp: dict, permute: bool, blocked: bool = False) -> tuple:
     import nemo_xtoken.parallel as P
 
     ws, wt = VS_PAD // world, VT_PAD // world
@@ -68,6 +68,8 @@ def _rank(rank: int, world: int, inp: dict, permute: bool) -> tuple:
         assert plan.learnable is lw
         if perm is not None:
             t = t[:, torch.from_numpy(perm)]
+        if blocked:  # token-blocked with recomputation: W's gradient accumulated over the blocks
+            kw = {**kw, "block_size": 4}
         return P.vocab_parallel_p_kl(s_shard(s), t[:, rank * wt : (rank + 1) * wt], plan, **kw)
 
     def s_shard(s):  # a differentiable view: the shard's gradient lands in the full tensor's slice
@@ -87,10 +89,10 @@ def reference(inputs):
     return _steps(lambda s, t, lw, kw: p_kl(s, t, lw, **kw), inputs)
 
 
-@pytest.mark.parametrize("tp,permute", [(1, False), (2, False), (2, True), (4, True)])
-def test_learnable_w_tensor_parallel_equals_reference(tp, permute, inputs, reference):
+@pytest.mark.parametrize("tp,permute,blocked", [(1, False, False), (2, False, False), (2, True, False), (4, True, False), (2, False, True)])
+def test_learnable_w_tensor_parallel_equals_reference(tp, permute, blocked, inputs, reference):
     ref_steps, ref_w = reference
-    per_rank = run_distributed(_rank, tp, inputs, permute, timeout=900)
+    per_rank = run_distributed(_rank, tp, inputs, permute, blocked, timeout=900)
     ws = VS_PAD // tp
     for step, (v1, v2, g1, g2, gw) in enumerate(ref_steps):
         assert gw.abs().max() > 1e-4  # W's gradient is meaningful

@@ -99,6 +99,9 @@ def make_cases() -> list[dict]:
             dict(tag="chain", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al)),
             dict(tag="mean-merge-none", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="mean", reduction="none"), weights=torch.rand(al.n_chunks, generator=g)),
             dict(tag="reference-merge", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="reference")),
+            # token-blocked (the reference below runs unblocked): chunks kept whole, recomputed in the backward
+            dict(tag="blocked-chain", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, block_size=3)),
+            dict(tag="blocked-mask-none", s=logits(n, vsp), t=logits(n, vtp), opts=dict(mask=mask, reduction="none", block_size=5), weights=torch.rand(n, generator=g)),
             dict(tag="empty", s=logits(0, vsp), t=logits(0, vtp), opts=dict()),
             dict(tag="all-masked", s=logits(4, vsp), t=logits(4, vtp), opts=dict(mask=torch.zeros(4, dtype=torch.bool))),
             dict(tag="bf16", s=logits(n, vsp).bfloat16(), t=logits(n, vtp).bfloat16(), opts=dict(temperature=1.5)),
@@ -119,6 +122,7 @@ def _reference(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     s = case["s"].clone().requires_grad_(True)
     fn = ref.LOSSES[case["loss"]]
     opts = dict(case["opts"])
+    opts.pop("block_size", None)  # the specification: unblocked
     args = (s, case["t"])
     if case["W"] is not None:
         W = case["W"].to_torch(student_padded=VS_PAD, teacher_padded=VT_PAD) if case.get("csr") else case["W"]

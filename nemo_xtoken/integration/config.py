@@ -147,6 +147,7 @@ class DistillConfig:
     ce_weight: float = 1.0
     scale_by_temperature_squared: bool = False
     audit: bool = True  # run the coverage audit at start-up
+    block_size: int = 512  # positions per token block (recomputed in the backward); 0: unblocked
 
 
 @dataclass
@@ -281,6 +282,8 @@ class XTokenDistillConfig:
                 raise bad(key, f"{val!r} is not one of {list(allowed)}")
         if not d.temperature > 0:
             raise bad("distill.temperature", f"must be > 0, got {d.temperature}")
+        if d.block_size < 0:
+            raise bad("distill.block_size", f"must be ≥ 0 (0: unblocked), got {d.block_size}")
         p = self.parallel
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(p, attr) < 1:

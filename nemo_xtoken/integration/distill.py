@@ -126,7 +126,9 @@ class XTokenLogitsLoss(_Loss):
 
     ``student_vocab_size``: the student tokenizer's real ids (columns beyond are Megatron padding).
     ``tp``, ``student_padded`` and each teacher's ``teacher_padded`` width fix the P-KL exchange
-    plans, built once here (never per step).
+    plans, built once here (never per step).  ``block_size`` (positions, default 512; None:
+    unblocked): every loss runs token-blocked with recomputation in the backward
+    (:mod:`nemo_xtoken.losses.blocked`), so its ``[N, V]`` intermediates never exceed one block.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class XTokenLogitsLoss(_Loss):
         student_layout: str = "sbv",
         student_tokenizer: Any = None,
         group: Any = None,
+        block_size: int | None = 512,
     ) -> None:
         super().__init__()
         from nemo_xtoken.losses.learnable import LearnableProjection
@@ -163,6 +166,9 @@ class XTokenLogitsLoss(_Loss):
         self.scale_by_temperature_squared = scale_by_temperature_squared
         self.student_layout = student_layout
         self.group = group
+        if block_size is not None and int(block_size) < 1:
+            raise XTokenError(f"block_size must be ≥ 1 positions (or None: unblocked), got {block_size}")
+        self.block_size = None if block_size is None else int(block_size)
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.learnable_w = nn.ModuleDict()  # teacher name → LearnableProjection (parameters, checkpointed)
         self._teachers = []
@@ -202,6 +208,8 @@ class XTokenLogitsLoss(_Loss):
                 opts.setdefault("teacher_vocab_size", vt if vt is not None else self.student_vocab_size)
             else:
                 raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl")
+            if self.block_size is not None:
+                opts.setdefault("block_size", self.block_size)
             self._teachers.append(Teacher(loss=spec.loss, projection=proj, weight=spec.weight, options=opts))
 
     def forward(self, predictions: Any, targets: Any, *, alignments: Sequence[Any], **_: Any) -> torch.Tensor:
@@ -212,7 +220,7 @@ class XTokenLogitsLoss(_Loss):
         if self.student_layout == "sbv":
             s = s.transpose(0, 1)
         b, n_s = s.shape[0], s.shape[1]
-        s = s.reshape(b * n_s, s.shape[-1]).float()
+        s = s.reshape(b * n_s, s.shape[-1])  # kept in the model's dtype: the losses upcast one block at a time
         outs = list(targets) if isinstance(targets, (list, tuple)) else [targets]
         if len(outs) != len(self._teachers) or len(alignments) != len(self._teachers):
             raise XTokenError(
@@ -235,7 +243,7 @@ class XTokenLogitsLoss(_Loss):
                     f"{a.teacher_chunk_ids.numel()} teacher positions, the logits {b}x{n_s} and {x.shape[0]}x{x.shape[1]}: "
                     "the batch's teacher fields belong to another teacher or sequence length"
                 )
-            t.append(x.flat() if sparse else x.reshape(-1, x.shape[-1]).float())
+            t.append(x.flat() if sparse else x.reshape(-1, x.shape[-1]))
         mt = vocab_parallel_multi_teacher(
             s, t, self._teachers, alignments=list(alignments), weighting=self.weighting, merge=self.merge,
             temperature=self.temperature, scale_by_temperature_squared=self.scale_by_temperature_squared, group=self.group,
@@ -492,6 +500,7 @@ def criterion_from_config(
         specs, student_vocab_size=int(resources.student_tokenizer.vocab_size), student_padded=student_padded,
         teacher_padded=teacher_padded, tp=tp, weighting=d.alpha, merge=d.merge, temperature=d.temperature,
         scale_by_temperature_squared=d.scale_by_temperature_squared, student_tokenizer=resources.student_tokenizer, group=group,
+        block_size=getattr(d, "block_size", 512) or None,
     )
     return crit, XTokenLossBalancer(d.kd_scaling, ce_weight=d.ce_weight, kd_weight=d.kd_weight)
 

@@ -21,7 +21,9 @@ is that of ``log(q + grad_floor(dtype))`` (:func:`floored_log`): the floor bound
 so a student far below it still learns.
 
 Memory: nothing of size ``N × V_S × V_T`` and no dense W; W enters only through its non-zeros
-(``index_select`` / ``index_add`` over its ``nnz`` triplets).
+(``index_select`` / ``index_add`` over its ``nnz`` triplets).  ``block_size=n`` (every loss)
+computes the same loss ``n`` positions at a time with recomputation in the backward
+(:mod:`nemo_xtoken.losses.blocked`): then only one block's ``[n, V]`` intermediates are alive.
 """
 
 from __future__ import annotations
@@ -485,6 +487,7 @@ def kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Same-tokenizer KL(p_T ‖ p_S) per item: ``Σ_v p_T[v] (log p_T[v] - log p_S[v])``.
 
@@ -492,6 +495,10 @@ def kl(
     to different widths.
     """
     teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher → dense log-probabilities
+    if block_size is not None:
+        return _blocked(kl, student_logits, teacher_logits, None, block_size, alignment, mask, reduction,
+                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
     v_s = int(student_vocab_size) if student_vocab_size is not None else _width(student_logits)
     v_t = int(teacher_vocab_size) if teacher_vocab_size is not None else _width(teacher_logits)
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, None)
@@ -504,6 +511,43 @@ def kl(
     ls, lt, counted = _items(_log_probs(s, v_s, temperature, dt), _log_probs(t, v_t, temperature, dt), alignment, m, merge, v_s, v_t)
     values = _xent_terms(lt[:, :v_t], ls[:, :v_s])
     return _reduce(values, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
+def _blocked(
+    fn: Any,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    projection: ProjectionLike | None,
+    block_size: int,
+    alignment: AlignedPositions | None,
+    mask: torch.Tensor | None,
+    reduction: str,
+    sizes: dict,
+    **kw: Any,
+) -> torch.Tensor:
+    """``fn`` computed block by block of items (:mod:`nemo_xtoken.losses.blocked`): same value and gradients.
+
+    W is resolved once (on the logits' device); a learnable W's weights enter every block as a
+    differentiable input, so its gradient is the unblocked one.
+    """
+    from nemo_xtoken.losses.blocked import run_blocked
+
+    if projection is None:
+        def call(s, t, a, m, red, params):
+            return fn(s, t, alignment=a, mask=m, reduction=red, **sizes, **kw)
+
+        return run_blocked(call, student_logits, teacher_logits, (), block_size=block_size, alignment=alignment, mask=mask, reduction=reduction)
+    device = student_logits.device if isinstance(student_logits, torch.Tensor) else None
+    w = resolve_projection(projection, **sizes, device=device)
+    learn = w.values.requires_grad
+
+    def call(s, t, a, m, red, params):
+        wb = SparseW(w.rows, w.cols, params[0], w.student_vocab_size, w.teacher_vocab_size, w.exact_rows) if learn else w
+        return fn(s, t, wb, alignment=a, mask=m, reduction=red, **kw)
+
+    return run_blocked(
+        call, student_logits, teacher_logits, (w.values,) if learn else (), block_size=block_size, alignment=alignment, mask=mask, reduction=reduction
+    )
 
 
 def _width(x: torch.Tensor) -> int:
@@ -533,6 +577,7 @@ def p_kl(
     scale_by_temperature_squared: bool = False,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """P-KL: ``KL(p_T ‖ Wᵀ p_S)``, the student's probabilities carried onto the teacher's vocabulary.
 
@@ -544,6 +589,10 @@ def p_kl(
     :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (its gradient flows into W).
     """
     teacher_logits = dense_teacher(teacher_logits)
+    if block_size is not None:
+        return _blocked(p_kl, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
+                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     s, t, m = _check_common(student_logits, teacher_logits, w.student_vocab_size, w.teacher_vocab_size, alignment, mask, merge, temperature, reduction, w.shape)
     dt = _compute_dtype(s, t)
@@ -580,9 +629,14 @@ def uld(
     temperature: float = 1.0,
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """ULD (Boizard et al.): ``Σ_i |sort↓(p_S)_i - sort↓(p_T)_i|``, the shorter vocabulary zero-padded."""
     teacher_logits = dense_teacher(teacher_logits)
+    if block_size is not None:
+        return _blocked(uld, student_logits, teacher_logits, None, block_size, alignment, mask, reduction,
+                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
     v_s = int(student_vocab_size) if student_vocab_size is not None else _width(student_logits)
     v_t = int(teacher_vocab_size) if teacher_vocab_size is not None else _width(teacher_logits)
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, None)
@@ -658,6 +712,7 @@ def gold(
     scale_by_temperature_squared: bool = False,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """GOLD's hybrid: KL on the strict exact-match common set plus ULD on the remainders.
 
@@ -665,6 +720,12 @@ def gold(
     sortedL1(p_S off C, p_T off C)``.  Both weights ``None``: TRL's adaptive weighting
     (``|C| / V_T`` and its complement).
     """
+    if block_size is not None:
+        teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher: blocks slice the dense rows
+        return _blocked(gold, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
+                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,
@@ -686,6 +747,7 @@ def h_kl(
     scale_by_temperature_squared: bool = False,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """H-KL: GOLD's hybrid with the common set relaxed to every non-empty student row's top-1 under W.
 
@@ -693,6 +755,12 @@ def h_kl(
     ``max(q, EPS)`` in value, gradient of ``log q``: :func:`floored_log`), so each teacher token
     appears once in the KL part.
     """
+    if block_size is not None:
+        teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher: blocks slice the dense rows
+        return _blocked(h_kl, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
+                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,

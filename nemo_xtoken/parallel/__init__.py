@@ -22,8 +22,10 @@ from nemo_xtoken.parallel.losses import (
 )
 from nemo_xtoken.parallel.plan import PKLPlan, teacher_permutation
 from nemo_xtoken.parallel.primitives import vocab_parallel_gather, vocab_parallel_log_softmax
+from nemo_xtoken.parallel.summary import HybridPlan
 
 __all__ = [
+    "HybridPlan",
     "PARALLEL_LOSSES",
     "P_KL_EPS",
     "PKLPlan",

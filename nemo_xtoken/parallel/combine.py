@@ -98,35 +98,47 @@ def vocab_parallel_teacher_score(
     positions: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     group: Any = None,
+    block_rows: int = 1024,
 ) -> torch.Tensor:
-    """Mean CE / entropy / max-probability of one teacher on its vocab shards (detached, every rank alike)."""
+    """Mean CE / entropy / max-probability of one teacher on its vocab shards (detached, every rank alike).
+
+    Computed ``block_rows`` positions at a time (no gradient, so nothing is kept between blocks).
+    """
     if scheme not in WEIGHTINGS[1:]:
         raise XTokenError(f"adaptive weighting must be one of {WEIGHTINGS[1:]}, got {scheme!r}")
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
     teacher_logits = shard_teacher(teacher_logits, group)
     x = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    lp = vocab_parallel_log_softmax(x, vocab_size=vocab_size, valid=valid, group=group, name="teacher_logits")
-    sel = torch.ones(lp.shape[0], dtype=torch.bool, device=lp.device) if positions is None else positions.reshape(-1).bool()
-    if sel.shape[0] != lp.shape[0]:
+    n = x.shape[0]
+    sel = torch.ones(n, dtype=torch.bool, device=x.device) if positions is None else positions.reshape(-1).bool().to(x.device)
+    if sel.shape[0] != n:
         raise XTokenError(f"positions {tuple(sel.shape)} do not match teacher_logits {tuple(teacher_logits.shape)}")
+    tg = None
     if scheme == "ce":
         if targets is None:
             raise XTokenError("the 'ce' weighting needs each teacher's next-token ids (teacher_targets or an alignment)")
-        tg = targets.reshape(-1).long().to(lp.device)
-        if tg.shape[0] != lp.shape[0]:
+        tg = targets.reshape(-1).long().to(x.device)
+        if tg.shape[0] != n:
             raise XTokenError(f"teacher targets {tuple(targets.shape)} do not match teacher_logits {tuple(teacher_logits.shape)}")
-        per = -_pick_local(lp, torch.where(sel, tg, torch.zeros_like(tg)), rank)
-        op = dist.ReduceOp.SUM
-    elif scheme == "entropy":
-        p = lp.exp()
-        per = -torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(1)
-        op = dist.ReduceOp.SUM
-    else:
-        per = lp.max(dim=1).values.exp() if lp.shape[1] else lp.new_zeros(lp.shape[0])
-        op = dist.ReduceOp.MAX
-    if tp > 1:
-        dist.all_reduce(per, op=op, group=group)
+        tg = torch.where(sel, tg, torch.zeros_like(tg))
+    parts = []
+    for a in range(0, n, max(int(block_rows), 1)):
+        lp = vocab_parallel_log_softmax(x[a : a + block_rows], vocab_size=vocab_size, valid=valid, group=group, name="teacher_logits")
+        if scheme == "ce":
+            per = -_pick_local(lp, tg[a : a + block_rows], rank)
+            op = dist.ReduceOp.SUM
+        elif scheme == "entropy":
+            p = lp.exp()
+            per = -torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(1)
+            op = dist.ReduceOp.SUM
+        else:
+            per = lp.max(dim=1).values.exp() if lp.shape[1] else lp.new_zeros(lp.shape[0])
+            op = dist.ReduceOp.MAX
+        if tp > 1:
+            dist.all_reduce(per, op=op, group=group)
+        parts.append(per)
+    per = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float32)
     per = torch.where(sel, per, torch.zeros_like(per))
     return per.sum() / sel.sum().clamp(min=1)
 

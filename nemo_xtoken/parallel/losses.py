@@ -14,7 +14,13 @@ all-reduces per side) and one scalar all-reduce of the partial losses:
 * ``p_kl``: one all-to-all of the student probabilities the :class:`PKLPlan` lists (forward),
   the reverse all-to-all (backward);
 * ``uld``, ``gold``, ``h_kl``: exact, by an all-gather of both sides' item probabilities (the
-  rank-sorted L1 needs a global order); cost = an all-gather of the (chunk-merged) logits.
+  rank-sorted L1 needs a global order); cost = an all-gather of the (chunk-merged) logits;
+  or low traffic (a :class:`~nemo_xtoken.parallel.summary.HybridPlan` as the projection,
+  ``summary_bins=`` for ULD): the common-set KL exact through an exchange plan, the sorted L1
+  from additive shard summaries within a computed error bound (:mod:`nemo_xtoken.parallel.summary`).
+
+Every loss takes ``block_size=n``: computed ``n`` positions (whole chunks) at a time with
+recomputation in the backward (:mod:`nemo_xtoken.losses.blocked`).
 """
 
 from __future__ import annotations
@@ -184,6 +190,41 @@ def _kl_terms(lp_t: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p_t * diff).sum(-1)
 
 
+class _FixedWeights:
+    """Stands in for a learnable W inside a recomputed block: ``weights()`` returns the block's leaf."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def weights(self) -> torch.Tensor:
+        return self.values
+
+
+def _blocked(fn, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction, group, **kw) -> torch.Tensor:
+    """``fn`` block by block of items with recomputation in the backward (:mod:`nemo_xtoken.losses.blocked`).
+
+    Every rank forms the same blocks (from the alignment or the positions), so the recomputed
+    blocks' collectives match.  A plan built from a learnable W hands the module's current weights
+    to every block as a differentiable input.
+    """
+    import dataclasses
+
+    from nemo_xtoken.losses.blocked import run_blocked
+
+    params: tuple = ()
+    if isinstance(projection, PKLPlan) and projection.learnable is not None:
+        params = (projection.learnable.weights(),)
+
+    def call(s, t, a, m, red, p):
+        proj = projection
+        if p:
+            proj = dataclasses.replace(projection, learnable=_FixedWeights(p[0]))
+        args = (s, t) if proj is None else (s, t, proj)
+        return fn(*args, alignment=a, mask=m, reduction=red, group=group, **kw)
+
+    return run_blocked(call, student_logits, teacher_logits, params, block_size=block_size, alignment=alignment, mask=mask, reduction=reduction)
+
+
 # ---- KL -----------------------------------------------------------------------------------------
 def vocab_parallel_kl(
     student_logits: torch.Tensor,
@@ -197,6 +238,7 @@ def vocab_parallel_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
+    block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
     """Same-tokenizer KL(p_T ‖ p_S) on vocab shards: the baseline every other loss is timed against."""
@@ -205,6 +247,10 @@ def vocab_parallel_kl(
     _, tp = group_rank_size(group)
     sv = _flatten(student_logits, "student_logits").shape[1]
     teacher_logits = shard_teacher(teacher_logits, group, padded=sv * tp)  # a cached SparseTeacher → this rank's columns
+    if block_size is not None:
+        return _blocked(vocab_parallel_kl, student_logits, teacher_logits, None, block_size, alignment, mask, reduction, group,
+                        student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size, merge=merge,
+                        temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
     tv = _flatten(teacher_logits, "teacher_logits").shape[1]
     vs = student_vocab_size if student_vocab_size is not None else sv * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else tv * tp
@@ -369,6 +415,7 @@ def vocab_parallel_p_kl(
     eps: float = P_KL_EPS,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
     """KL(p_T ‖ Wᵀp_S) on vocab shards, exact over the whole vocabulary.
@@ -395,6 +442,9 @@ def vocab_parallel_p_kl(
         )
     if plan.tp != tp:
         raise XTokenError(f"the P-KL plan was built for tp = {plan.tp} but the group has {tp} ranks: rebuild it")
+    if block_size is not None:
+        return _blocked(vocab_parallel_p_kl, student_logits, teacher_logits, plan, block_size, alignment, mask, reduction, group,
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared, eps=eps)
     if (plan.student_padded, plan.teacher_padded) != (s.shape[1] * tp, t.shape[1] * tp):
         raise XTokenError(
             f"the P-KL plan expects padded vocabularies ({plan.student_padded}, {plan.teacher_padded}) but "
@@ -456,12 +506,23 @@ def vocab_parallel_uld(
     temperature: float = 1.0,
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
+    block_size: int | None = None,
+    summary_bins: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """ULD on vocab shards, exact: softmax and merge sharded, the sort on the gathered item rows."""
+    """ULD on vocab shards: exact (the sort on the gathered item rows), or low traffic with ``summary_bins``.
+
+    ``summary_bins=G``: the sorted L1 from additive shard summaries (:mod:`nemo_xtoken.parallel.summary`,
+    ``4·G`` values all-reduced per item instead of both vocabularies, error bound stated there).
+    """
     _check_reduction(reduction)
     group = resolve_group(group)
     teacher_logits = shard_teacher(teacher_logits, group)
+    if block_size is not None:
+        return _blocked(vocab_parallel_uld, student_logits, teacher_logits, None, block_size, alignment, mask, reduction, group,
+                        student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size, merge=merge,
+                        temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        summary_bins=summary_bins)
     _, tp = group_rank_size(group)
     vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
@@ -469,6 +530,11 @@ def vocab_parallel_uld(
         student_logits, teacher_logits, student_vocab=vs, teacher_vocab=vt, teacher_valid=None, teacher_id_map=None,
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
+    if summary_bins is not None:  # low traffic: the sorted L1 from shard summaries (stated error bound)
+        from nemo_xtoken.parallel.summary import summary_sorted_l1
+
+        loss, _ = summary_sorted_l1(items.lp_s.exp(), items.lp_t.detach().exp(), bins=int(summary_bins), group=group)
+        return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
     ls, lt = _gathered_probs(items, vs, vt, group)
     loss = _sorted_l1(ls.exp(), lt.exp())  # replicated: computed once per rank, not summed over ranks
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
@@ -477,14 +543,30 @@ def vocab_parallel_uld(
 def _hybrid(
     student_logits, teacher_logits, projection, relaxed, alignment, merge, mask, temperature, reduction,
     scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+    block_size=None,
 ) -> torch.Tensor:
     from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
+
+    from nemo_xtoken.parallel.summary import HybridPlan
 
     _check_reduction(reduction)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
     teacher_logits = shard_teacher(teacher_logits, group)
-    w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+    if isinstance(projection, HybridPlan):
+        w = projection
+    else:
+        w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+    if block_size is not None:
+        fn = vocab_parallel_h_kl if relaxed else vocab_parallel_gold
+        return _blocked(fn, student_logits, teacher_logits, w, block_size, alignment, mask, reduction, group,
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+    if isinstance(w, HybridPlan):
+        return _hybrid_low_traffic(
+            student_logits, teacher_logits, w, relaxed, alignment, merge, mask, temperature, reduction,
+            scale_by_temperature_squared, matched_weight, unmatched_weight, group,
+        )
     v_s, v_t = w.shape
     s = _flatten(student_logits, "student_logits")
     t = _flatten(teacher_logits, "teacher_logits")
@@ -527,6 +609,55 @@ def _hybrid(
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
+def _hybrid_low_traffic(
+    student_logits, teacher_logits, plan, relaxed, alignment, merge, mask, temperature, reduction,
+    scale_by_temperature_squared, matched_weight, unmatched_weight, group,
+) -> torch.Tensor:
+    """GOLD / H-KL through a :class:`~nemo_xtoken.parallel.summary.HybridPlan` (:mod:`nemo_xtoken.parallel.summary`)."""
+    from nemo_xtoken.parallel.summary import summary_sorted_l1
+
+    rank, tp = group_rank_size(group)
+    if plan.relaxed != relaxed:
+        raise XTokenError(
+            f"this HybridPlan was built for {'H-KL' if plan.relaxed else 'GOLD'} (relaxed={plan.relaxed}): "
+            f"build one with relaxed={relaxed} for {'H-KL' if relaxed else 'GOLD'}"
+        )
+    pk = plan.pkl
+    if pk.tp != tp:
+        raise XTokenError(f"the HybridPlan was built for tp = {pk.tp} but the group has {tp} ranks: rebuild it")
+    s = _flatten(student_logits, "student_logits")
+    t = _flatten(teacher_logits, "teacher_logits")
+    if (pk.student_padded, pk.teacher_padded) != (s.shape[1] * tp, t.shape[1] * tp):
+        raise XTokenError(
+            f"the HybridPlan expects padded vocabularies ({pk.student_padded}, {pk.teacher_padded}) but student_logits "
+            f"{tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} on {tp} ranks cover "
+            f"({s.shape[1] * tp}, {t.shape[1] * tp}): W or the plan belongs to other models"
+        )
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise XTokenError("matched_weight and unmatched_weight must both be numbers or both be None (adaptive)")
+    if matched_weight is None:  # TRL GOLD's adaptive weighting, as the reference
+        matched_weight = plan.n_common_teacher / max(1, pk.teacher_vocab_size)
+        unmatched_weight = 1.0 - matched_weight
+    items = _prepare(
+        student_logits, teacher_logits, student_vocab=pk.student_vocab_size, teacher_vocab=None,
+        teacher_valid=pk.teacher_valid(), teacher_id_map=pk.map_teacher_ids,
+        alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
+    )
+    s_keep, t_keep, t_common = plan.masks(rank, items.lp_s.device)
+    # the common-set KL: q = Mᵀ p_S on the teacher's shards (one all-to-all), the teacher's mass off
+    # the common set masked out; value floor as the reference (grouped: EPS; one-to-one: the exact log
+    # down to grad_floor)
+    q = _ExchangeProject.apply(items.lp_s, pk.rank_plan(rank, items.lp_s.device), group, None)
+    lp_tc = items.lp_t.masked_fill(~t_common, float("-inf"))
+    eps = grad_floor(q.dtype) if plan.one_to_one else P_KL_EPS
+    matched = sum_partials(_KLPartial.apply(lp_tc, q, True, eps), group)
+    ps = items.lp_s.exp().masked_fill(~s_keep, 0.0)
+    pt = items.lp_t.detach().exp().masked_fill(~t_keep, 0.0)
+    unmatched, _ = summary_sorted_l1(ps, pt, bins=plan.bins, group=group)
+    loss = float(matched_weight) * matched + float(unmatched_weight) * unmatched
+    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+
+
 def vocab_parallel_gold(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -542,12 +673,13 @@ def vocab_parallel_gold(
     scale_by_temperature_squared: bool = False,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards, exact."""
+    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
-        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
     )
 
 
@@ -566,10 +698,11 @@ def vocab_parallel_h_kl(
     scale_by_temperature_squared: bool = False,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
+    block_size: int | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards, exact."""
+    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
-        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
+        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
     )
