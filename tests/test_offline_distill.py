@@ -33,6 +33,7 @@ from nemo_xtoken.offline.cache import CacheOptions, TeacherCache, build_cache  #
 from nemo_xtoken.offline.hf import load_hf_teacher  # noqa: E402
 from nemo_xtoken.offline.teachers import CACHED_TEACHER_KEYS  # noqa: E402
 from nemo_xtoken.testing.hf import write_tiny_llama  # noqa: E402
+from tests.bridge_tiny import write_tiny  # noqa: E402
 from nemo_xtoken.testing.text import short_passages, write_jsonl  # noqa: E402
 
 S, T, MB, K = 48, 56, 2, 16
@@ -48,7 +49,9 @@ def setup(tmp_path_factory, qwen3_path, llama3_path, w_llama3_qwen3):
     teacher = load_hf_teacher(str(hf_dir))
     build_cache(docs, root / "cache", CacheOptions(top_k=K), teacher=teacher, student_tokenizer=llama3_path, progress=False)
     w_llama3_qwen3.save(root / "w.safetensors")
-    return SimpleNamespace(root=root, docs=docs, teacher=teacher, cache=root / "cache", w=root / "w.safetensors", llama3=llama3_path)
+    student = write_tiny("llama", root / "student", seed=3)  # a real HF checkpoint: the student's Bridge provider reads it
+    return SimpleNamespace(root=root, docs=docs, teacher=teacher, cache=root / "cache", w=root / "w.safetensors", llama3=llama3_path,
+                           student=student)
 
 
 def _cfg(setup, **teacher):
@@ -221,23 +224,31 @@ def _packed_equals_alone(model, teacher, ds, res, rank) -> dict:
     return r
 
 
-def _distil(rank, world, cfg, res, hf_model, steps):
+def _student_provider(folder, world):
+    """The student's real Megatron-Bridge provider (tiny Llama), on Bridge's local layer spec (no transformer_engine here)."""
+    from nemo_xtoken.testing.bridge_te_shim import without_te
+
+    prov = B.provider_from_hf(str(folder), key="student.model")
+    without_te(prov)
+    return prov
+
+
+def _distil(rank, world, cfg, res, hf_model, steps, student_dir):
     from nemo_xtoken.integration.data import aligned_positions_from_batch, collate, packed_attention_mask
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, convert_to_xtoken_distillation_model
     from nemo_xtoken.losses import p_kl
     from nemo_xtoken.offline import padded_vocab_size, sparse_from_logits
     from nemo_xtoken.offline.hf import HFTeacher
     from nemo_xtoken.offline.teachers import CachedTeacher
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
-    from tests.test_integration_bridge import FakeProvider
+    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=3)
     out = {}
     with cpu_megatron_patches():
-        prov = FakeProvider()
+        prov = _student_provider(student_dir, world)
         B.convert_to_xtoken_distillation_provider(prov, [None], cfg, resources=res)  # None: the cached teacher has no provider
-        student = build_tiny_gpt(TinyGPTSpec(vocab_size=VS, max_sequence_length=64), seed=3)
-        (model,) = prov.hooks[0]([student])
+        prov.finalize()  # ConfigContainer.validate() finalizes cfg.model in a run
+        (model,) = prov.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True, mixed_precision_wrapper=None)
         (teacher,) = model.teacher_model.teachers
         out["teacher_is_cached"] = isinstance(teacher, CachedTeacher)
         out["teacher_params"] = sum(p.numel() for p in model.teacher_model.parameters())
@@ -266,7 +277,10 @@ def _distil(rank, world, cfg, res, hf_model, steps):
             out["cached_kd"] = _kd(fn(o)[2])
             with model.only_student_forward():
                 s_logits = gather_vocab_parallel_logits(model(batch["tokens"], batch["position_ids"], mask))
-        twin = build_tiny_gpt(TinyGPTSpec(vocab_size=VS, max_sequence_length=64), seed=5)
+        tprov = _student_provider(student_dir, world)  # the same architecture, built without the plugin's hook
+        tprov.tensor_model_parallel_size, tprov.seq_length = world, S
+        tprov.finalize()
+        (twin,) = tprov.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True, mixed_precision_wrapper=None)
         twin.load_state_dict(model.state_dict())
         padded = padded_vocab_size(V_HF, world)  # the HF model's output width, padded for TP
         crit = XTokenLogitsLoss([TeacherSpec("smol", "p_kl", res.projections["smol"], 1.0, V_QWEN)], student_vocab_size=VS,
@@ -301,7 +315,7 @@ def runs(setup):
 
     cfg = _cfg(setup)
     res = validate_resources(cfg)
-    return spawn(_distil, 2, cfg, res, setup.teacher.model, 10, timeout=900)
+    return spawn(_distil, 2, cfg, res, setup.teacher.model, 10, setup.student, timeout=900)
 
 
 def test_student_distils_from_the_cache_through_the_bridge_glue(runs):
