@@ -191,7 +191,7 @@ def _hook_and_step(rank, world, W, docs, llama3, qwen3):
 
     from nemo_xtoken.integration.data import DualTokenizedDataset, aligned_positions_from_batch, collate
     from nemo_xtoken.integration.distill import XTokenLogitsLoss, XTokenLossBalancer, xtoken_criterion
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.megatron_cpu import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=2, seed=3)
     with cpu_megatron_patches():
@@ -251,7 +251,7 @@ def _hook_and_step(rank, world, W, docs, llama3, qwen3):
 
 def test_pre_wrap_hook_forward_step_and_loss_func_on_tp2(w_llama3_qwen3, llama3, qwen3):
     from nemo_xtoken.integration.data import TextDocuments
-    from nemo_xtoken.testing.cpu_megatron import spawn
+    from nemo_xtoken.megatron_cpu import spawn
 
     docs = TextDocuments(TEXTS, llama3, qwen3)
     logs0, logs1 = spawn(_hook_and_step, 2, w_llama3_qwen3, docs, llama3, qwen3, timeout=600)

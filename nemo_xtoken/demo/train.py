@@ -77,7 +77,7 @@ def _report(job: str, step: int, total: int, **info: Any) -> None:
 
 def _build(vocab: int, size: ModelSize, seq: int, seed: int):
     from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
+    from nemo_xtoken.megatron_cpu import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
 
     spec = TinyGPTSpec(
         vocab_size=pad_to(vocab),
@@ -110,7 +110,7 @@ def _mask(n: int) -> torch.Tensor:
 
 def _gather(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits (real ids only) from this rank's shard."""
-    from nemo_xtoken.testing.cpu_megatron import gather_vocab_parallel_logits
+    from nemo_xtoken.megatron_cpu import gather_vocab_parallel_logits
 
     return gather_vocab_parallel_logits(logits)[..., :vocab]
 
@@ -193,7 +193,7 @@ def greedy_exact(model, prompts: list[np.ndarray], answers: list[int], texts: li
 
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job in this (forked) process: init gloo + Megatron, train, evaluate; return curves and metrics."""
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, free_port, init_megatron_cpu, spawn
+    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, free_port, init_megatron_cpu, spawn
 
     torch.set_num_threads(1)
     if job.tp == 1:
@@ -202,14 +202,14 @@ def run_job(job: Job) -> dict[str, Any]:
             with cpu_megatron_patches():
                 return _train(job)
         finally:
-            from nemo_xtoken.testing.cpu_megatron import destroy_megatron_cpu
+            from nemo_xtoken.megatron_cpu import destroy_megatron_cpu
 
             destroy_megatron_cpu()
     return spawn(_rank_entry, job.tp, job, timeout=3600)[0]
 
 
 def _rank_entry(rank: int, world: int, job: Job) -> dict[str, Any]:
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=job.seed)
     with cpu_megatron_patches():
