@@ -219,6 +219,25 @@ class DemoData:
     def student_vocab_size(self) -> int:
         return self.student_subset.size
 
+    def common_set_coverage(self) -> dict[str, dict[str, float]]:
+        """Per teacher with a W: the fraction of the students' training tokens (and of its numeral tokens)
+        whose W row is an exact match — GOLD's common set; the rest is where GOLD and H-KL differ."""
+        from nemo_xtoken.vocab.projection import ROW_EXACT
+
+        out: dict[str, dict[str, float]] = {}
+        for name, side in self.sides.items():
+            if side.projection is None:
+                continue
+            f = side.student_train.fields
+            ids = f["tokens"][f["loss_mask"] > 0]  # every trained token (inputs; the same multiset as the labels but the first)
+            exact = torch.from_numpy(side.projection.row_kind == ROW_EXACT)[ids]
+            num = torch.tensor([token_category(self.student_texts[int(i)]) == "numeral" for i in ids])
+            out[name] = {
+                "exact_token_fraction": float(exact.float().mean()),
+                "exact_numeral_fraction": float(exact[num].float().mean()) if bool(num.any()) else float("nan"),
+            }
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Sizes of everything, for the JSON report."""
         s = next(iter(self.sides.values()))
@@ -234,6 +253,7 @@ class DemoData:
             "teacher_seq_length": self.teacher_seq_length,
             **{f"{k}_vocab": v.vocab_size for k, v in self.sides.items()},
             **{f"{k}_teacher_tokens": int(v.teacher_train.t_len.sum()) for k, v in self.sides.items()},
+            "common_set": self.common_set_coverage(),
         }
 
 

@@ -176,13 +176,14 @@ _STYLES = {
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Six panels (mean over seeds): training CE, held-out exact answers, numeral and word next-token accuracy, KD, gradient cosine."""
+    """Eight panels (mean over seeds): training CE, held-out exact answers, numeral and word next-token accuracy;
+    KD, dynamic scale, and the gradient probe (cosine and norm ratio of ``scale·∇KD`` against ``∇CE``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 3, figsize=(17, 9))
+    fig, ax = plt.subplots(2, 4, figsize=(22, 9))
     any_seed = next(iter(results["students"].values()))
     for m in results["methods"]:
         label = m["label"]
@@ -194,10 +195,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
             (ax[0, 0], step, _mean_curve(results, label, "ce"), k, 1),
             (ax[0, 1], es, _mean_curve(results, label, "eval_exact"), 1, 100),
             (ax[0, 2], es, _mean_curve(results, label, "eval_acc_numeral"), 1, 100),
-            (ax[1, 0], es, _mean_curve(results, label, "eval_acc_word"), 1, 100),
+            (ax[0, 3], es, _mean_curve(results, label, "eval_acc_word"), 1, 100),
         ]
         if m["teachers"]:
-            panels += [(ax[1, 1], step, _mean_curve(results, label, "kd"), k, 1), (ax[1, 2], es, _mean_curve(results, label, "probe_cos"), 1, 1)]
+            panels += [
+                (ax[1, 0], step, _mean_curve(results, label, "kd"), k, 1),
+                (ax[1, 1], step, _mean_curve(results, label, "scale"), k, 1),
+                (ax[1, 2], es, _mean_curve(results, label, "probe_cos"), 1, 1),
+                (ax[1, 3], es, _mean_curve(results, label, "probe_ratio"), 1, 1),
+            ]
         for a, x, y, kk, mult in panels:
             if y is None:
                 continue
@@ -207,9 +213,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax[0, 0].set(title="student CE, every token (training, smoothed)", xlabel="step", yscale="log")
     ax[0, 1].set(title="held-out exact answers (greedy), %", xlabel="step")
     ax[0, 2].set(title="held-out next-token accuracy on numerals, %", xlabel="step")
-    ax[1, 0].set(title="held-out next-token accuracy on words, %", xlabel="step")
-    ax[1, 1].set(title="KD loss of each method (training, smoothed)", xlabel="step", yscale="symlog")
-    ax[1, 2].set(title="cosine(∇CE, ∇KD) on a held-out batch", xlabel="step", ylim=(-1.02, 1.02))
+    ax[0, 3].set(title="held-out next-token accuracy on words, %", xlabel="step")
+    ax[1, 0].set(title="KD loss of each method (training, smoothed)", xlabel="step", yscale="symlog")
+    ax[1, 1].set(title="dynamic scale CE/|KD| (training, smoothed)", xlabel="step", yscale="log")
+    ax[1, 2].set(title="cosine(∇CE, ∇KD), held-out batch", xlabel="step", ylim=(-1.02, 1.02))
+    ax[1, 3].set(title="|scale·∇KD| / |∇CE|, held-out batch", xlabel="step", yscale="log")
     for a in ax.flat:
         a.grid(alpha=0.3)
     ax[0, 1].legend(fontsize=7, loc="lower right")

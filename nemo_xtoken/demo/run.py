@@ -110,15 +110,49 @@ def _init_worker(queue: Any) -> None:
     train._SHARED["queue"] = queue
 
 
-def _run_in_pool(jobs: list[Job], workers: int, queue: Any) -> list[dict[str, Any]]:
-    """Run jobs on ``workers`` forked processes (a fresh process per job), results in job order."""
+def _run_scheduled(jobs: list[Job], needs: list[set[str]], provides: list[str | None], done: set[str], workers: int, queue: Any,
+                   on_result: Any) -> list[dict[str, Any]]:
+    """Run jobs on ``workers`` forked processes (a fresh process per job) as soon as their teachers exist.
+
+    ``needs[i]``: the teachers job ``i`` reads; ``provides[i]``: the teacher job ``i`` trains (or
+    None); ``done``: teachers already available.  Among the jobs that can start, earlier ones go
+    first (teachers, then students longest first), so no worker idles while a teacher still trains.
+    ``on_result(i, result)`` runs in this process when job ``i`` ends (a teacher is saved there
+    before any student can start on it).  Results in job order; each job's figures do not depend
+    on the schedule (own process, own seeds).
+    """
+    import queue as qmod
+
     from nemo_xtoken.demo.train import run_job
 
-    if jobs and jobs[0].tp > 1:  # each job spawns its own tp gloo ranks (pool workers cannot fork)
-        return [run_job(j) for j in jobs]
+    if jobs and jobs[0].tp > 1:  # each job spawns its own tp gloo ranks (pool workers cannot fork): one by one
+        out = []
+        for i, j in enumerate(jobs):
+            out.append(run_job(j))
+            on_result(i, out[-1])
+        return out
     ctx = mp.get_context("fork")
+    finished: qmod.Queue = qmod.Queue()
+    results: dict[int, dict[str, Any]] = {}
+    have, started = set(done), set()
     with ctx.Pool(max(1, min(workers, len(jobs))), initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
-        return pool.map(run_job, jobs, chunksize=1)
+        while len(results) < len(jobs):
+            for i, j in enumerate(jobs):
+                if i not in started and needs[i] <= have:
+                    started.add(i)
+                    pool.apply_async(run_job, (j,), callback=lambda r, i=i: finished.put((i, r, None)),
+                                     error_callback=lambda e, i=i: finished.put((i, None, e)))
+            if len(started) == len(results):
+                missing = sorted({t for i in range(len(jobs)) if i not in started for t in needs[i]} - have)
+                raise RuntimeError(f"no job can start: teachers {missing} are neither cached nor trained in this run")
+            i, r, err = finished.get()
+            if err is not None:
+                raise RuntimeError(f"demo job {jobs[i].name!r} failed: {err}") from err
+            on_result(i, r)
+            results[i] = r
+            if provides[i] is not None:
+                have.add(provides[i])
+    return [results[i] for i in range(len(jobs))]
 
 
 class _Progress:
@@ -197,16 +231,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
     log("vocabularies reduced to the corpora's tokens (same for every method): " + ", ".join(f"{k} {v}" for k, v in summ.items() if k.endswith("_vocab")))
     queue = mp.get_context("fork").Queue()
 
-    def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
-        bars = _Progress(jobs, queue, disable=not progress)
-        try:
-            return _run_in_pool(jobs, cfg.workers, queue)
-        finally:
-            bars.close()
-
     train.set_shared(data, queue)
 
-    # ---- teachers (cached by content hash)
+    # ---- teachers (cached by content hash) and students, in one schedule: a student starts once its teachers exist
     needed = [n for n in TEACHERS if any(t.side == n for m in methods for t in m.teachers)]
     tdir = cache_dir() / "demo"
     tdir.mkdir(parents=True, exist_ok=True)
@@ -219,43 +246,54 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
         if n not in todo:
             teacher_results[n] = {**json.loads(metas[n].read_text()), "cached": True}
             log(f"teacher {n}: cached ({paths[n].name}), held-out exact {teacher_results[n]['exact']:.1%}")
-    if todo:
-        jobs = [
-            Job(name=f"teacher {n}", kind="teacher", side=n, steps=cfg.teacher_steps, batch=cfg.batch, lr=cfg.teacher_lr,
-                size=cfg.teacher_size, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, eval_every=cfg.eval_every,
-                n_eval_curve=cfg.n_eval_curve, save_to=str(paths[n]) + ".tmp", tp=cfg.tp)
-            for n in todo
-        ]
-        log(f"training teacher(s) {', '.join(todo)} (once; cached afterwards)")
-        res = run_jobs(jobs)
-        for n, r in zip(todo, res):
-            Path(str(paths[n]) + ".tmp").replace(paths[n])
-            metas[n].write_text(json.dumps(r))
-            teacher_results[n] = {**r, "cached": False}
-            log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s)")
-    t_teachers = time.perf_counter() - t_start - t_data
-
-    # ---- students: per seed, same init and data order for every method
-    jobs, keys = [], []
-    for seed in cfg.seeds:
+    jobs: list[Job] = [
+        Job(name=f"teacher {n}", kind="teacher", side=n, steps=cfg.teacher_steps, batch=cfg.batch, lr=cfg.teacher_lr,
+            size=cfg.teacher_size, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, eval_every=cfg.eval_every,
+            n_eval_curve=cfg.n_eval_curve, save_to=str(paths[n]) + ".tmp", tp=cfg.tp)
+        for n in todo
+    ]
+    keys: list[tuple[int, str] | None] = [None] * len(jobs)
+    students_jobs = []
+    for seed in cfg.seeds:  # per seed: same initialization and data order for every method
         for m in methods:
-            jobs.append(Job(
+            students_jobs.append(((seed, m.label), Job(
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
                 eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
                 teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp,
-            ))
-            keys.append((seed, m.label))
-    # longest first (two teachers, then one), so that the two workers finish together
-    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].teachers))
-    log(f"training {len(jobs)} students ({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids, same initialization per seed, {cfg.workers} at a time)")
-    res_sorted = run_jobs([jobs[i] for i in order])
-    res = [None] * len(jobs)
-    for i, r in zip(order, res_sorted):
-        res[i] = r
+            )))
+    students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
+    for k, j in students_jobs:
+        jobs.append(j)
+        keys.append(k)
+    needs = [set() if j.kind == "teacher" else {t.side for t in j.teachers} for j in jobs]
+    provides = [j.side if j.kind == "teacher" else None for j in jobs]
+    t_phase = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def on_result(i: int, r: dict[str, Any]) -> None:
+        j = jobs[i]
+        if j.kind == "teacher":
+            n = j.side
+            Path(str(paths[n]) + ".tmp").replace(paths[n])
+            metas[n].write_text(json.dumps(r))
+            teacher_results[n] = {**r, "cached": False}
+            seconds[f"teacher {n} done"] = time.perf_counter() - t_start
+            log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s; cached for later runs)")
+
+    log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
+        f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")
+    bars = _Progress(jobs, queue, disable=not progress)
+    try:
+        res = _run_scheduled(jobs, needs, provides, set(needed) - set(todo), cfg.workers, queue, on_result)
+    finally:
+        bars.close()
     students: dict[str, dict[str, Any]] = {}
-    for (seed, label), r in zip(keys, res):
-        students.setdefault(str(seed), {})[label] = r
+    for k, r in zip(keys, res):
+        if k is not None:
+            students.setdefault(str(k[0]), {})[k[1]] = r
+    students = {str(seed): students[str(seed)] for seed in cfg.seeds}
+    teacher_results = {n: teacher_results[n] for n in needed}  # a fixed order, whatever the schedule
     total = time.perf_counter() - t_start
     return {
         "config": asdict(cfg),
@@ -264,5 +302,5 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
         "teachers": teacher_results,
         "students": students,
         "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w} for m in methods],
-        "seconds": {"data": t_data, "teachers": t_teachers, "students": total - t_data - t_teachers, "total": total},
+        "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": total, **seconds},
     }
