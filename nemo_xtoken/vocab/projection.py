@@ -1,4 +1,4 @@
-"""The sparse vocabulary projection W (|V_S| × |V_T|, rows sum to 1), built from two tokenizers.
+"""The sparse vocabulary projection W (``|V_S| × |V_T|``, rows sum to 1), built from two tokenizers.
 
 Pass 1 (exact match): a student token whose canonical string equals a teacher token's maps to it
 with weight 1.  Pass 2 (multi-token rule): an unmatched student token's text is re-tokenized by
