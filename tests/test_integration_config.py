@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nemo_xtoken.errors import ProjectionFileError, XTokenError
@@ -107,6 +108,7 @@ def test_overrides_host_style(tmp_path):
         (lambda d: d["student"].update(seq_length="long"), r"student.seq_length must be an integer"),
         (lambda d: d.update(teachers=[]), r"at least one teacher"),
         (lambda d: d.update(optimizer={"warmup_fraction": 1.5}), r"warmup_fraction: must be in \[0, 1\)"),
+        (lambda d: d["teachers"][0].update(loss="h_kl", learnable_w=True), r"learnable_w: a learnable W is trained through P-KL only"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, mutate, pattern):
@@ -178,3 +180,19 @@ def test_criterion_from_config_rechecks_w_against_the_tokenizers(w_files, w_llam
     rep.projections["t"] = w_llama3_o200k  # a W built for another teacher tokenizer slipped in
     with pytest.raises(ProjectionFileError, match=r"teacher t's W was built for another teacher tokenizer"):
         criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])
+
+
+def test_criterion_from_config_with_a_learnable_w(w_files, llama3_path, qwen3_path):
+    pytest.importorskip("modelopt.torch.distill")
+    from nemo_xtoken.integration.distill import criterion_from_config
+    from nemo_xtoken.losses.learnable import LearnableProjection
+
+    d = _base(llama3_path, qwen3_path, w_files[0])
+    d["teachers"][0]["learnable_w"] = True
+    cfg = config_from_dict(d)
+    rep = validate_resources(cfg)
+    crit, _ = criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151808])
+    lw = crit.learnable_w["t"]
+    assert isinstance(lw, LearnableProjection) and lw.nnz == rep.projections["t"].indices.size
+    assert [p is lw.logits for p in crit.parameters()] == [True]  # trained with the student, checkpointed with it
+    torch.testing.assert_close(lw.weights().detach(), torch.from_numpy(rep.projections["t"].data).float(), rtol=1e-6, atol=1e-7)

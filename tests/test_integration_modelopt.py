@@ -313,8 +313,12 @@ def test_w_of_another_tokenizer_is_refused_by_fingerprint():
     )
 
 
-def test_learnable_w_is_refused_by_the_parallel_criterion():
+def test_learnable_w_is_a_criterion_parameter_for_p_kl_only():
     from nemo_xtoken.losses.learnable import LearnableProjection
 
-    with pytest.raises(XTokenError, match="learnable W .* only implemented in the single-device"):
-        XTokenLogitsLoss([TeacherSpec("qwen", "p_kl", LearnableProjection(_projection()), 1.0, VT_REAL)], student_vocab_size=VS_REAL, student_padded=VS, teacher_padded=[VT])
+    lw = LearnableProjection(_projection())
+    crit = XTokenLogitsLoss([TeacherSpec("qwen", "p_kl", lw, 1.0, VT_REAL)], student_vocab_size=VS_REAL, student_padded=VS, teacher_padded=[VT])
+    assert [p is lw.logits for p in crit.parameters()] == [True]
+    assert crit._teachers[0].projection.learnable is lw  # the plan reads the module's current weights
+    with pytest.raises(XTokenError, match="learnable W .* P-KL only"):
+        XTokenLogitsLoss([TeacherSpec("qwen", "h_kl", LearnableProjection(_projection()), 1.0, VT_REAL)], student_vocab_size=VS_REAL, student_padded=VS, teacher_padded=[VT])

@@ -47,7 +47,7 @@ def items(
     out = []
     for k in range(chunks["n_chunks"]):
         sides = []
-        for p_list, ids, tg in ((ps, chunks["s_ids"], chunks["s_tg"]), (pt, chunks["t_ids"], chunks["t_tg"])):
+        for side, p_list, ids, tg in (("student", ps, chunks["s_ids"], chunks["s_tg"]), ("teacher", pt, chunks["t_ids"], chunks["t_tg"])):
             pos = [i for i, c in enumerate(ids) if c == k]
             if not pos:
                 sides.append(None)
@@ -56,6 +56,11 @@ def items(
                 q = p_list[pos[0]]
                 for i in pos[1:]:
                     q = q * p_list[i][tg[i]]
+                if side == "teacher":  # the teacher's chunk distribution is normalized
+                    q = q / q.sum()
+            elif chunks["merge"] == "reference" and side == "teacher":  # exp of the mean log-probability
+                logs = [torch.log(p_list[i]) for i in pos]
+                q = torch.exp(sum(logs) / len(pos))
             else:
                 q = sum(p_list[i] for i in pos) / len(pos)
             sides.append(q)
@@ -71,16 +76,27 @@ def kl_item(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def pkl_item(ps: torch.Tensor, pt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def pkl_item(ps: torch.Tensor, pt: torch.Tensor, w: torch.Tensor, renormalize: bool = False) -> torch.Tensor:
     v_s, v_t = w.shape
-    total = ps.new_zeros(())
+    qs = []
     for t in range(v_t):
         q = ps.new_zeros(())
         for s in range(v_s):
             if w[s, t] != 0:
                 q = q + ps[s] * w[s, t]
+        qs.append(q)
+    total = ps.new_zeros(())
+    if renormalize:  # the public reference code's value: q / (Σq + 1e-10), log(q + 1e-10); the gradient of log q
+        z = sum(qs)
+        for t in range(v_t):
+            if pt[t] > 0:
+                qn = qs[t] / (z + 1e-10)
+                exact = torch.log(torch.clamp(qn, min=1e-300))  # q = 0 (no student row reaches t): no gradient
+                total = total + pt[t] * (torch.log(pt[t]) - (exact + (torch.log(qn + 1e-10) - exact).detach()))
+        return total
+    for t in range(v_t):
         if pt[t] > 0:
-            total = total + pt[t] * (torch.log(pt[t]) - torch.log(torch.clamp(q, min=EPS)))
+            total = total + pt[t] * (torch.log(pt[t]) - torch.log(torch.clamp(qs[t], min=EPS)))
     return total
 
 

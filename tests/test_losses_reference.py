@@ -72,7 +72,7 @@ def bf_loss(name, s_logits, t_logits, *, v_s, v_t, temperature, chunks, mask, re
         if name == "kl":
             values.append(bf.kl_item(ps[:v_s], pt[:v_t]))
         elif name == "p_kl":
-            values.append(bf.pkl_item(ps[:V_S], pt[:V_T], w))
+            values.append(bf.pkl_item(ps[:V_S], pt[:V_T], w, renormalize=chunks is not None and chunks["merge"] == "reference"))
         elif name == "uld":
             values.append(bf.sorted_l1(ps[:v_s], pt[:v_t]))
         elif name == "gold":
@@ -105,7 +105,7 @@ def grads(out, s, t, seed=7):
 
 
 @pytest.mark.parametrize("name", ["kl", "p_kl", "uld", "gold", "h_kl"])
-@pytest.mark.parametrize("align", [None, "chain", "mean"])
+@pytest.mark.parametrize("align", [None, "chain", "mean", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("pad", [False, True])
 def test_matches_bruteforce(name, align, reduction, pad):
@@ -215,7 +215,7 @@ def test_empty_and_all_masked_give_zero_loss_zero_grads(name):
     cases.append((s, t, {"alignment": only_student}))
     s, t = logits(0, V_S, 1), logits(0, v_t, 2)
     z = torch.zeros(0, dtype=torch.long)
-    for merge in ("chain", "mean"):
+    for merge in ("chain", "mean", "reference"):
         cases.append((s, t, {"alignment": AlignedPositions(z, z, z, z, 2), "merge": merge}))
     for s, t, kw in cases:
         for reduction in ("mean", "sum"):
@@ -403,7 +403,7 @@ def _random_alignment_case(seed: int):
     chunks = {
         "n_chunks": k, "s_ids": chunk_ids(n_s), "t_ids": chunk_ids(n_t),
         "s_tg": [r.randrange(v_s) for _ in range(n_s)], "t_tg": [r.randrange(v_t) for _ in range(n_t)],
-        "merge": r.choice(["chain", "mean"]),
+        "merge": r.choice(["chain", "mean", "reference"]),
     }
     return name, v_s, v_t, rows, chunks, r.choice([0.7, 1.0, 2.0]), r.randint(0, 2), r.randint(0, 2), r.choice(REDUCTIONS_ALL)
 
@@ -437,7 +437,7 @@ def test_random_alignments_match_bruteforce(seed):
         elif name == "uld":
             vals.append(bf.sorted_l1(ps, pt))
         elif name == "p_kl":
-            vals.append(bf.pkl_item(ps, pt, dense))
+            vals.append(bf.pkl_item(ps, pt, dense, renormalize=ch["merge"] == "reference"))
         elif name == "h_kl":
             vals.append(bf.hybrid_item(ps, pt, bf.top1_groups(rows), v_s, v_t, 1.0, 1.0))
         else:

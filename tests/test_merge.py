@@ -24,6 +24,13 @@ def reference_merge(lp: torch.Tensor, chunk_ids: torch.Tensor, n_chunks: int, mo
             for p in pos[1:]:
                 row = row + lp[p, targets[p]]
             rows.append(row)
+        elif mode == "chain-normalized":  # the chain merge divided by its total mass
+            row = lp[pos[0]]
+            for p in pos[1:]:
+                row = row + lp[p, targets[p]]
+            rows.append(row - torch.logsumexp(row, 0))
+        elif mode == "logmean":
+            rows.append(sum(lp[p] for p in pos) / len(pos))
         else:
             rows.append(torch.log(sum(torch.exp(lp[p]) for p in pos) / len(pos)))
     return torch.stack(rows) if rows else lp.new_zeros(0, lp.shape[1])
@@ -42,11 +49,16 @@ def random_case(n: int = 12, v: int = 7, n_chunks: int = 6, dtype=torch.float64,
 def merged(logits, ids, n_chunks, mode, targets, fn=merge_log_probs):
     lp = torch.log_softmax(logits, -1)
     if fn is merge_log_probs:
+        if mode == "chain-normalized":
+            return fn(lp, ids, n_chunks, mode="chain", normalize=True)
         return fn(lp, ids, n_chunks, mode=mode, target_log_probs=lp.gather(1, targets[:, None])[:, 0])
     return fn(lp, ids, n_chunks, mode, targets)
 
 
-@pytest.mark.parametrize("mode", ["chain", "mean"])
+MODES = ["chain", "chain-normalized", "mean", "logmean"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("seed", range(5))
 def test_values_match_reference(mode, contiguous, seed):
@@ -60,7 +72,7 @@ def test_values_match_reference(mode, contiguous, seed):
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["chain", "mean"])
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_reference_and_gradcheck(mode):
     torch.manual_seed(1)
     logits, ids, targets = random_case(n=9, v=5, n_chunks=4)
@@ -101,20 +113,46 @@ def test_batches_via_concat(mode):
     torch.testing.assert_close(got[torch.isfinite(got)], ref[torch.isfinite(ref)])
 
 
-@pytest.mark.parametrize("mode", ["chain", "mean"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tp", [2, 3])
 def test_vocab_shard_merge_is_slice_of_full_merge(mode, tp):
     torch.manual_seed(3)
     logits, ids, targets = random_case(n=14, v=12, n_chunks=5)
     lp = torch.log_softmax(logits, -1)
     tl = lp.gather(1, targets[:, None])[:, 0]  # gathered once (one all-reduce on a real TP group)
-    full = merge_log_probs(lp, ids, 5, mode=mode, target_log_probs=tl)
+    full = merged_shard(lp, ids, 5, mode, tl)
     v = lp.shape[1]
     for r in range(tp):
         a, b = r * v // tp, (r + 1) * v // tp
-        shard = merge_log_probs(lp[:, a:b], ids, 5, mode=mode, target_log_probs=tl)
+        shard = merged_shard(lp[:, a:b], ids, 5, mode, tl)
         assert torch.equal(torch.isinf(shard), torch.isinf(full[:, a:b]))
         torch.testing.assert_close(shard[torch.isfinite(shard)], full[:, a:b][torch.isfinite(full[:, a:b])])
+
+
+def merged_shard(lp, ids, n, mode, tl):
+    if mode == "chain-normalized":
+        return merge_log_probs(lp, ids, n, mode="chain", normalize=True)
+    return merge_log_probs(lp, ids, n, mode=mode, target_log_probs=tl)
+
+
+def test_side_modes_of_each_merge():
+    from nemo_xtoken.align.merge import MERGES, side_modes
+
+    assert MERGES == ("chain", "mean", "reference")
+    assert [side_modes(m) for m in MERGES] == [("chain", "chain"), ("mean", "mean"), ("mean", "logmean")]
+    with pytest.raises(ValueError, match="merge 'sum'"):
+        side_modes("sum")
+
+
+def test_normalized_chain_sums_to_one_and_keeps_the_chain_ratios():
+    torch.manual_seed(4)
+    logits, ids, targets = random_case(n=10, v=6, n_chunks=3)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
+    chain = merged(logits, ids, 3, "chain", targets)
+    norm = merged(logits, ids, 3, "chain-normalized", targets)
+    torch.testing.assert_close(norm.exp().sum(1), torch.ones(3, dtype=norm.dtype))
+    assert (chain.exp().sum(1) < 1 - 1e-6).all()  # the unnormalized chain sums to the continuation probability
+    torch.testing.assert_close(norm - norm[:, :1], chain - chain[:, :1])  # same relative probabilities
 
 
 def test_chain_merge_is_the_probability_of_the_chunk():

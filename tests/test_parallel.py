@@ -98,6 +98,7 @@ def make_cases() -> list[dict]:
             dict(tag="none", s=logits(n, vsp), t=logits(n, vtp), opts=dict(reduction="none"), weights=torch.rand(n, generator=g)),
             dict(tag="chain", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al)),
             dict(tag="mean-merge-none", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="mean", reduction="none"), weights=torch.rand(al.n_chunks, generator=g)),
+            dict(tag="reference-merge", s=logits(ns, vsp), t=logits(nt, vtp), opts=dict(alignment=al, merge="reference")),
             dict(tag="empty", s=logits(0, vsp), t=logits(0, vtp), opts=dict()),
             dict(tag="all-masked", s=logits(4, vsp), t=logits(4, vtp), opts=dict(mask=torch.zeros(4, dtype=torch.bool))),
             dict(tag="bf16", s=logits(n, vsp).bfloat16(), t=logits(n, vtp).bfloat16(), opts=dict(temperature=1.5)),
@@ -190,7 +191,7 @@ _RESULTS: dict[int, list] = {}
 
 def results_for(tp: int, cases) -> list:
     if tp not in _RESULTS:
-        _RESULTS[tp] = run_distributed(_rank_run, tp, cases, timeout=120)
+        _RESULTS[tp] = run_distributed(_rank_run, tp, cases, timeout=900)
     return _RESULTS[tp]
 
 
@@ -404,7 +405,7 @@ def test_multi_teacher_ce_and_total_parity(tp):
     """Multi-teacher (static and the three adaptive weightings), CE and the dynamic total = reference."""
     inp = make_combine_inputs()
     refs = [_combine_ref(inp, scheme, None) for scheme in WEIGHTING_SCHEMES]
-    per_rank = run_distributed(_rank_run_combine, tp, inp, timeout=120)
+    per_rank = run_distributed(_rank_run_combine, tp, inp, timeout=900)
     for k, scheme in enumerate(WEIGHTING_SCHEMES):
         tot, alphas, ce, grad = refs[k]
         for rank in range(tp):

@@ -17,10 +17,11 @@ from nemo_xtoken.align.core import (
     token_bytes,
 )
 
-_MERGE_NAMES = ("MERGES", "AlignedPositions", "merge_log_probs", "positions_from_token_chunks")
+_MERGE_NAMES = ("MERGES", "SIDE_MODES", "AlignedPositions", "merge_log_probs", "positions_from_token_chunks", "side_modes")
 
 __all__ = [
     "MERGES",
+    "SIDE_MODES",
     "AlignedPositions",
     "Alignment",
     "AlignmentBatch",
@@ -31,6 +32,7 @@ __all__ = [
     "encode_for_alignment",
     "merge_log_probs",
     "positions_from_token_chunks",
+    "side_modes",
     "token_bytes",
 ]
 

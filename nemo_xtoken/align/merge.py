@@ -7,17 +7,27 @@ that starts at token 0 has no predicting position and takes no part in the loss.
 targets ``token[p + 1]``; everything downstream (losses, tensor-parallel losses) works on
 :class:`AlignedPositions`.
 
-**Merges** (differentiable, log space, work on a vocab shard ``[N, V/tp]`` unchanged):
+**Merges** a loss accepts (``merge=``; :func:`side_modes` says what each side does):
 
 - ``"chain"`` (default, the paper's chain rule): for a chunk predicted by positions
-  ``p_0 < p_1 < … < p_m``, ``log q(v) = log p_{p_0}(v) + Σ_{i ≥ 1} log p_{p_i}(target_{p_i})``:
-  the distribution of the chunk's first token, scaled by the probability that the rest of the
-  chunk follows as it did.  Unnormalized (sums to the continuation probability), which keeps the
-  relative probabilities of the chunk-level events; a one-token chunk is its position unchanged.
-- ``"mean"`` (the public reference code): ``q(v) = mean_i p_{p_i}(v)``.
+  ``p_0 < p_1 < … < p_m``, the student's ``log q_S(v) = log p_{p_0}(v) + Σ_{i ≥ 1} log
+  p_{p_i}(target_{p_i})``: the distribution of the chunk's first token, scaled by the probability
+  ``C_S`` that the rest of the chunk follows as it did (the student can change ``C_S``).  The
+  teacher's chain-merged distribution is **normalized**: ``q_T / Σ_v q_T = p_{p_0}`` — its
+  continuation probability ``C_T`` is a constant factor the student cannot change; left in, it
+  would add ``C_T·log C_T < 0`` to every chunk's KL, so that a student equal to the teacher
+  scores below 0 (see docs/losses.md).  A one-token chunk is its position unchanged.
+- ``"mean"``: ``q(v) = mean_i p_{p_i}(v)`` on both sides (a distribution, sums to 1).
+- ``"reference"`` (the public reference code, NeMo-RL's X-Token loss): student probabilities
+  averaged over the chunk's positions (``"mean"``; P-KL renormalizes them after the projection),
+  teacher log-probabilities averaged (``"logmean"``: ``log q(v) = mean_i log p_{p_i}(v)``,
+  unnormalized, as published).
 
-The target log-probabilities are per-position scalars, so on a vocab-sharded tensor the caller
-gathers them once (a local lookup and one all-reduce) and the merge itself needs no collective.
+Per side, :func:`merge_log_probs` takes ``mode`` = ``"chain"`` (``normalize=True``: the first
+position's distribution), ``"mean"`` or ``"logmean"``; all are differentiable, in log space, and
+work on a vocab shard ``[N, V/tp]`` unchanged.  The chain's target log-probabilities are
+per-position scalars, so on a vocab-sharded tensor the caller gathers them once (a local lookup
+and one all-reduce) and the merge itself needs no collective.
 """
 
 from __future__ import annotations
@@ -26,9 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AlignedPositions", "positions_from_token_chunks", "merge_log_probs", "MERGES"]
+__all__ = ["AlignedPositions", "positions_from_token_chunks", "merge_log_probs", "side_modes", "MERGES", "SIDE_MODES"]
 
-MERGES = ("chain", "mean")
+MERGES = ("chain", "mean", "reference")
+SIDE_MODES = ("chain", "mean", "logmean")
+
+
+def side_modes(merge: str) -> tuple[str, str]:
+    """``(student mode, teacher mode)`` of a loss's ``merge`` (the teacher's chain is normalized)."""
+    if merge not in MERGES:
+        raise ValueError(f"merge {merge!r} is not one of {MERGES}")
+    return {"chain": ("chain", "chain"), "mean": ("mean", "mean"), "reference": ("mean", "logmean")}[merge]
 
 
 @dataclass
@@ -118,15 +136,19 @@ def merge_log_probs(
     *,
     mode: str = "chain",
     target_log_probs: torch.Tensor | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Merge per-position log-distributions ``[N, V]`` into per-chunk ones ``[n_chunks, V]``.
 
-    ``chunk_ids`` int64 ``[N]`` (``-1`` = position in no chunk).  ``mode="chain"`` needs
-    ``target_log_probs`` ``[N]`` (log p of each position's actual next token).  Chunks with no
-    position get ``-inf`` rows (callers mask them with :meth:`AlignedPositions.chunk_mask`).
+    ``chunk_ids`` int64 ``[N]`` (``-1`` = position in no chunk).  ``mode`` is one side's merge
+    (:data:`SIDE_MODES`).  ``"chain"`` needs ``target_log_probs`` ``[N]`` (log p of each position's
+    actual next token) unless ``normalize=True``, which returns the normalized chain merge: the
+    chunk's first position's distribution (the continuation probability is a per-chunk constant).
+    Chunks with no position get ``-inf`` rows (callers mask them with
+    :meth:`AlignedPositions.chunk_mask`).
     """
-    if mode not in MERGES:
-        raise ValueError(f"merge mode {mode!r} is not one of {MERGES}")
+    if mode not in SIDE_MODES:
+        raise ValueError(f"merge mode {mode!r} is not one of {SIDE_MODES}")
     if log_probs.dim() != 2 or chunk_ids.shape != log_probs.shape[:1]:
         raise ValueError(f"merge_log_probs needs log_probs [N, V] and chunk_ids [N]; got {tuple(log_probs.shape)} and {tuple(chunk_ids.shape)}")
     n, v = log_probs.shape
@@ -135,25 +157,32 @@ def merge_log_probs(
     cid = chunk_ids[pos]
     out_dtype = log_probs.dtype
     if mode == "chain":
-        if target_log_probs is None or target_log_probs.shape != (n,):
+        if not normalize and (target_log_probs is None or target_log_probs.shape != (n,)):
             raise ValueError("the chain merge needs target_log_probs [N] (log p of the actual next tokens)")
         # First position of each chunk (positions are increasing within a chunk).
         first = torch.full((n_chunks,), n, dtype=torch.long, device=log_probs.device)
         first.scatter_reduce_(0, cid, pos, reduce="amin")
         has = first < n
-        tl = target_log_probs[pos]
-        is_first = pos == first[cid]
-        cont = torch.zeros(n_chunks, dtype=tl.dtype, device=log_probs.device)
-        cont = cont.index_add(0, cid, torch.where(is_first, torch.zeros_like(tl), tl))
         # (no position: zeros still connected to the graph, so an empty side back-propagates zeros)
         rows = log_probs[first.clamp(max=max(n - 1, 0))] if n else log_probs.new_zeros(n_chunks, v) + log_probs.sum() * 0
-        merged = rows + cont.unsqueeze(1).to(out_dtype)
+        if normalize:
+            merged = rows
+        else:
+            tl = target_log_probs[pos]
+            is_first = pos == first[cid]
+            cont = torch.zeros(n_chunks, dtype=tl.dtype, device=log_probs.device)
+            cont = cont.index_add(0, cid, torch.where(is_first, torch.zeros_like(tl), tl))
+            merged = rows + cont.unsqueeze(1).to(out_dtype)
         return torch.where(has.unsqueeze(1), merged, torch.full_like(merged, float("-inf")))
-    # mean: log( Σ_i exp(lp_i) / count ), stabilised by the per-chunk max
     count = torch.zeros(n_chunks, dtype=log_probs.dtype, device=log_probs.device).index_add(
         0, cid, torch.ones_like(cid, dtype=log_probs.dtype)
     )
     sel = log_probs[pos]
+    if mode == "logmean":  # mean of the log-probabilities (a log of the geometric mean, unnormalized)
+        summed = torch.zeros(n_chunks, v, dtype=log_probs.dtype, device=log_probs.device).index_add(0, cid, sel)
+        merged = summed / count.clamp(min=1).unsqueeze(1)
+        return torch.where((count > 0).unsqueeze(1), merged, torch.full_like(merged, float("-inf")))
+    # mean: log( Σ_i exp(lp_i) / count ), stabilised by the per-chunk max
     cmax = torch.full((n_chunks, v), float("-inf"), dtype=log_probs.dtype, device=log_probs.device)
     cmax = cmax.scatter_reduce(0, cid.unsqueeze(1).expand(-1, v), sel.detach(), reduce="amax")
     cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))

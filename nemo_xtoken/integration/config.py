@@ -45,7 +45,7 @@ __all__ = [
 LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl")
 ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
 KD_SCALINGS = ("dynamic", "fixed")
-MERGES = ("chain", "mean")
+MERGES = ("chain", "mean", "reference")  # = nemo_xtoken.align.merge.MERGES (not imported: keeps the config import torch-free)
 DATA_FORMATS = ("jsonl", "parquet", "preprocessed")
 
 
@@ -87,6 +87,7 @@ class TeacherConfig:
     checkpoint: str | None = None
     seq_length: int | None = None  # teacher-side maximum length (None: the student's)
     parallel: ParallelConfig | None = None  # if given, must equal the run's
+    learnable_w: bool = False  # p_kl only: train W's weights with the student (its sparsity pattern fixed)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class DistillConfig:
     """How KD terms are formed and combined."""
 
     temperature: float = 1.0
-    merge: str = "chain"  # chain | mean
+    merge: str = "chain"  # chain | mean | reference (the public reference code's merge)
     alpha: str = "static"  # static | ce | entropy | max_prob
     kd_scaling: str = "dynamic"  # dynamic: sg(L_CE / L_KD)·L_KD + L_CE; fixed: ce_weight·L_CE + kd_weight·L_KD
     kd_weight: float = 1.0
@@ -205,6 +206,8 @@ class XTokenDistillConfig:
                 raise bad(f"{k}.tokenizer", "is required")
             if t.loss in ("p_kl", "h_kl", "gold") and not t.projection:
                 raise bad(f"{k}.projection", f"loss {t.loss} needs W: build it with `xtoken build-projection`")
+            if t.learnable_w and t.loss != "p_kl":
+                raise bad(f"{k}.learnable_w", f"a learnable W is trained through P-KL only; loss {t.loss} uses W's top-1 map (set loss: p_kl or learnable_w: false)")
             if t.loss == "kl" and t.projection:
                 raise bad(f"{k}.projection", "loss kl is same-tokenizer KD and takes no W: remove projection or pick p_kl/h_kl")
             if not (t.weight >= 0.0):

@@ -42,9 +42,15 @@ student and teacher activations concatenated on the hidden dimension between sta
 equal sequence lengths and a single teacher), context parallelism > 1 (it would cut chunks), and
 teachers whose TP/PP/CP sizes differ from the student's, and a model whose vocabulary width differs
 from the one the criterion's W / P-KL plan was built for; teacher inputs longer than the teacher
-model's maximum sequence length are refused before the teacher runs.  A learnable W
-(:class:`~nemo_xtoken.losses.learnable.LearnableProjection`) exists only in the single-device
-reference losses: the vocab-parallel P-KL exchange plan is static, so the criterion refuses it.
+model's maximum sequence length are refused before the teacher runs.
+
+A learnable W (:class:`~nemo_xtoken.losses.learnable.LearnableProjection`, P-KL teachers;
+``teachers[i].learnable_w`` in the config) is a submodule of the criterion: ModelOpt registers
+criteria with parameters as the model's ``_loss_modules``, so W's weights are in
+``model.parameters()`` (the optimizer trains them), in ``state_dict`` and in Megatron's
+``sharded_state_dict`` (a replicated tensor, saved once, restored exactly on resume).  Its P-KL
+exchange plan is built once from W's sparsity pattern; every step fills it with the current
+weights, and W's gradient is summed over the TP group (the full gradient on every rank).
 """
 
 from __future__ import annotations
@@ -151,17 +157,27 @@ class XTokenLogitsLoss(_Loss):
         self.student_layout = student_layout
         self.group = group
         self.last_metrics: dict[str, torch.Tensor] = {}
+        self.learnable_w = nn.ModuleDict()  # teacher name → LearnableProjection (parameters, checkpointed)
         self._teachers = []
         for spec, tpad in zip(self.specs, self.teacher_padded):
             opts = dict(spec.options)
             proj = spec.projection
             vt = spec.teacher_vocab_size
             if isinstance(proj, LearnableProjection):
-                raise XTokenError(
-                    f"teacher {spec.name}: a learnable W (LearnableProjection) is only implemented in the single-device "
-                    "reference losses (nemo_xtoken.losses); the vocab-parallel P-KL exchange plan is static: pass the built "
-                    "Projection"
-                )
+                if spec.loss != "p_kl":
+                    raise XTokenError(
+                        f"teacher {spec.name}: a learnable W (LearnableProjection) is trained through P-KL only; "
+                        f"loss {spec.loss} uses W's top-1 map: pass the built Projection or use p_kl"
+                    )
+                key = spec.name.replace(".", "_") or f"teacher{len(self._teachers)}"
+                if key in self.learnable_w:
+                    raise XTokenError(f"teacher {spec.name}: two teachers named alike ({key!r}); give them distinct names")
+                self.learnable_w[key] = proj
+                if vt is not None and vt != proj.teacher_vocab_size:
+                    raise XTokenError(
+                        f"teacher {spec.name}: its tokenizer has {vt} ids but the learnable W has {proj.teacher_vocab_size} "
+                        "columns: W was built for another tokenizer"
+                    )
             if proj is not None and hasattr(proj, "check_tokenizers"):
                 proj.check_tokenizers(student_tokenizer, spec.tokenizer, path=f"teacher {spec.name}'s W")
             if spec.loss == "p_kl":
@@ -442,13 +458,20 @@ def criterion_from_config(
     tokenizers and W files); W's fingerprints are checked again against those tokenizers here.
     ``student_padded`` / ``teacher_padded[m]``: the models' padded output widths.
     """
+    from nemo_xtoken.losses.learnable import LearnableProjection
+
     d = cfg.distill
     specs = []
     for t in cfg.teachers:
         tok = resources.teacher_tokenizers.get(t.name)
+        proj = resources.projections.get(t.name)
+        if getattr(t, "learnable_w", False) and proj is not None:
+            if hasattr(proj, "check_tokenizers"):  # the built W's fingerprints, before it becomes a parameter
+                proj.check_tokenizers(resources.student_tokenizer, tok, path=f"teacher {t.name}'s W")
+            proj = LearnableProjection(proj)
         specs.append(
             TeacherSpec(
-                name=t.name, loss=t.loss, projection=resources.projections.get(t.name), weight=t.weight,
+                name=t.name, loss=t.loss, projection=proj, weight=t.weight,
                 teacher_vocab_size=getattr(tok, "vocab_size", None), tokenizer=tok,
             )
         )

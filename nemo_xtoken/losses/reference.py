@@ -16,6 +16,10 @@ Common conventions (see README.md, section "Losses"):
   counts;
 - computation in float32 at least (bf16/fp16 inputs are upcast), float64 kept.
 
+The floor (P-KL, H-KL's grouped probabilities): the value uses ``log max(q, EPS)``, the gradient
+is that of ``log(q + grad_floor(dtype))`` (:func:`floored_log`): the floor bounds the value only,
+so a student far below it still learns.
+
 Memory: nothing of size ``N × V_S × V_T`` and no dense W; W enters only through its non-zeros
 (``index_select`` / ``index_add`` over its ``nnz`` triplets).
 """
@@ -28,13 +32,17 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs
+from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.vocab.projection import ROW_EXACT, Projection
 
 __all__ = [
     "EPS",
     "REDUCTIONS",
+    "REFERENCE_EPS",
+    "grad_floor",
+    "floored_log",
+    "renormalized_log",
     "ProjectionLike",
     "SparseW",
     "CommonSet",
@@ -50,8 +58,45 @@ __all__ = [
     "NEEDS_PROJECTION",
 ]
 
-EPS = 1e-12  # floor of the projected / grouped student probability inside log (P-KL, H-KL)
+EPS = 1e-12  # floor of the projected / grouped student probability inside log (P-KL, H-KL): value only
 REDUCTIONS = ("mean", "sum", "none")
+_GRAD_FLOOR = {torch.float64: 1e-300}
+
+
+def grad_floor(dtype: torch.dtype) -> float:
+    """``δ`` in the gradient ``1/(q + δ)`` of a floored log: 1e-30 in float32, 1e-300 in float64.
+
+    Far below the value floor ``EPS``, far enough above the dtype's smallest normal number that
+    ``g/(q + δ)`` cannot overflow for any ``|g| < 1e8`` (W's rows sum to at most 1).
+    """
+    return _GRAD_FLOOR.get(dtype, 1e-30)
+
+
+def floored_log(q: torch.Tensor, eps: float = EPS, *, additive: bool = False) -> torch.Tensor:
+    """``log max(q, eps)`` as the value, the gradient of ``log(q + δ)``: the floor bounds the value only.
+
+    A plain ``log(q.clamp(min=eps))`` has zero gradient wherever ``q < eps``: a student whose
+    projected probability starts below the floor would never move (issue 12).  Here the gradient
+    is exactly that of ``log q`` wherever ``q ≫ δ = grad_floor(q.dtype)``.  ``additive=True``: the
+    value is ``log(q + eps)`` instead (the public reference code's form, ``merge="reference"``).
+    """
+    grad_path = torch.log(q + grad_floor(q.dtype))
+    value = torch.log(q + eps) if additive else torch.log(q.clamp(min=eps))
+    return grad_path + (value - grad_path).detach()
+
+
+REFERENCE_EPS = 1e-10  # the public reference code's additive epsilon (merge="reference", P-KL)
+
+
+def renormalized_log(q: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``merge="reference"``'s student side after the projection, as published: ``log(q/(Σq + ε) + ε)``, ε = 1e-10.
+
+    ``total`` is ``Σ_t q[t]`` per item ``[K, 1]`` (on vocab shards: the all-reduced sum).  The
+    value is the published one; the gradient through the log is that of ``log`` itself
+    (:func:`floored_log`), so the public form's floor too bounds the value only.
+    """
+    return floored_log(q / (total + REFERENCE_EPS), REFERENCE_EPS, additive=True)
+
 
 ProjectionLike = Union[Projection, torch.Tensor, "SparseW", "LearnableProjection"]  # noqa: F821 (see learnable.py)
 
@@ -364,25 +409,27 @@ def _items(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-item log-distributions over the real columns ``[K, V_S]``, ``[K, V_T]`` and which items count.
 
-    Padded columns (probability exactly 0) are dropped before merging, and rows of items that do
-    not count are replaced by zeros (finite, gradient-free), so that no ``-inf - -inf`` or
-    ``0 · ∞`` ever reaches the loss or its backward.
+    Each side is merged with its mode of ``merge`` (:func:`~nemo_xtoken.align.merge.side_modes`;
+    the teacher's chain merge normalized).  Padded columns (probability exactly 0) are dropped
+    before merging, and rows of items that do not count are replaced by zeros (finite,
+    gradient-free), so that no ``-inf - -inf`` or ``0 · ∞`` ever reaches the loss or its backward.
     """
     ls, lt = ls[:, :v_s], lt[:, :v_t]
     if alignment is None:
         counted = torch.ones(ls.shape[0], dtype=torch.bool, device=ls.device) if mask is None else mask.to(ls.device)
     else:
         a = alignment.to(ls.device)
+        s_mode, t_mode = side_modes(merge)
 
-        def side(lp: torch.Tensor, ids: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        def side(lp: torch.Tensor, ids: torch.Tensor, tg: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
             tgt_lp = None
-            if merge == "chain":
+            if mode == "chain" and not normalize:
                 safe = torch.where(ids >= 0, tg, torch.zeros_like(tg)).long()
                 tgt_lp = lp.gather(1, safe.unsqueeze(1)).squeeze(1) if lp.shape[0] else lp.new_zeros(0)
-            return merge_log_probs(lp, ids.long(), a.n_chunks, mode=merge, target_log_probs=tgt_lp)
+            return merge_log_probs(lp, ids.long(), a.n_chunks, mode=mode, target_log_probs=tgt_lp, normalize=normalize)
 
-        ls = side(ls, a.student_chunk_ids, a.student_targets)
-        lt = side(lt, a.teacher_chunk_ids, a.teacher_targets)
+        ls = side(ls, a.student_chunk_ids, a.student_targets, s_mode, False)
+        lt = side(lt, a.teacher_chunk_ids, a.teacher_targets, t_mode, True)
         counted = a.chunk_mask()
     c = counted.unsqueeze(1)
     ls = torch.where(c, ls, torch.zeros((), dtype=ls.dtype, device=ls.device))
@@ -487,9 +534,11 @@ def p_kl(
 ) -> torch.Tensor:
     """P-KL: ``KL(p_T ‖ Wᵀ p_S)``, the student's probabilities carried onto the teacher's vocabulary.
 
-    Terms with ``p_T[t] = 0`` contribute 0; where ``p_T[t] > 0`` and ``p̃_S[t] = 0`` the log is
-    taken of ``max(p̃_S, EPS)`` (``EPS = 1e-12``, no gradient through the floor).  Student mass on
-    empty W rows projects nowhere: it is lost, not renormalized.  ``projection`` may be a
+    Terms with ``p_T[t] = 0`` contribute 0; the log is taken of ``max(p̃_S, EPS)`` in value
+    (``EPS = 1e-12``) with the gradient of ``log p̃_S`` (:func:`floored_log`: the floor bounds the
+    value only).  Student mass on empty W rows projects nowhere: it is lost, not renormalized —
+    except with ``merge="reference"``, which renormalizes the projected chunk distribution as the
+    public reference code does (:func:`renormalized_log`, its ε = 1e-10 included).  ``projection`` may be a
     :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (its gradient flows into W).
     """
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
@@ -501,7 +550,11 @@ def p_kl(
         w.student_vocab_size, w.teacher_vocab_size,
     )
     q = _project(torch.exp(ls[:, : w.student_vocab_size]), w)
-    values = _xent_terms(lt[:, : w.teacher_vocab_size], torch.log(q.clamp(min=EPS)))
+    if alignment is not None and merge == "reference":  # projected, averaged, renormalized (public code)
+        log_q = renormalized_log(q, q.sum(dim=1, keepdim=True))
+    else:
+        log_q = floored_log(q)
+    values = _xent_terms(lt[:, : w.teacher_vocab_size], log_q)
     return _reduce(values, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
@@ -571,7 +624,7 @@ def _hybrid(
         grouped = ls.new_zeros(ls.shape[0], common.teacher_ids.numel()).index_add(
             1, common.group, torch.exp(ls.index_select(1, common.student_ids))
         )
-        log_q = torch.log(grouped.clamp(min=EPS))
+        log_q = floored_log(grouped)
     matched = _xent_terms(lt.index_select(1, common.teacher_ids), log_q)
     # ULD on the remainders.
     s_keep = torch.ones(v_s, dtype=torch.bool, device=s.device)
@@ -632,7 +685,8 @@ def h_kl(
     """H-KL: GOLD's hybrid with the common set relaxed to every non-empty student row's top-1 under W.
 
     Student rows sharing one top-1 teacher token ``t`` are summed (``q[t] = Σ p_S[s]``, log of
-    ``max(q, EPS)``), so each teacher token appears once in the KL part.
+    ``max(q, EPS)`` in value, gradient of ``log q``: :func:`floored_log`), so each teacher token
+    appears once in the KL part.
     """
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,

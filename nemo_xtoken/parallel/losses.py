@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs
+from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.losses.reference import REFERENCE_EPS, floored_log, grad_floor
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
+    all_reduce_sum,
     all_to_all_columns,
     group_rank_size,
     resolve_group,
@@ -46,7 +48,7 @@ __all__ = [
     "P_KL_EPS",
 ]
 
-P_KL_EPS = 1e-12  # log(max(p̃_S, eps)) where the teacher has mass and the projection has none
+P_KL_EPS = 1e-12  # value floor: log(max(p̃_S, eps)); the gradient is that of log p̃_S (see _KLPartial)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -140,14 +142,12 @@ def _prepare(
             "(positions_from_token_chunks(..., student_loss_mask=...))"
         )
     s_ids = al.student_chunk_ids
-    if merge == "chain":
-        tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group)
-        tt = al.teacher_targets if teacher_id_map is None else teacher_id_map(al.teacher_targets)
-        tlp_t = vocab_parallel_gather(lp_t, tt, group=group)
-    else:
-        tlp_s = tlp_t = None
-    ms = merge_log_probs(lp_s, s_ids, al.n_chunks, mode=merge, target_log_probs=tlp_s)
-    mt = merge_log_probs(lp_t, al.teacher_chunk_ids, al.n_chunks, mode=merge, target_log_probs=tlp_t)
+    s_mode, t_mode = side_modes(merge)
+    # the student's chain needs its target log-probabilities (one gather); the teacher's chain is
+    # normalized (its first position's distribution), so teacher targets are not read
+    tlp_s = vocab_parallel_gather(lp_s, al.student_targets, group=group) if s_mode == "chain" else None
+    ms = merge_log_probs(lp_s, s_ids, al.n_chunks, mode=s_mode, target_log_probs=tlp_s)
+    mt = merge_log_probs(lp_t, al.teacher_chunk_ids, al.n_chunks, mode=t_mode, normalize=True)
     cm = torch.zeros(al.n_chunks, dtype=torch.bool, device=s.device)
     if al.n_chunks:
         cs, ct = torch.zeros_like(cm), torch.zeros_like(cm)
@@ -234,65 +234,111 @@ def _mm(dense: torch.Tensor, csr: torch.Tensor) -> torch.Tensor | None:
     return dense @ csr
 
 
+def _csr_entries(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of each stored value of a CSR matrix, in value order."""
+    crow = m.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(m.shape[0], device=crow.device), crow[1:] - crow[:-1])
+    return rows, m.col_indices()
+
+
+def _sampled_products(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``Σ_n a[n, rows[k]] · b[n, cols[k]]`` for every k (W's gradient at its non-zeros), ``block`` rows at a time."""
+    out = a.new_zeros(rows.numel())
+    for n0 in range(0, a.shape[0], block):
+        out += (a[n0 : n0 + block].index_select(1, rows) * b[n0 : n0 + block].index_select(1, cols)).sum(0)
+    return out
+
+
 class _ExchangeProject(torch.autograd.Function):
     """``p̃_S = Wᵀ p_S`` on this teacher shard from log-probability shards ``lp_S``.
 
     Forward: ``q = exp(lp_S)``; the local block of W; one all-to-all of the planned values
     (student columns and partial sums, ``q @ send_mat``); their sparse block.  Backward: the
     transposed blocks, the reverse all-to-all, times ``q`` (recomputed; nothing but ``lp_S``
-    saved).
+    saved).  With a learnable W (``w_values`` ``[nnz]``, W's non-zeros): the plan's matrices are
+    filled with those weights, and W's gradient — each non-zero sits in exactly one rank's
+    matrices — is summed over the group, so every rank holds the full gradient of its
+    (replicated) W.
     """
 
     @staticmethod
-    def forward(ctx, lp: torch.Tensor, plan, group) -> torch.Tensor:  # lp [n, w_S]
-        ctx.plan, ctx.group = plan, group
-        ctx.save_for_backward(lp)
+    def forward(ctx, lp: torch.Tensor, plan, group, w_values: torch.Tensor | None = None) -> torch.Tensor:  # lp [n, w_S]
+        if w_values is not None:
+            plan = plan.with_values(w_values)
+        ctx.plan, ctx.group, ctx.has_w = plan, group, w_values is not None
+        ctx.nnz = 0 if w_values is None else w_values.numel()
         n = lp.shape[0]
         q = lp.exp()
         out = _mm(q, plan.local)
         out = q.new_zeros(n, plan.local.shape[1]) if out is None else out
+        recv = None
         if plan.exchange:  # the same decision on every rank
             send = _mm(q, plan.send_mat)
             send = q.new_zeros(n, plan.send_mat.shape[1]) if send is None else send
             del q
-            recv = all_to_all_columns(send.t().contiguous(), plan.send_splits, plan.recv_splits, group)
-            add = _mm(recv.t(), plan.recv_mat)
+            recv = all_to_all_columns(send.t().contiguous(), plan.send_splits, plan.recv_splits, group).t()
+            add = _mm(recv, plan.recv_mat)
             if add is not None:
                 out.add_(add)
+        keep_recv = ctx.has_w and recv is not None  # [n, K_recv]: small (the planned values), for W's gradient
+        ctx.save_for_backward(lp, recv if keep_recv else None)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (lp,) = ctx.saved_tensors
+        lp, recv = ctx.saved_tensors
         plan = ctx.plan
         n = g.shape[0]
         g = g.float()
         gq = _mm(g, plan.local_t)
         gq = g.new_zeros(n, lp.shape[1]) if gq is None else gq
+        gsend = None
         if plan.exchange:  # the same decision on every rank
             grecv = _mm(g, plan.recv_mat_t)
             grecv = g.new_zeros(n, plan.recv_mat_t.shape[1]) if grecv is None else grecv
-            gsend = all_to_all_columns(grecv.t().contiguous(), plan.recv_splits, plan.send_splits, ctx.group)
-            add = _mm(gsend.t(), plan.send_mat_t)
+            gsend = all_to_all_columns(grecv.t().contiguous(), plan.recv_splits, plan.send_splits, ctx.group).t()
+            add = _mm(gsend, plan.send_mat_t)
             if add is not None:
                 gq.add_(add)
-        return gq.mul_(lp.exp()), None, None
+        q = lp.exp()
+        gw = None
+        if ctx.has_w:
+            gw = g.new_zeros(ctx.nnz)
+            for mat, src, left, right in (
+                (plan.local, plan.sources["local"], q, g),
+                (plan.send_mat, plan.sources["send_mat"], q, gsend),
+                (plan.recv_mat, plan.sources["recv_mat"], recv, g),
+            ):
+                if right is None or left is None or src.numel() == 0:
+                    continue
+                rows, cols = _csr_entries(mat)
+                learn = src >= 0  # one-hot routing entries (constant 1) carry no W weight
+                if bool(learn.any()):
+                    gw.index_add_(0, src[learn], _sampled_products(left, right, rows[learn], cols[learn]))
+            if group_rank_size(ctx.group)[1] > 1:
+                torch.distributed.all_reduce(gw, group=ctx.group)
+        return gq.mul_(q), None, None, gw
 
 
 class _KLPartial(torch.autograd.Function):
     """Per row ``Σ_v p_T (log p_T − log q)`` over this shard, terms with ``p_T = 0`` exactly 0.
 
-    ``q`` is given as ``log_q`` (KL) or as a probability floored at ``eps`` (P-KL,
-    ``log max(q, eps)``, no gradient through the floor).  Saves only its inputs; the
-    gradient flows to ``q`` / ``log_q`` (the teacher side is frozen: no gradient).
+    ``q`` is given as ``log_q`` (KL) or as a probability (P-KL, H-KL's grouped probabilities):
+    then the value uses ``log max(q, eps)`` (``additive``: ``log(q + eps)``, the public form) and
+    the gradient that of ``log(q + δ)`` (:func:`~nemo_xtoken.losses.reference.floored_log`: the
+    floor bounds the value only).  Saves only its inputs; the gradient flows to ``q`` / ``log_q``
+    (the teacher side is frozen: no gradient).
     """
 
     @staticmethod
-    def forward(ctx, lp_t: torch.Tensor, q: torch.Tensor, is_prob: bool, eps: float) -> torch.Tensor:
+    def forward(ctx, lp_t: torch.Tensor, q: torch.Tensor, is_prob: bool, eps: float, additive: bool = False) -> torch.Tensor:
         ctx.is_prob, ctx.eps = is_prob, eps
         ctx.save_for_backward(lp_t, q)
         p_t = lp_t.exp()
-        log_q = q.clamp_min(eps).log() if is_prob else q
+        if is_prob:
+            log_q = (q + eps).log() if additive else q.clamp_min(eps).log()
+        else:
+            log_q = q
         diff = torch.where(p_t > 0, lp_t - log_q, torch.zeros((), dtype=lp_t.dtype, device=lp_t.device))
         del log_q
         return (diff.mul_(p_t)).sum(-1)
@@ -303,8 +349,8 @@ class _KLPartial(torch.autograd.Function):
         p_t = lp_t.exp()  # 0 where the teacher has no mass (and on padded columns)
         gq = p_t.mul_(-g.unsqueeze(1))
         if ctx.is_prob:
-            gq = torch.where(q >= ctx.eps, gq / q.clamp_min(ctx.eps), torch.zeros((), dtype=gq.dtype, device=gq.device))
-        return None, gq, None, None
+            gq = gq.div_(q + grad_floor(q.dtype))
+        return None, gq, None, None, None
 
 
 def vocab_parallel_p_kl(
@@ -327,7 +373,9 @@ def vocab_parallel_p_kl(
 
     ``projection``: a :class:`PKLPlan` (build it once: ``PKLPlan.build(W, tp, V_S', V_T')``, with
     ``teacher_perm`` if the teacher's output rows were permuted), or W itself (a plan is then
-    built on every call: fine for tests, slow for training).  Teacher targets in ``alignment``
+    built on every call: fine for tests, slow for training).  W may be a
+    :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (or the plan built from one): its
+    current weights are used and its gradient is the full one on every rank.  Teacher targets in ``alignment``
     stay original teacher ids; the plan maps them to permuted columns.
     """
     _check_reduction(reduction)
@@ -337,7 +385,7 @@ def vocab_parallel_p_kl(
     t = _flatten(teacher_logits, "teacher_logits")
     plan = projection
     if not isinstance(plan, PKLPlan):
-        projection_csr(projection)  # validates the type with a clear error
+        projection_csr(projection)  # validates the type with a clear error (a LearnableProjection is kept by the plan)
         plan = PKLPlan.build(
             projection, tp, s.shape[1] * tp, t.shape[1] * tp,
             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
@@ -357,8 +405,20 @@ def vocab_parallel_p_kl(
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
     rp = plan.rank_plan(rank, items.lp_s.device)
-    p_tilde = _ExchangeProject.apply(items.lp_s, rp, group)
-    partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
+    w_values = None
+    if plan.learnable is not None:  # a learnable W: its current weights fill the plan, its gradient comes back
+        w_values = plan.learnable.weights()
+        if w_values.numel() != plan.nnz:
+            raise XTokenError(
+                f"the P-KL plan was built for a W with {plan.nnz} non-zeros but its learnable W has {w_values.numel()}: rebuild the plan"
+            )
+        w_values = w_values.to(items.lp_s.device)
+    p_tilde = _ExchangeProject.apply(items.lp_s, rp, group, w_values)
+    if alignment is not None and merge == "reference":  # renormalized over the whole teacher vocabulary, as published
+        total = all_reduce_sum(p_tilde.sum(dim=1, keepdim=True), group)
+        partial = _KLPartial.apply(items.lp_t, p_tilde / (total + REFERENCE_EPS), True, REFERENCE_EPS, True)
+    else:
+        partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
     loss = sum_partials(partial, group)
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
@@ -448,7 +508,7 @@ def _hybrid(
         log_q = ls.index_select(1, sid)
     else:
         grouped = ls.new_zeros(ls.shape[0], tid.numel()).index_add(1, grp, ls.index_select(1, sid).exp())
-        log_q = grouped.clamp_min(P_KL_EPS).log()
+        log_q = floored_log(grouped, P_KL_EPS)
     matched = _kl_terms(lt.index_select(1, tid), log_q)
     s_keep = torch.ones(v_s, dtype=torch.bool, device=dev)
     s_keep[sid] = False

@@ -14,6 +14,8 @@ them most, and only a small halo of student columns crosses ranks.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +27,14 @@ from nemo_xtoken.errors import XTokenError
 __all__ = ["PKLPlan", "teacher_permutation", "projection_csr"]
 
 
+def _is_learnable(obj: Any) -> bool:
+    from nemo_xtoken.losses.learnable import LearnableProjection
+
+    return isinstance(obj, LearnableProjection)
+
+
 def projection_csr(projection: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """``(indptr, indices, data, (V_S, V_T))`` of W given as a ``Projection`` or a torch sparse CSR tensor."""
+    """``(indptr, indices, data, (V_S, V_T))`` of W: a ``Projection``, a torch sparse CSR tensor or a ``LearnableProjection``."""
     if isinstance(projection, torch.Tensor):
         if projection.layout != torch.sparse_csr or projection.dim() != 2:
             raise XTokenError(
@@ -39,6 +47,15 @@ def projection_csr(projection: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             p.col_indices().numpy().astype(np.int64),
             p.values().float().numpy(),
             (int(p.shape[0]), int(p.shape[1])),
+        )
+    if _is_learnable(projection):  # the pattern and the current weights
+        rows = projection.rows.detach().cpu().numpy()
+        counts = np.bincount(rows, minlength=projection.student_vocab_size)
+        return (
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            projection.cols.detach().cpu().numpy().astype(np.int64),
+            projection.weights().detach().float().cpu().numpy(),
+            projection.shape,
         )
     if hasattr(projection, "indptr") and hasattr(projection, "shape"):
         return (
@@ -192,6 +209,20 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int,
     return coo.coalesce().to_sparse_csr()
 
 
+def _value_source(rows: np.ndarray, cols: np.ndarray, src: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """For the CSR :func:`_csr` builds from ``(rows, cols)``: the W non-zero each stored value comes from.
+
+    ``src[k]`` is the index into W's non-zeros of triplet ``k`` (``-1``: a constant 1, a one-hot
+    routing entry).  Returned in the CSR's value order (row-major, columns increasing), so that a
+    learnable W's current weights fill the same matrix: ``where(src >= 0, w[src], 1)``.
+    """
+    key = rows.astype(np.int64) * max(shape[1], 1) + cols.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    if key.size and np.any(np.diff(key[order]) == 0):
+        raise AssertionError("exchange plan: two W entries fell on one matrix position (a plan bug)")
+    return src[order].astype(np.int64)
+
+
 @dataclass
 class _RankPlan:
     """One rank's part of the plan, as sparse matrices (``dense @ CSR`` on the device).
@@ -213,6 +244,20 @@ class _RankPlan:
     send_cols: np.ndarray  # int64: local student columns sent as they are (introspection, tests)
     n_partial: int  # partial sums sent (introspection, tests)
     exchange: bool  # whether any rank sends anything: the all-to-all runs on all ranks or on none
+    # index into W's non-zeros of each stored value (-1: a constant 1), per matrix, for a learnable W
+    sources: dict = field(default_factory=dict, repr=False)
+
+    def with_values(self, w: torch.Tensor) -> "_RankPlan":
+        """The same plan with W's non-zeros replaced by ``w`` ``[nnz]`` (detached): a learnable W's current weights."""
+        w = w.detach().float()
+        mats = {}
+        for name in ("local", "local_t", "send_mat", "send_mat_t", "recv_mat", "recv_mat_t"):
+            m, src = getattr(self, name), self.sources[name]
+            vals = torch.where(src >= 0, w[src.clamp(min=0)], torch.ones((), dtype=w.dtype, device=w.device))
+            with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+                warnings.simplefilter("ignore", UserWarning)
+                mats[name] = torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), vals, size=m.shape, check_invariants=False)
+        return dataclasses.replace(self, **mats)
 
 
 @dataclass
@@ -234,6 +279,8 @@ class PKLPlan:
     teacher_perm: np.ndarray | None  # new position → original teacher id, or None
     sent: np.ndarray  # int64 [tp, tp]: values rank r sends to r' per token (diagonal = kept local)
     ranks: list[_RankPlan] = field(repr=False)
+    nnz: int = 0  # W's stored non-zeros (the length of a learnable W's weight vector)
+    learnable: Any = field(default=None, repr=False)  # the LearnableProjection the plan was built from, if any
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -280,6 +327,7 @@ class PKLPlan:
         w_s, w_t = sp // tp, tpd // tp
         cols = np.asarray(indices, dtype=np.int64) if inv is None else inv[indices]
         keep = data != 0
+        nz = np.nonzero(keep)[0]  # each edge's index among W's non-zeros (a learnable W's weights)
         rows, cols, vals = rows[keep], cols[keep], np.asarray(data, dtype=np.float32)[keep]
         src, dst = rows // w_s, cols // w_t
         pair = src * tp + dst
@@ -291,56 +339,68 @@ class PKLPlan:
         for r in range(tp):
             for r2 in range(tp):
                 e = order[bounds[r * tp + r2] : bounds[r * tp + r2 + 1]]
-                er, ec, ev = rows[e], cols[e], vals[e]
+                er, ec, ev, ek = rows[e], cols[e], vals[e], nz[e]
                 if partial_sums and r != r2 and e.size:
                     a_rows, b_cols = min_vertex_cover(er, ec)
                 else:
                     a_rows, b_cols = np.unique(er), np.zeros(0, np.int64)
                 by_col = ~np.isin(er, a_rows)  # edges carried by a partial sum (their t is in B)
-                blocks[(r, r2)] = (a_rows, b_cols, er, ec, ev, by_col)
+                blocks[(r, r2)] = (a_rows, b_cols, er, ec, ev, by_col, ek)
                 sent[r, r2] = a_rows.size + b_cols.size
         ranks: list[_RankPlan] = []
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         for r in range(tp):
             # local block
-            _, _, er, ec, ev, _ = blocks[(r, r)]
+            _, _, er, ec, ev, _, ek = blocks[(r, r)]
             local = _csr(er - r * w_s, ec - r * w_t, ev, (w_s, w_t))
             local_t = _csr(ec - r * w_t, er - r * w_s, ev, (w_t, w_s))
+            sources = {
+                "local": _value_source(er - r * w_s, ec - r * w_t, ek, (w_s, w_t)),
+                "local_t": _value_source(ec - r * w_t, er - r * w_s, ek, (w_t, w_s)),
+            }
             # sender side: per destination r2 ≠ r, columns [A rows one-hot][B partial sums]
-            s_r, s_c, s_v, send_cols = [], [], [], []
+            s_r, s_c, s_v, s_k, send_cols = [], [], [], [], []
             off, n_partial = 0, 0
             for r2 in range(tp):
                 if r2 == r:
                     continue
-                a_rows, b_cols, er, ec, ev, by_col = blocks[(r, r2)]
+                a_rows, b_cols, er, ec, ev, by_col, ek = blocks[(r, r2)]
                 s_r.append(a_rows - r * w_s)
                 s_c.append(off + np.arange(a_rows.size))
                 s_v.append(np.ones(a_rows.size, np.float32))
+                s_k.append(np.full(a_rows.size, -1, np.int64))
                 s_r.append(er[by_col] - r * w_s)
                 s_c.append(off + a_rows.size + np.searchsorted(b_cols, ec[by_col]))
                 s_v.append(ev[by_col])
+                s_k.append(ek[by_col])
                 send_cols.append(a_rows - r * w_s)
                 n_partial += b_cols.size
                 off += a_rows.size + b_cols.size
             k_send = off
-            sr, sc, sv = cat(s_r, np.int64), cat(s_c, np.int64), cat(s_v, np.float32)
+            sr, sc, sv, sk = cat(s_r, np.int64), cat(s_c, np.int64), cat(s_v, np.float32), cat(s_k, np.int64)
+            sources["send_mat"] = _value_source(sr, sc, sk, (w_s, k_send))
+            sources["send_mat_t"] = _value_source(sc, sr, sk, (k_send, w_s))
             # receiver side: from each source r0 ≠ r, rows [A_{r0,r}][B_{r0,r}]
-            r_r, r_c, r_v = [], [], []
+            r_r, r_c, r_v, r_k = [], [], [], []
             base = 0
             for r0 in range(tp):
                 if r0 == r:
                     continue
-                a_rows, b_cols, er, ec, ev, by_col = blocks[(r0, r)]
+                a_rows, b_cols, er, ec, ev, by_col, ek = blocks[(r0, r)]
                 direct = ~by_col
                 r_r.append(base + np.searchsorted(a_rows, er[direct]))
                 r_c.append(ec[direct] - r * w_t)
                 r_v.append(ev[direct])
+                r_k.append(ek[direct])
                 r_r.append(base + a_rows.size + np.arange(b_cols.size))
                 r_c.append(b_cols - r * w_t)
                 r_v.append(np.ones(b_cols.size, dtype=np.float32))
+                r_k.append(np.full(b_cols.size, -1, np.int64))
                 base += a_rows.size + b_cols.size
             k_recv = base
-            rr, rc, rv = cat(r_r, np.int64), cat(r_c, np.int64), cat(r_v, np.float32)
+            rr, rc, rv, rk = cat(r_r, np.int64), cat(r_c, np.int64), cat(r_v, np.float32), cat(r_k, np.int64)
+            sources["recv_mat"] = _value_source(rr, rc, rk, (k_recv, w_t))
+            sources["recv_mat_t"] = _value_source(rc, rr, rk, (w_t, k_recv))
             splits_s = [0 if r2 == r else int(sent[r, r2]) for r2 in range(tp)]
             splits_r = [0 if r0 == r else int(sent[r0, r]) for r0 in range(tp)]
             ranks.append(
@@ -351,9 +411,13 @@ class PKLPlan:
                     send_splits=splits_s, recv_splits=splits_r,
                     send_cols=cat(send_cols, np.int64), n_partial=int(n_partial),
                     exchange=bool((sent * (1 - np.eye(tp, dtype=np.int64))).sum() > 0),
+                    sources={k: torch.from_numpy(v) for k, v in sources.items()},
                 )
             )
-        return PKLPlan(tp, sp, tpd, shape[0], shape[1], teacher_perm, sent, ranks)
+        plan = PKLPlan(tp, sp, tpd, shape[0], shape[1], teacher_perm, sent, ranks, nnz=int(len(indices)))
+        if _is_learnable(projection):
+            plan.learnable = projection
+        return plan
 
     # ---- queries ---------------------------------------------------------------------------------
     def rank_plan(self, rank: int, device: Any) -> _RankPlan:
@@ -364,7 +428,7 @@ class PKLPlan:
             self._device_cache[key] = _RankPlan(
                 p.local.to(device), p.local_t.to(device), p.send_mat.to(device), p.send_mat_t.to(device),
                 p.recv_mat.to(device), p.recv_mat_t.to(device), p.send_splits, p.recv_splits, p.send_cols, p.n_partial,
-                p.exchange,
+                p.exchange, {k: v.to(device) for k, v in p.sources.items()},
             )
         return self._device_cache[key]
 
