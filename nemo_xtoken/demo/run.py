@@ -39,7 +39,7 @@ METHODS: list[Method] = [
     Method("uld_qwen3", "ULD ← Qwen3", (TeacherUse("qwen3", "uld"),)),
     Method("gold_qwen3", "GOLD ← Qwen3", (TeacherUse("qwen3", "gold"),)),
     Method("pkl_qwen3", "P-KL ← Qwen3", (TeacherUse("qwen3", "p_kl"),)),
-    Method("pkl_learned_w_qwen3", "P-KL ← Qwen3, learnable W", (TeacherUse("qwen3", "p_kl"),), learnable_w=True),  # tp 1: see train.py
+    Method("pkl_learned_w_qwen3", "P-KL ← Qwen3, learnable W", (TeacherUse("qwen3", "p_kl"),), learnable_w=True),
     Method("gold_o200k", "GOLD ← o200k", (TeacherUse("o200k", "gold"),)),
     Method("hkl_o200k", "H-KL ← o200k", (TeacherUse("o200k", "h_kl"),)),
     Method("two_teachers", "H-KL ← o200k 0.8 + KL ← Llama-3 0.2", (TeacherUse("o200k", "h_kl", 0.8), TeacherUse("llama3", "kl", 0.2))),
@@ -47,8 +47,6 @@ METHODS: list[Method] = [
 #: teacher name → tokenizer (``nemo_xtoken.assets`` name); llama3 is the student's own tokenizer (no W)
 TEACHERS = ("qwen3", "o200k", "llama3")
 CODE_VERSION = 2  # bump when training code changes what a cached teacher would be
-#: whether the tensor-parallel criterion takes a learnable W; if not, that student runs the reference loss at tp 1
-LEARNABLE_W_TP = False
 
 
 @dataclass
@@ -266,8 +264,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
                 eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
-                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed,
-                tp=1 if m.learnable_w and not LEARNABLE_W_TP else cfg.tp,
+                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp,
             )))
     students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
     for k, j in students_jobs:

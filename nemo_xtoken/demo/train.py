@@ -377,71 +377,29 @@ def _load_teacher(path: str, side: Any, size: ModelSize, data: Any, seed: int):
     return teacher
 
 
-class ReferenceLogitsLoss(torch.nn.modules.loss._Loss):
-    """The single-device reference multi-teacher loss as a ModelOpt criterion (tensor parallel 1 only).
-
-    Used for what the tensor-parallel criterion does not take: a learnable W
-    (:class:`~nemo_xtoken.losses.learnable.LearnableProjection`, a submodule, so ModelOpt registers
-    its parameters with the student's).  Same calling convention as ``XTokenLogitsLoss``.
-    """
-
-    def __init__(self, teachers: list[Any], student_vocab_size: int, merge: str = "chain") -> None:
-        super().__init__()
-        self.teachers = teachers
-        self.projections = torch.nn.ModuleList([t.projection for t in teachers if isinstance(t.projection, torch.nn.Module)])
-        self.student_vocab_size, self.merge = student_vocab_size, merge
-
-    def forward(self, predictions: Any, targets: Any, *, alignments: Any, **_: Any) -> torch.Tensor:
-        from nemo_xtoken.losses import multi_teacher
-
-        s = (predictions[0] if isinstance(predictions, (tuple, list)) else predictions).transpose(0, 1)
-        s = s.reshape(-1, s.shape[-1]).float()
-        t = [(x[0] if isinstance(x, (tuple, list)) else x).detach() for x in targets]
-        t = [x.reshape(-1, x.shape[-1]).float() for x in t]
-        return multi_teacher(s, t, self.teachers, alignments=list(alignments), merge=self.merge).loss
-
-
 def _distillation_model(job: Job, student, data: Any):
     """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss(es), dynamic scaling."""
     from nemo_xtoken.demo.data import pad_to
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer, convert_to_xtoken_distillation_model
 
-    teachers = []
+    teachers, specs = [], []
     for t in job.teachers:
         side = data.sides[t.side]
         teachers.append(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed))
-    if job.learnable_w:
-        from nemo_xtoken.losses import LearnableProjection
-        from nemo_xtoken.losses.multi_teacher import Teacher
+        proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
+        if job.learnable_w and t.loss == "p_kl":
+            from nemo_xtoken.losses import LearnableProjection
 
-        if job.tp != 1:
-            raise ValueError("the learnable-W student runs the single-device reference loss: tp must be 1")
-        specs = []
-        for t in job.teachers:
-            side = data.sides[t.side]
-            proj = side.projection
-            if t.loss == "p_kl":
-                proj = LearnableProjection(side.projection)
-                proj.initial_weights = proj.weights().detach().clone()  # for the drift report
-            opts = {} if t.loss == "p_kl" else {"student_vocab_size": data.student_vocab_size, "teacher_vocab_size": side.vocab_size}
-            specs.append(Teacher(loss=t.loss, projection=proj, weight=t.weight, options=opts))
-        crit = ReferenceLogitsLoss(specs, data.student_vocab_size)
-        crit.specs = [TeacherSpec(t.side, t.loss, None, t.weight) for t in job.teachers]
-        crit.tp, crit.student_padded = 1, pad_to(data.student_vocab_size)
-        crit.teacher_padded = [pad_to(data.sides[t.side].vocab_size) for t in job.teachers]
-    else:
-        specs = []
-        for t in job.teachers:
-            side = data.sides[t.side]
-            needs_w = t.loss in ("p_kl", "gold", "h_kl")
-            specs.append(TeacherSpec(t.side, t.loss, side.projection if needs_w else None, t.weight, side.vocab_size))
-        crit = XTokenLogitsLoss(
-            specs,
-            student_vocab_size=data.student_vocab_size,
-            student_padded=pad_to(data.student_vocab_size),
-            teacher_padded=[pad_to(data.sides[t.side].vocab_size) for t in job.teachers],
-            tp=job.tp,
-        )
+            proj = LearnableProjection(side.projection)  # a submodule of the criterion: ModelOpt trains it with the student
+            proj.initial_weights = proj.weights().detach().clone()  # for the drift report
+        specs.append(TeacherSpec(t.side, t.loss, proj, t.weight, side.vocab_size))
+    crit = XTokenLogitsLoss(
+        specs,
+        student_vocab_size=data.student_vocab_size,
+        student_padded=pad_to(data.student_vocab_size),
+        teacher_padded=[pad_to(data.sides[t.side].vocab_size) for t in job.teachers],
+        tp=job.tp,
+    )
     return convert_to_xtoken_distillation_model(student, teachers, crit, XTokenLossBalancer("dynamic"))
 
 
