@@ -8,7 +8,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "CLAIMS", "aggregate", "direction", "format_table", "format_direction", "write_outputs", "plot", "check_results"]
+__all__ = [
+    "METRICS", "CLAIMS", "aggregate", "direction", "mechanisms", "format_table", "format_direction", "format_mechanisms",
+    "write_outputs", "plot", "check_results",
+]
 
 #: (key in a student's result, column header, percent?)
 METRICS: list[tuple[str, str, bool]] = [
@@ -144,6 +147,60 @@ def format_direction(results: dict[str, Any], markdown: bool = False) -> str:
     return "\n".join(f"{b[0]:<58} {b[2]:>18}  {b[3]}/{n}  {b[4]}" for b in body)
 
 
+def mechanisms(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per method (mean over seeds): what the curves measured — learning speed, convergence, and how KD steers the student.
+
+    ``exact@f``: held-out exact answers at the evaluation nearest to fraction ``f`` of the budget;
+    ``exact_last_quarter_change``: final minus the value a quarter of the budget earlier (≈ 0: converged);
+    ``cos_early``/``cos_late`` and ``ratio_early``/``ratio_late``: the gradient probe (cosine of
+    ``∇CE`` and ``scale·∇KD``, and their norm ratio) averaged over the first and second half of the
+    evaluations after step 0; ``scale_late``: median dynamic scale over the last quarter of training.
+    """
+    out: dict[str, dict[str, float]] = {}
+    seeds = list(results["students"])
+    for m in results["methods"]:
+        label = m["label"]
+        rows: list[dict[str, float]] = []
+        for s in seeds:
+            c = results["students"][s][label]["curves"]
+            es, ex = c["eval_step"], c["eval_exact"]
+            last = es[-1]
+            at = lambda f: ex[min(range(len(es)), key=lambda i: abs(es[i] - f * last))]  # noqa: E731
+            r = {"exact@0.25": at(0.25), "exact@0.5": at(0.5), "exact@1": ex[-1], "exact_last_quarter_change": ex[-1] - at(0.75)}
+            if "probe_cos" in c and len(c["probe_cos"]) > 2:
+                cos, ratio = c["probe_cos"][1:], c["probe_ratio"][1:]
+                h = len(cos) // 2
+                r.update(cos_early=statistics.fmean(cos[:h]), cos_late=statistics.fmean(cos[h:]),
+                         ratio_early=statistics.fmean(ratio[:h]), ratio_late=statistics.fmean(ratio[h:]))
+            if m["teachers"] and c.get("scale"):
+                r["scale_late"] = statistics.median(c["scale"][-max(1, len(c["scale"]) // 4):])
+            rows.append(r)
+        out[label] = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
+    return out
+
+
+def format_mechanisms(results: dict[str, Any], markdown: bool = False) -> str:
+    """:func:`mechanisms` as a table (exact answers in %)."""
+    mech = results.get("mechanisms") or mechanisms(results)
+    cols = [("exact@0.25", "exact @¼", True), ("exact@0.5", "exact @½", True), ("exact@1", "exact @end", True),
+            ("exact_last_quarter_change", "Δ last ¼", True), ("cos_early", "cos early", False), ("cos_late", "cos late", False),
+            ("ratio_early", "ratio early", False), ("ratio_late", "ratio late", False), ("scale_late", "scale late", False)]
+    head = ["method"] + [h for _, h, _ in cols]
+    body = []
+    for label, r in mech.items():
+        row = [label]
+        for key, _, pct in cols:
+            v = r.get(key)
+            row.append("—" if v is None else (f"{100 * v:+.1f}" if key == "exact_last_quarter_change" else f"{100 * v:.1f}%") if pct else f"{v:.2f}")
+        body.append(row)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return "\n".join(out + ["| " + " | ".join(b) + " |" for b in body])
+    w = [max(len(head[i]), *(len(b[i]) for b in body)) for i in range(len(head))]
+    line = lambda row: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * x for x in w)] + [line(b) for b in body])
+
+
 def _smooth(xs: list[float], k: int) -> list[float]:
     out, acc = [], 0.0
     for i, x in enumerate(xs):
@@ -259,11 +316,29 @@ def check_results(results: dict[str, Any]) -> None:
 def write_outputs(results: dict[str, Any], out: Path, audits: dict[str, Any] | None = None) -> dict[str, Path]:
     """``results.json`` (every figure), ``results.md`` (table + the paper's direction), ``curves.png``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    results = {**results, "table": aggregate(results), "direction": direction(results)}
+    results = {**results, "table": aggregate(results), "direction": direction(results), "mechanisms": mechanisms(results)}
     if audits is not None:
         results["audits"] = audits
     paths = {"json": out / "results.json", "table": out / "results.md", "plot": out / "curves.png"}
     paths["json"].write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    paths["table"].write_text(format_table(results, markdown=True) + "\n\n" + format_direction(results, markdown=True) + "\n")
+    paths["table"].write_text(format_table(results, markdown=True) + "\n\n" + format_direction(results, markdown=True) + "\n\n"
+                              + "Learning speed and the gradient probe (mean over seeds):\n\n" + format_mechanisms(results, markdown=True) + "\n")
     plot(results, paths["plot"])
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nemo_xtoken.demo.report RESULTS.json``: the table, the paper's direction and the mechanisms of a finished run."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path, help="a demo run's results.json")
+    p.add_argument("--markdown", action="store_true")
+    a = p.parse_args(argv)
+    r = json.loads(a.results.read_text())
+    print(format_table(r, markdown=a.markdown), format_direction(r, markdown=a.markdown), format_mechanisms(r, markdown=a.markdown), sep="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
