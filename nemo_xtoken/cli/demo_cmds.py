@@ -45,6 +45,24 @@ def _audits(out: Path) -> dict:
     return summary
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: ``N`` means seeds 1…N; ``a,b,…`` those seeds (e.g. ``2,3`` to add seeds to a one-seed run)."""
+    from nemo_xtoken.errors import XTokenError
+
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return tuple(range(1, n + 1))
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise XTokenError(f"--seeds takes N ≥ 1 (seeds 1…N) or a comma-separated list of seeds ≥ 1, got {text!r}") from None
+    if not seeds or min(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise XTokenError(f"--seeds: a list of distinct seeds ≥ 1, got {text!r}")
+    return seeds
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_xtoken.demo.report import check_results, format_direction, format_table, write_outputs
     from nemo_xtoken.demo.run import FAST, FULL, run_demo
@@ -54,9 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = FAST if args.fast else FULL
     over: dict = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp)) if v is not None}
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise XTokenError(f"--seeds must be ≥ 1, got {args.seeds}")
-        over["seeds"] = tuple(range(1, args.seeds + 1))
+        over["seeds"] = parse_seeds(args.seeds)
     if args.methods:
         over["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
     cfg = replace(cfg, **over)
@@ -88,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (real tokenizers, no model hub)")
     p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
     p.add_argument("--fast", action="store_true", help="a tiny version (seconds of training; what the test runs)")
-    p.add_argument("--seeds", type=int, default=None, help="students per method with seeds 1…N (initialization and data order); teachers are shared (default 1)")
+    p.add_argument("--seeds", default=None, help="students per method with seeds 1…N (initialization and data order), or a list such as 2,3; "
+                   "teachers are shared (default 1); runs of other seeds merge with python -m nemo_xtoken.demo.report --merge")
     p.add_argument("--methods", default=None, help="comma-separated method keys (default: all): ce, kd_llama3, uld_qwen3, gold_qwen3, pkl_qwen3, "
                    "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the full or fast setting)")

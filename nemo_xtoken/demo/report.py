@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = [
     "METRICS", "CLAIMS", "aggregate", "direction", "mechanisms", "format_table", "format_direction", "format_mechanisms",
-    "write_outputs", "plot", "check_results",
+    "write_outputs", "plot", "check_results", "merge_results",
 ]
 
 #: (key in a student's result, column header, percent?)
@@ -327,15 +327,56 @@ def write_outputs(results: dict[str, Any], out: Path, audits: dict[str, Any] | N
     return paths
 
 
+def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same demo on disjoint seeds (e.g. ``--seeds 1`` then ``--seeds 2,3``).
+
+    Refuses runs whose configuration (anything but the seeds and the worker count), methods or
+    teachers differ, or whose seeds overlap: their students would not be comparable.
+    """
+    from nemo_xtoken.errors import XTokenError
+
+    base = runs[0]
+    same = lambda r: {k: v for k, v in r["config"].items() if k not in ("seeds", "workers")}  # noqa: E731
+    students: dict[str, Any] = {}
+    for i, r in enumerate(runs):
+        if same(r) != same(base):
+            diff = sorted(k for k in same(base) if same(r).get(k) != same(base)[k])
+            raise XTokenError(f"run {i + 1} has another configuration than run 1 ({', '.join(diff)}): its students are not comparable")
+        if r["methods"] != base["methods"]:
+            raise XTokenError(f"run {i + 1} trained other methods than run 1")
+        for name, t in r["teachers"].items():
+            if t.get("exact") != base["teachers"].get(name, {}).get("exact"):
+                raise XTokenError(f"run {i + 1}'s teacher {name} is not run 1's (held-out figures differ)")
+        for seed, v in r["students"].items():
+            if seed in students:
+                raise XTokenError(f"seed {seed} is in two runs: merge runs of disjoint seeds")
+            students[seed] = v
+    order = sorted(students, key=int)
+    out = {k: v for k, v in base.items() if k not in ("table", "direction", "mechanisms", "audits")}
+    out["students"] = {s: students[s] for s in order}
+    out["config"] = {**base["config"], "seeds": [int(s) for s in order]}
+    out["seconds"] = {"runs": [r.get("seconds", {}) for r in runs]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m nemo_xtoken.demo.report RESULTS.json``: the table, the paper's direction and the mechanisms of a finished run."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("results", type=Path, help="a demo run's results.json")
+    p.add_argument("results", type=Path, nargs="+", help="a demo run's results.json (several: with --merge)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--merge", type=Path, default=None, metavar="DIR",
+                   help="merge runs of disjoint seeds into DIR (results.json, results.md, curves.png)")
     a = p.parse_args(argv)
-    r = json.loads(a.results.read_text())
+    runs = [json.loads(x.read_text()) for x in a.results]
+    if a.merge is None and len(runs) > 1:
+        p.error("several results files need --merge DIR")
+    r = runs[0]
+    if a.merge is not None:
+        r = merge_results(runs)
+        check_results(r)
+        write_outputs(r, a.merge, runs[0].get("audits"))
     print(format_table(r, markdown=a.markdown), format_direction(r, markdown=a.markdown), format_mechanisms(r, markdown=a.markdown), sep="\n\n")
     return 0
 
