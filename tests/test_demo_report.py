@@ -34,7 +34,7 @@ def _run(seeds: list[int], pkl_gain: float) -> dict:
 
 
 def test_parse_seeds():
-    assert parse_seeds("3") == (1, 2, 3) and parse_seeds("2,3") == (2, 3)
+    assert parse_seeds("3") == (1, 2, 3) and parse_seeds("2,3") == (2, 3) and parse_seeds("3,") == (3,)
     for bad in ("0", "x", "2,2", "0,1", ","):
         with pytest.raises(XTokenError, match="--seeds"):
             parse_seeds(bad)

@@ -46,7 +46,7 @@ def _audits(out: Path) -> dict:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: ``N`` means seeds 1…N; ``a,b,…`` those seeds (e.g. ``2,3`` to add seeds to a one-seed run)."""
+    """``--seeds``: ``N`` means seeds 1…N; ``a,b,…`` those seeds (``2,3`` adds seeds to a one-seed run; ``3,`` is seed 3 alone)."""
     from nemo_xtoken.errors import XTokenError
 
     try:
@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (real tokenizers, no model hub)")
     p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
     p.add_argument("--fast", action="store_true", help="a tiny version (seconds of training; what the test runs)")
-    p.add_argument("--seeds", default=None, help="students per method with seeds 1…N (initialization and data order), or a list such as 2,3; "
+    p.add_argument("--seeds", default=None, help="students per method with seeds 1…N (initialization and data order), or a list such as 2,3 (3, = seed 3 alone); "
                    "teachers are shared (default 1); runs of other seeds merge with python -m nemo_xtoken.demo.report --merge")
     p.add_argument("--methods", default=None, help="comma-separated method keys (default: all): ce, kd_llama3, uld_qwen3, gold_qwen3, pkl_qwen3, "
                    "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers")
