@@ -1,6 +1,10 @@
 """Alignment speed: ours vs TRL's GOLD byte-offset walk, share of tokenization time, preprocess workers.
 
-Usage: ``XTOKEN_CACHE=... python benchmarks/alignment.py [--mb 1.0] [--student llama3] [--teacher qwen3]``
+Usage: ``XTOKEN_CACHE=... python benchmarks/alignment.py [--mb 1.0] [--pairs llama3:qwen3,llama3:mistral,llama3:gemma3]``
+
+Each pair gets the full table; a summary table (one row per pair) closes the output, so a
+byte-level pair and SentencePiece pairs (Mistral's dummy prefix and byte fallback, Gemma-3's
+whitespace runs) are measured on the same corpus in the same run.
 
 Corpus: generated deterministically here (seed 0), >= 1 MB of mixed documents: English-like prose
 (sentences of common English words with capitals and punctuation), Python-like code, numbers
@@ -33,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nemo_xtoken.align import align_offsets, align_offsets_batch  # noqa: E402
-from nemo_xtoken.align.core import _adds_template_tokens, _align_encoded, _byte_offsets, _Encoded, token_bytes  # noqa: E402
+from nemo_xtoken.align.core import _align_encoded, _Encoded, _profile, _side_byte_offsets  # noqa: E402
 from nemo_xtoken.assets import cache_dir, tokenizer_path  # noqa: E402
 from nemo_xtoken.vocab import load_tokenizer  # noqa: E402
 
@@ -137,8 +141,10 @@ def clock() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=1.0)
-    ap.add_argument("--student", default="llama3")
-    ap.add_argument("--teacher", default="qwen3")
+    ap.add_argument("--pairs", default="llama3:qwen3,llama3:mistral,llama3:gemma3",
+                    help="comma-separated student:teacher fixtures (default: a byte-level pair and two SentencePiece teachers)")
+    ap.add_argument("--student", help="one pair: the student (with --teacher; overrides --pairs)")
+    ap.add_argument("--teacher", help="one pair: the teacher")
     ap.add_argument("--repeat", type=int, default=3, help="best of N for the alignment timings")
     ap.add_argument("--batch", type=int, default=1000, help="documents per batched call (= preprocess shard size)")
     ap.add_argument("--skip-preprocess", action="store_true")
@@ -148,23 +154,42 @@ def main() -> None:
     ap.add_argument("--preprocess-shard-size", type=int, default=250)
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+    if args.student or args.teacher:
+        pairs = [(args.student or "llama3", args.teacher or "qwen3")]
+    else:
+        pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     docs = make_corpus(int(args.mb * 1e6))
     nbytes = sum(len(d.encode()) for d in docs)
-    S = load_tokenizer(str(tokenizer_path(args.student)))
-    T = load_tokenizer(str(tokenizer_path(args.teacher)))
-    st, tt = S.tokenizer, T.tokenizer
-    stb, ttb = token_bytes(S), token_bytes(T)
     print(f"corpus: {len(docs)} synthetic mixed documents, {nbytes / 1e6:.2f} MB (prose-like, code, numbers, CJK, emoji; seed 0)")
-    print(f"tokenizers: student {args.student}, teacher {args.teacher}; one process, TOKENIZERS_PARALLELISM=false")
     print("timings: CPU seconds of this process (time.process_time, one core), best of --repeat; preprocess: wall clock")
+    trl, note = load_trl_walk()
+    print(f"TRL: {note}")
+    summary = [bench_pair(args, docs, nbytes, s, t, trl) for s, t in pairs]
+    keys = ["pair", "tokens s/t", "tokenize s", "kernel M tok/s", "kernel vs TRL", "batch vs TRL", "per doc vs TRL",
+            "same chunks as TRL", "added to tokenizing", "align() ms/call", "preprocess 1w/2w s"]
+    widths = [max(len(k), *(len(str(r.get(k, "-"))) for r in summary)) for k in keys]
+    print()
+    print("summary (one row per pair):")
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in summary:
+        print("  ".join(str(r.get(k, "-")).ljust(w) for k, w in zip(keys, widths)))
 
-    # 1. tokenization of both sides (single-document encode, one core)
+
+def bench_pair(args, docs: list[str], nbytes: int, student: str, teacher: str, trl) -> dict:
+    """The full table for one pair; returns its summary row."""
+    S = load_tokenizer(str(tokenizer_path(student)))
+    T = load_tokenizer(str(tokenizer_path(teacher)))
+    st, tt = S.tokenizer, T.tokenizer
+    _profile(S), _profile(T)  # per-tokenizer tables (token bytes, dummy-prefix probe): built once, not timed
+    print()
+    print(f"== tokenizers: student {student}, teacher {teacher}; one process, TOKENIZERS_PARALLELISM=false")
+
+    # 1. tokenization of both sides (single-document encode, one core; no BOS/EOS template, as TRL gets it)
     t0 = clock()
-    s_enc = [st.encode(d) for d in docs]
+    s_enc = [st.encode(d, add_special_tokens=False) for d in docs]
     t_s = clock() - t0
     t0 = clock()
-    t_enc = [tt.encode(d) for d in docs]
+    t_enc = [tt.encode(d, add_special_tokens=False) for d in docs]
     t_t = clock() - t0
     t_tok = t_s + t_t
     B = args.batch
@@ -174,7 +199,7 @@ def main() -> None:
     def ours_end_to_end():
         out = []
         for sh in shards:
-            enc = [_Encoded([encs[i] for i in sh], None, _adds_template_tokens(info)) for encs, info in ((s_enc, S), (t_enc, T))]
+            enc = [_Encoded([encs[i] for i in sh], None, False) for encs, info in ((s_enc, S), (t_enc, T))]
             out.append(_align_encoded(docs, sh, enc, (S, T), []))
         return out
 
@@ -184,13 +209,18 @@ def main() -> None:
         ours_end_to_end()
         best_e2e = min(best_e2e, clock() - t0)
 
-    # byte offsets per document (the same offsets for every aligner below)
-    offs = []
-    for d, es, et in zip(docs, s_enc, t_enc):
-        data = d.encode()
-        so = _byte_offsets(d, data, np.asarray(es.ids, np.int64), np.asarray(es.offsets, np.int64).reshape(-1, 2), stb, "s")
-        to = _byte_offsets(d, data, np.asarray(et.ids, np.int64), np.asarray(et.offsets, np.int64).reshape(-1, 2), ttb, "t")
-        offs.append((so, to))
+    # byte offsets per document (the same offsets for every aligner below; a dummy prefix is zero width)
+    def doc_offsets(info, encs):
+        out = []
+        for sh in shards:
+            datas = [docs[i].encode() for i in sh]
+            off = _side_byte_offsets(info, _Encoded([encs[i] for i in sh], None, False), [docs[i] for i in sh], datas)
+            base = np.cumsum([0] + [len(x) + 1 for x in datas[:-1]])
+            n = np.cumsum([0] + [len(encs[i].ids) for i in sh])
+            out += [off[n[k]:n[k + 1]] - base[k] for k in range(len(sh))]
+        return out
+
+    offs = list(zip(doc_offsets(S, s_enc), doc_offsets(T, t_enc)))
     n_s = sum(len(o[0]) for o in offs)
     n_t = sum(len(o[1]) for o in offs)
 
@@ -223,19 +253,30 @@ def main() -> None:
         for kc, b in zip(kern, ours_b)
     )
     best_ours, ours = timed(lambda: [align_offsets(so, to) for so, to in offs])
-    trl, note = load_trl_walk()
-    print(f"TRL: {note}")
     best_trl = None
     agree = None
     if trl is not None:
         lists = [(so.tolist(), to.tolist()) for so, to in offs]
         best_trl, trl_out = timed(lambda: [trl(so, to) for so, to in lists])
-        # same chunks? (no zero-width tokens here: no BOS/EOS templates, so both must agree)
+        # same chunks? (no BOS/EOS templates here; a lone dummy-prefix token is zero width: TRL may differ there)
         agree = sum(
             [list(range(a, b)) for a, b in al.student_chunks] == g_s and [list(range(a, b)) for a, b in al.teacher_chunks] == g_t
             for al, (g_s, g_t) in zip(ours, trl_out)
         )
     same = all(b[k][2] == ours[sh[k]] for b, sh in zip(ours_b, shards) for k in range(len(sh)))
+
+    # 4. the per-document API: align() on one sentence, tokenizers passed as paths (cached after the first call)
+    from nemo_xtoken.align import align
+
+    sentence = "In 201 days, the price  rose 3.5% to $1,000:\n\tdef f(x): return x**2  # 你好 🎉"
+    sp, tp = str(tokenizer_path(student)), str(tokenizer_path(teacher))
+    align(sentence, sp, tp)
+    per_call = []
+    for _ in range(200):
+        t0 = clock()
+        align(sentence, sp, tp)
+        per_call.append(clock() - t0)
+    per_call_ms = 1e3 * float(np.median(per_call))
 
     rows = [
         ("documents", f"{len(docs)} (batches of {B} documents)"),
@@ -252,6 +293,7 @@ def main() -> None:
             ("ours vs TRL (alignment alone)", f"batched {best_trl / best_batch:.1f}x, preprocess kernel {best_trl / best_kernel:.1f}x, per document {best_trl / best_ours:.1f}x; same chunks on {agree}/{len(docs)} documents"),
         ]
     rows += [
+        ("align() per call, one sentence, tokenizers as paths", f"{per_call_ms:.2f} ms (median of 200 calls)"),
         ("ours end to end beyond tokenizing", f"{best_e2e:.4f} s (to numpy, byte offsets, exactness check, alignment) = {100 * best_e2e / t_tok:.1f}% of tokenizing both sides"),
     ]
 
@@ -267,7 +309,7 @@ def main() -> None:
                     f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
             times = {}
             for w in (1, 2):
-                opts = PreprocessOptions(str(tokenizer_path(args.student)), str(tokenizer_path(args.teacher)), shard_size=args.preprocess_shard_size)
+                opts = PreprocessOptions(str(tokenizer_path(student)), str(tokenizer_path(teacher)), shard_size=args.preprocess_shard_size)
                 t0 = time.perf_counter()
                 rep = preprocess(inp, Path(tmp) / f"out{w}", opts, workers=w, progress=False)
                 times[w] = time.perf_counter() - t0
@@ -278,9 +320,26 @@ def main() -> None:
                 (head + "2 workers", f"{times[2]:.2f} s ({pbytes / 1e6 / times[2]:.2f} MB/s), speed-up {times[1] / times[2]:.2f}x"),
             ]
     w = max(len(r[0]) for r in rows)
-    print()
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
+    row = {
+        "pair": f"{student} -> {teacher}",
+        "tokens s/t": f"{n_s}/{n_t}",
+        "tokenize s": f"{t_tok:.3f}",
+        "kernel M tok/s": f"{n_s / best_kernel / 1e6:.1f}",
+        "added to tokenizing": f"{100 * best_e2e / t_tok:.1f}%",
+        "align() ms/call": f"{per_call_ms:.2f}",
+    }
+    if best_trl is not None:
+        row.update({
+            "kernel vs TRL": f"{best_trl / best_kernel:.1f}x",
+            "batch vs TRL": f"{best_trl / best_batch:.1f}x",
+            "per doc vs TRL": f"{best_trl / best_ours:.1f}x",
+            "same chunks as TRL": f"{agree}/{len(docs)}",
+        })
+    if not args.skip_preprocess:
+        row["preprocess 1w/2w s"] = f"{times[1]:.2f}/{times[2]:.2f}"
+    return row
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 """Launch an X-Token distillation run on Slurm with NeMo-Run: 16 nodes × 8 GPUs (128 H100) by default.
 
     python examples/launch_slurm.py --config /lustre/me/xtoken/conf/llama32_1b__qwen3_4b_pkl.yaml \\
+        --container-image registry.example.com/me/nemo-xtoken:26.08.01 \\
         --account ACCOUNT --partition batch --host login.cluster --user me --job-dir /lustre/me/nemo_runs \\
         --mount /lustre:/lustre train.train_iters=30000
     ... --dry-run   # print the sbatch script NeMo-Run would submit; needs no cluster and no SSH
 
 One ``srun`` task per node starts ``torchrun --nnodes N --nproc-per-node 8 -m
-nemo_xtoken.integration.train --config CONFIG [overrides]`` inside the container image (built from
-docker/Dockerfile: NeMo Framework + the plugin).  The config, its W files, the data and the
+nemo_xtoken.integration.train --config CONFIG [overrides]`` inside the container image, which must be
+the one docker/Dockerfile builds (NeMo Framework + the plugin), pushed to a registry the cluster pulls
+from: ``docker build -f docker/Dockerfile -t nemo-xtoken:26.08.01 .`` then ``docker tag``/``docker push``
+(see docker/README.md).  The config, its W files, the data and the
 checkpoint folder must be on a file system mounted into the container (``--mount``).  Without
 ``--host`` sbatch runs on this machine (a login node), and ``--config`` may be relative.
 """
@@ -20,8 +23,6 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_xtoken.integration.launch import DEFAULT_CONTAINER_IMAGE
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", "-c", required=True, help="YAML run config; with --host its absolute path on the cluster")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100")
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--time", default="04:00:00", help="Slurm time limit (the run resumes from its checkpoints when requeued)")
-    p.add_argument("--container-image", default=DEFAULT_CONTAINER_IMAGE, help="image with Megatron-Bridge and nemo_xtoken (docker/Dockerfile)")
+    p.add_argument("--container-image", required=True,
+                   help="the image docker/Dockerfile builds (NeMo Framework + nemo_xtoken), as the cluster pulls it")
     p.add_argument("--mount", action="append", default=[], metavar="SRC:DST", help="container mount (repeatable)")
     p.add_argument("--job-dir", default="", help="where NeMo-Run keeps sbatch scripts and logs on the cluster")
     p.add_argument("--host", default=None, help="submit over SSH to this login node (default: sbatch here)")

@@ -1,10 +1,18 @@
-"""Shared fixtures: the real tokenizers (fetched once into $XTOKEN_CACHE) and built projections."""
+"""Shared fixtures: the real tokenizers (fetched once into $XTOKEN_CACHE) and built projections.
+
+Megatron-Bridge imports on this CPU machine (no transformer_engine) through a scoped import hook
+installed here, before any test imports it (``nemo_xtoken/testing/bridge_te_shim.py``; a no-op
+where transformer_engine is installed).
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from nemo_xtoken.assets import tokenizer_path
+from nemo_xtoken.testing import bridge_te_shim
+
+bridge_te_shim.install()
 
 
 @pytest.fixture(scope="session")

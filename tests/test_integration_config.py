@@ -56,28 +56,30 @@ def test_paper_teacher_mixes():
 
 
 @pytest.mark.parametrize(
-    "mutate,key",
+    "mutate,key,nearest",
     [
-        (lambda d: d.__setitem__("optimiser", {}), "'optimiser'"),
-        (lambda d: d["student"].__setitem__("seq_len", 4), "student.'seq_len'"),
-        (lambda d: d["teachers"][0].__setitem__("lose", "p_kl"), "teachers.0.'lose'"),
-        (lambda d: d.setdefault("distill", {}).__setitem__("temprature", 2.0), "distill.'temprature'"),
+        (lambda d: d.__setitem__("optimiser", {}), "'optimiser'", "'optimizer'"),
+        (lambda d: d["student"].__setitem__("seq_len", 4), "'student.seq_len'", "'student.seq_length'"),
+        (lambda d: d["teachers"][0].__setitem__("lose", "p_kl"), "'teachers.0.lose'", "'teachers.0.loss'"),
+        (lambda d: d.setdefault("distill", {}).__setitem__("temprature", 2.0), "'distill.temprature'", "'distill.temperature'"),
+        (lambda d: d.setdefault("optimizer", {}).__setitem__("learning_rate", 1e-4), "'optimizer.learning_rate'", "'optimizer.lr'"),
     ],
 )
-def test_unknown_keys_name_key_file_and_valid_keys(tmp_path, mutate, key):
+def test_unknown_keys_name_key_file_nearest_and_valid_keys(tmp_path, mutate, key, nearest):
     d = _base()
     mutate(d)
     p = _write(tmp_path, d)
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
-    assert str(p) in msg and key in msg and "valid keys" in msg
+    assert str(p) in msg and f"unknown key {key}" in msg and f"did you mean {nearest}?" in msg and "valid keys" in msg
+    assert "Config" not in msg.replace("ConfigError", "")  # CLI spelling: no dataclass names
 
 
 def test_unknown_key_message_lists_the_valid_keys(tmp_path):
     d = _base()
     d["teachers"][0]["lose"] = "p_kl"
-    with pytest.raises(ConfigError, match=r"valid keys: \[.*'loss'.*'projection'.*'weight'"):
+    with pytest.raises(ConfigError, match=r"valid keys under teachers.0: \[.*'loss'.*'projection'.*'weight'"):
         load_config(_write(tmp_path, d))
 
 
@@ -86,8 +88,12 @@ def test_overrides_host_style(tmp_path):
     cfg = load_config(p, ["optimizer.lr=1e-4", "teachers.0.loss=h_kl", "parallel.tensor_model_parallel_size=2", "data.paths=[a.jsonl, b.jsonl]"])
     assert cfg.optimizer.lr == 1e-4 and cfg.teachers[0].loss == "h_kl"
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.data.paths == ["a.jsonl", "b.jsonl"]
-    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.learning_rate'.*valid keys"):
+    with pytest.raises(ConfigError, match=r"override 'optimizer.learning_rate=1e-4': unknown key 'optimizer.learning_rate' \(did you mean 'optimizer.lr'\?\); valid keys under optimizer"):
         load_config(p, ["optimizer.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'teachers.0.wieght' \(did you mean 'teachers.0.weight'\?\)"):
+        load_config(p, ["teachers.0.wieght=0.5"])
+    with pytest.raises(ConfigError, match=r"unknown key 'pararell' \(did you mean 'parallel'\?\)"):
+        load_config(p, ["pararell.tensor_model_parallel_size=2"])
     with pytest.raises(ConfigError, match=r"index < 1"):
         load_config(p, ["teachers.3.weight=1"])
     with pytest.raises(ConfigError, match="key.sub=value"):
@@ -100,7 +106,8 @@ def test_overrides_host_style(tmp_path):
         (lambda d: d["teachers"][0].__setitem__("loss", "js"), r"teachers.0 \(t\).loss: 'js' is not one of"),
         (lambda d: d["teachers"][0].pop("projection"), r"loss p_kl needs W"),
         (lambda d: d["teachers"][0].update(loss="kl"), r"loss kl is same-tokenizer KD and takes no W"),
-        (lambda d: d.update(parallel={"context_parallel_size": 2}), r"context_parallel_size: is 2: .*cut aligned chunks"),
+        (lambda d: d.update(parallel={"context_parallel_size": 2}), r"parallel.context_parallel_size=2: .*cut aligned chunks"),
+        (lambda d: d.update(parallel={"pipeline_model_parallel_size": 2}), r"parallel.pipeline_model_parallel_size=2: pipeline parallelism is not supported"),
         (lambda d: d["teachers"][0].update(parallel={"tensor_model_parallel_size": 4}), r"tensor_model_parallel_size: is 4 but the student runs with 1"),
         (lambda d: d["teachers"][0].update(parallel={"pipeline_model_parallel_size": 2}), r"pipeline_model_parallel_size: is 2 but the student runs with 1"),
         (lambda d: d["teachers"][0].update(weight=0.0), r"static weights sum to 0"),
@@ -196,3 +203,36 @@ def test_criterion_from_config_with_a_learnable_w(w_files, llama3_path, qwen3_pa
     assert isinstance(lw, LearnableProjection) and lw.nnz == rep.projections["t"].indices.size
     assert [p is lw.logits for p in crit.parameters()] == [True]  # trained with the student, checkpointed with it
     torch.testing.assert_close(lw.weights().detach(), torch.from_numpy(rep.projections["t"].data).float(), rtol=1e-6, atol=1e-7)
+
+
+# ---- `xtoken distill --check` speaks CLI -----------------------------------------------------------------
+
+
+def _distill(*argv):
+    from nemo_xtoken.cli.main import main
+
+    return main(["distill", *argv])
+
+
+def test_check_refuses_pipeline_parallelism_with_the_reason(capsys):
+    conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
+    assert _distill("--config", conf, "--check", "--no-resources", "parallel.pipeline_model_parallel_size=2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("xtoken distill: error: ")
+    assert "parallel.pipeline_model_parallel_size=2: pipeline parallelism is not supported" in err
+    assert "equal sequence lengths" in err and "set parallel.pipeline_model_parallel_size=1" in err
+
+
+def test_check_context_parallel_error_does_not_suggest_pipeline(capsys):
+    conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
+    assert _distill("--config", conf, "--check", "--no-resources", "parallel.context_parallel_size=2") == 2
+    err = capsys.readouterr().err
+    assert "parallel.context_parallel_size=2" in err and "pipeline" not in err
+    assert "parallel.tensor_model_parallel_size" in err
+
+
+def test_check_unknown_override_suggests_the_key(capsys):
+    conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
+    assert _distill("--config", conf, "--check", "--no-resources", "train.train_iter=10") == 2
+    err = capsys.readouterr().err
+    assert "override 'train.train_iter=10': unknown key 'train.train_iter' (did you mean 'train.train_iters'?)" in err

@@ -20,6 +20,7 @@ from nemo_xtoken.integration import launch as L  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "llama32_1b__qwen3_4b_pkl.yaml"
+IMAGE = "registry.example.com/me/nemo-xtoken:26.08.01"
 
 
 @pytest.mark.parametrize("conf", sorted((ROOT / "conf").glob("*.yaml")), ids=lambda p: p.stem)
@@ -40,7 +41,7 @@ def test_slurm_dry_run_is_16_nodes_of_8_gpus_over_ssh_without_a_cluster():
     script = L.distill_script("/lustre/me/conf/run.yaml", ["train.train_iters=30000"], local=False)
     ex = L.slurm_executor(
         account="acct", partition="batch", host="login.example.com", user="me", job_dir="/lustre/me/jobs",
-        container_mounts=["/lustre:/lustre"], time="04:00:00",
+        container_mounts=["/lustre:/lustre"], time="04:00:00", container_image=IMAGE,
     )
     d = L.dry_run(script, ex, name="xtoken-pkl")
     s = d.text
@@ -50,7 +51,7 @@ def test_slurm_dry_run_is_16_nodes_of_8_gpus_over_ssh_without_a_cluster():
         assert line in s, line
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in s
     srun = next(l for l in s.splitlines() if l.startswith("srun "))
-    assert f"--container-image {L.DEFAULT_CONTAINER_IMAGE}" in srun
+    assert f"--container-image {IMAGE}" in srun
     assert "/lustre:/lustre" in srun
     assert re.search(r"torchrun .*--nnodes 16 --nproc-per-node 8 --node-rank \$SLURM_NODEID", srun)
     assert srun.endswith(f"-m {L.ENTRY_MODULE} --config /lustre/me/conf/run.yaml train.train_iters=30000")
@@ -68,13 +69,32 @@ def test_launch_errors_before_anything_runs(tmp_path):
     with pytest.raises(XTokenError, match="key.sub=value"):
         L.distill_script(CONF, ["train.train_iters"])
     with pytest.raises(XTokenError, match="account"):
-        L.slurm_executor(account="")
+        L.slurm_executor(account="", container_image=IMAGE)
+
+
+def test_slurm_needs_the_plugin_image():
+    """No default image: the stock NeMo image has no nemo_xtoken (every rank would fail to import it)."""
+    from nemo_xtoken.errors import XTokenError
+
+    with pytest.raises(XTokenError, match=r"--container-image is required.*docker build -f docker/Dockerfile.*push"):
+        L.slurm_executor(account="a", container_image="")
+    with pytest.raises(XTokenError, match=r"NVIDIA's NeMo image, which has no nemo_xtoken.*No module named nemo_xtoken"):
+        L.slurm_executor(account="a", container_image=L.BASE_IMAGE)
+    # the stock image with the plugin mounted and on PYTHONPATH is the user's explicit choice
+    ex = L.slurm_executor(account="a", container_image=L.BASE_IMAGE, env={"PYTHONPATH": "/lustre/me/nemo_xtoken"})
+    assert ex.container_image == L.BASE_IMAGE and ex.env_vars["PYTHONPATH"] == "/lustre/me/nemo_xtoken"
+    r = subprocess.run(
+        [sys.executable, "examples/launch_slurm.py", "--config", str(CONF), "--account", "acct", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert r.returncode == 2 and "--container-image" in r.stderr
 
 
 def test_example_script_prints_the_sbatch_script():
     r = subprocess.run(
         [sys.executable, "examples/launch_slurm.py", "--config", str(CONF), "--account", "acct", "--nodes", "16",
-         "--job-dir", "/tmp/xtoken-jobs", "--dry-run", "train.train_iters=10"],
+         "--job-dir", "/tmp/xtoken-jobs", "--container-image", IMAGE, "--dry-run", "train.train_iters=10"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
     )
@@ -91,25 +111,9 @@ def test_entry_point_check_validates_strictly(capsys):
     assert '"train_iters": 100' in out and '"lr_warmup_iters": 5' in out
     assert main(["--config", str(CONF), "--check", "--no-resources", "train.no_such_key=1"]) == 2
     assert "unknown key 'train.no_such_key'" in capsys.readouterr().err
-
-
-def test_entry_point_without_bridge_errors_clearly(capsys):
-    try:
-        import megatron.bridge  # noqa: F401
-
-        pytest.skip("Megatron-Bridge is importable here")
-    except Exception:
-        pass
-    from nemo_xtoken.integration import train
-
-    # resources are the real tokenizers/W: skip loading them, the Bridge error comes first
-    orig = train.prepare
-    train.prepare = lambda c, o, load_resources=True: orig(c, o, load_resources=False)
-    try:
-        assert train.main(["--config", str(CONF)]) == 2
-    finally:
-        train.prepare = orig
-    assert "Megatron-Bridge is not importable" in capsys.readouterr().err
+    # relative run folders are printed as the config folder's (what every rank, in any working directory, uses)
+    assert main(["--config", str(CONF), "--check", "--no-resources"]) == 0
+    assert f'"save": "{CONF.parent / "checkpoints/llama32_1b__qwen3_4b_pkl"}"' in capsys.readouterr().out
 
 
 # ---- xtoken export-hf ----------------------------------------------------------------------------
@@ -131,6 +135,9 @@ def test_export_hf_rejects_wrong_checkpoint_dirs(tmp_path, capsys):
     (tmp_path / "run" / "iter_0000010").mkdir()
     assert _xtoken("export-hf", "--checkpoint", str(tmp_path / "run"), "--hf-model", "m", "-o", str(tmp_path / "o")) == 2
     assert "iter_0000010 is not a Megatron distributed (torch_dist) checkpoint" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert _xtoken("export-hf", "--checkpoint", str(tmp_path / "file"), "--hf-model", "m", "-o", str(tmp_path / "o")) == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_export_hf_picks_the_latest_iteration_and_refuses_non_empty_output(tmp_path, capsys):
@@ -147,18 +154,3 @@ def test_export_hf_picks_the_latest_iteration_and_refuses_non_empty_output(tmp_p
     (out / "config.json").write_text("{}")
     assert _xtoken("export-hf", "--checkpoint", str(run), "--hf-model", "m", "-o", str(out)) == 2
     assert "not empty" in capsys.readouterr().err
-
-
-def test_export_hf_without_bridge_says_what_to_install(tmp_path, capsys):
-    try:
-        import megatron.bridge  # noqa: F401
-
-        pytest.skip("Megatron-Bridge is importable here")
-    except Exception:
-        pass
-    it = tmp_path / "run" / "iter_0000001"
-    it.mkdir(parents=True)
-    (it / "metadata.json").write_text("{}")
-    assert _xtoken("export-hf", "--checkpoint", str(it), "--hf-model", "meta-llama/Llama-3.2-1B", "-o", str(tmp_path / "hf")) == 2
-    err = capsys.readouterr().err
-    assert "Megatron-Bridge is not importable" in err and ("transformer_engine" in err or "nemo-xtoken[bridge]" in err)

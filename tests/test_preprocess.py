@@ -83,6 +83,7 @@ def test_resume_skips_completed_shards(tmp_path, corpus_file, llama3_path, qwen3
     r = preprocess(corpus_file, out, opts(llama3_path, qwen3_path), progress=False)
     assert r["shards_skipped"] == 1 and r["documents"] == 4 and r["rejected"] == 5
     assert (out / "shards/00002/teacher_ids.npy").read_bytes() == before
+    assert not (out / "shards/.00002.tmp-999").exists() and r["stale_shards_removed"] == [".00002.tmp-999"]
     assert len(PreprocessedCorpus(out)) == 4
     with pytest.raises(XTokenError, match="other settings .*shard_size"):
         preprocess(corpus_file, out, PreprocessOptions(llama3_path, qwen3_path, shard_size=5, student_add_bos=True), progress=False)
@@ -140,3 +141,130 @@ def test_worker_start_failure_is_an_error_not_a_hang(tmp_path, llama3_path):
             pp._process_shard((0, str(tmp_path / "out"), [(0, "some text", None)]))
     finally:
         pp._W.clear()
+
+
+# ---- resume identity, exit codes, blank lines, folders, cost of rejected documents (issue 15) -----
+
+
+def _write(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+TEXTS_A = ["In 201 days the price rose 3.5%.", "def f(x):\n    return x ** 2\n", "Call me Ishmael.", "Some years ago.",
+           "Never mind how long.", "Having little or no money."]
+
+
+def test_resume_with_another_input_is_refused_and_overwrite_starts_over(tmp_path, llama3_path, qwen3_path):
+    a = _write(tmp_path / "a.jsonl", TEXTS_A)
+    b = _write(tmp_path / "b.jsonl", ["A wholly different corpus.", "Two documents."])
+    out = tmp_path / "out"
+    o = opts(llama3_path, qwen3_path)
+    assert preprocess(a, out, o, progress=False)["shards"] == 2
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(XTokenError, match=r"another input .*a\.jsonl.*b\.jsonl: .* bytes before.*--overwrite to start over"):
+        preprocess(b, out, o, progress=False)
+    assert (out / "manifest.json").read_text() == before  # nothing changed
+    r = preprocess(b, out, o, progress=False, overwrite=True)
+    assert r["documents"] == 2 and r["shards"] == 1 and r["shards_skipped"] == 0
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000"]  # no stale shard of a.jsonl
+    c = PreprocessedCorpus(out)
+    assert len(c) == 2 and json.loads((out / "params.json").read_text())["input"].endswith("b.jsonl")
+
+
+def test_same_size_edit_is_refused_and_a_moved_copy_resumes(tmp_path, llama3_path, qwen3_path):
+    a = _write(tmp_path / "a.jsonl", TEXTS_A)
+    out = tmp_path / "out"
+    o = opts(llama3_path, qwen3_path)
+    preprocess(a, out, o, progress=False)
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_bytes(a.read_bytes())  # same content, another path and modification time
+    r = preprocess(moved, out, o, progress=False)
+    assert r["shards_skipped"] == 2 and r["documents"] == 6
+    assert json.loads((out / "manifest.json").read_text())["params"]["input"].endswith("elsewhere.jsonl")
+    edited = a.read_bytes().replace(b"Ishmael", b"Ishmaex")  # same size, other content
+    a.write_bytes(edited)
+    with pytest.raises(XTokenError, match="same size, different content"):
+        preprocess(a, out, o, progress=False)
+
+
+def test_nothing_aligned_is_an_error_naming_the_field(tmp_path, llama3_path, qwen3_path, capsys):
+    p = tmp_path / "body.jsonl"
+    p.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(TEXTS_A)))
+    with pytest.raises(XTokenError, match=r"no document was aligned: all 6 documents were rejected \(6× has no string field 'text'\); "
+                       r"the first document has the fields \['body', 'id'\]: pass --field"):
+        preprocess(p, tmp_path / "o", opts(llama3_path, qwen3_path), progress=False)
+    rc = main(["preprocess", "-s", llama3_path, "-t", qwen3_path, "--input", str(p), "--output", str(tmp_path / "o2"), "--no-progress"])
+    assert rc == 2 and "pass --field" in capsys.readouterr().err
+    rc = main(["preprocess", "-s", llama3_path, "-t", qwen3_path, "--input", str(p), "--output", str(tmp_path / "o3"),
+               "--no-progress", "--field", "body"])
+    assert rc == 0 and "documents: 6 aligned of 6 read (0 rejected)" in capsys.readouterr().out
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(XTokenError, match="holds no documents"):
+        preprocess(blank, tmp_path / "o4", opts(llama3_path, qwen3_path), progress=False)
+    # every document changed by the teacher's normalizer: the tokenizers are named
+    nfc = _write(tmp_path / "nfc.jsonl", ["e\u0301 one", "cafe\u0301 two"])
+    with pytest.raises(XTokenError, match=r"no document was aligned.*changes the text.*could not align them"):
+        preprocess(nfc, tmp_path / "o5", opts(llama3_path, qwen3_path), progress=False)
+
+
+def test_blank_lines_are_skipped_not_counted(tmp_path, llama3_path, qwen3_path):
+    p = tmp_path / "gaps.jsonl"
+    p.write_text("\n" + json.dumps({"text": "first"}) + "\n\n   \n" + json.dumps({"text": "second"}) + "\n\n")
+    r = preprocess(p, tmp_path / "o", opts(llama3_path, qwen3_path), progress=False)
+    assert (r["input_documents"], r["documents"], r["rejected"]) == (2, 2, 0)
+    c = PreprocessedCorpus(tmp_path / "o")
+    assert [c.source_index(i) for i in range(2)] == [1, 4]  # the documents' lines (0-based)
+
+
+def test_folder_input(tmp_path, llama3_path, qwen3_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    _write(d / "part-0.jsonl", TEXTS_A[:2])
+    _write(d / "part-1.jsonl", TEXTS_A[2:5])
+    (d / "README.txt").write_text("not data")
+    r = preprocess(d, tmp_path / "o", opts(llama3_path, qwen3_path), progress=False)
+    assert r["documents"] == 5
+    c = PreprocessedCorpus(tmp_path / "o")
+    assert [c.source_index(i) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert [len(c[i][0]) for i in range(5)] == [len(align(t, llama3_path, qwen3_path, student_add_bos=True, return_ids=True)[1]) for t in TEXTS_A[:5]]
+    ident = json.loads((tmp_path / "o/params.json").read_text())["input_identity"]
+    assert ident["folder"] and [f["name"] for f in ident["files"]] == ["part-0.jsonl", "part-1.jsonl"]
+    _write(d / "part-2.jsonl", TEXTS_A[5:])  # a file added to the folder: another input
+    with pytest.raises(XTokenError, match="it had 2 file"):
+        preprocess(d, tmp_path / "o", opts(llama3_path, qwen3_path), progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(XTokenError, match=r"input .*empty is a folder without \.jsonl or \.parquet files \(it holds \['notes.txt'\]\)"):
+        preprocess(empty, tmp_path / "o2", opts(llama3_path, qwen3_path), progress=False)
+
+
+def test_rejected_documents_cost_one_alignment_pass(monkeypatch, llama3, qwen3):
+    """Each rejected document used to re-run the alignment of the whole batch; now the batch is aligned once."""
+    from nemo_xtoken.align import core
+
+    calls = []
+    real = core._align_encoded
+    monkeypatch.setattr(core, "_align_encoded", lambda *a: calls.append(1) or real(*a))
+    texts = [t if i % 3 else t + " cafe\u0301" for i, t in enumerate(TEXTS_A * 3)]
+    b = core.align_batch(texts, llama3, qwen3, on_error="skip")
+    assert len(b.rejected) == 6 and len(b) == 12 and len(calls) == 1
+    assert [i for i, _ in b.rejected] == [0, 3, 6, 9, 12, 15] and all("changes the text" in r for _, r in b.rejected)
+    for k, i in enumerate(b.index.tolist()):  # the accepted ones equal their single-document alignment
+        ref, s, t = align(texts[i], llama3, qwen3, return_ids=True)
+        assert np.array_equal(b[k][0], s) and b[k][2] == ref
+    with pytest.raises(XTokenError, match="document 0: .*changes the text"):
+        core.align_batch(texts, llama3, qwen3, on_error="raise")
+
+
+def test_reader_is_exported_from_the_align_package(tmp_path, corpus_file, llama3_path, qwen3_path):
+    import nemo_xtoken.align as A
+    from nemo_xtoken.align import PreprocessedCorpus as Exported, PreprocessOptions as ExportedOptions
+    from nemo_xtoken.align import preprocess as module
+
+    assert Exported is module.PreprocessedCorpus and ExportedOptions is module.PreprocessOptions
+    assert {"PreprocessedCorpus", "PreprocessOptions"} <= set(A.__all__)
+    preprocess(corpus_file, tmp_path / "out", opts(llama3_path, qwen3_path), progress=False)
+    assert len(Exported(tmp_path / "out")) == 4

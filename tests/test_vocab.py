@@ -132,13 +132,13 @@ def test_multi_token_weights_follow_beta_gamma():
         ([7, 8, 9], [0.900901, 0.09009, 0.009009]),
         ([7, 8, 9, 10], [0.9, 0.09, 0.009, 0.0009]),
     ]:
-        got = _multi_weights(ids, 0.9, 0.1, 4)
+        got = _multi_weights(ids, 0.1, 4)
         assert [t for t, _ in got] == ids
         np.testing.assert_allclose([w for _, w in got], want, atol=1e-4)  # DESIGN.md quotes these to 4 decimals (L=4: 0.90009 → "0.9000")
         exact = [0.9 * 0.1**i for i in range(len(ids))]
         np.testing.assert_allclose([w for _, w in got], np.array(exact) / sum(exact), rtol=1e-12)
     # Repeated teacher tokens accumulate ("00" → "0", "0").
-    assert _multi_weights([5, 5], 0.9, 0.1, 4) == [(5, 1.0)]
+    assert _multi_weights([5, 5], 0.1, 4) == [(5, 1.0)]
 
 
 def test_a_tokenizer_against_itself_is_the_identity(llama3):

@@ -15,6 +15,13 @@ byte offsets (byte-level tokens that split one multi-byte character share its ch
 Hugging Face ``tokenizers``; on bytes they are disjoint, so CJK and emoji align byte by byte), and
 checks that every token's bytes equal the text under its offsets: a normalizer that changes the
 text (lowercasing, NFC/NFKC) is reported with the span, never misaligned silently.
+
+**Tokenizer families** (docs/tokenizers.md).  SentencePiece ``▁`` is a space and ``<0xHH>`` its
+byte (the canonical strings of :mod:`nemo_xtoken.vocab.canonical`).  A dummy prefix (a space the
+tokenizer inserts: ``Prepend("▁")``, ``Metaspace``, ``ByteLevel(add_prefix_space)``; probed, not
+named) stands for no byte of the text: a token that is only that space has zero width and becomes
+a one-sided chunk, a token that starts with it (``▁In``) covers the text after it.  A text with
+the character ``▁`` (U+2581) is refused for a tokenizer that reads it as a space.
 """
 
 from __future__ import annotations
@@ -332,6 +339,8 @@ class TokenBytes:
     start: np.ndarray  # int64 [V] offset of id i in buf
     length: np.ndarray  # int64 [V]
     special: np.ndarray  # bool [V]
+    lead_space: np.ndarray | None = None  # bool [V]: a normal token whose bytes start with a space
+    added: np.ndarray | None = None  # bool [V]: an added token (the tokenizer extracts it from text: a segment boundary)
 
 
 def token_bytes(info: Any) -> TokenBytes:
@@ -354,22 +363,62 @@ def token_bytes(info: Any) -> TokenBytes:
         start[1:] = np.cumsum(length[:-1])
     buf = np.frombuffer(b"".join(pieces), dtype=np.uint8)
     special = np.array([s is not None for s in cv.special], dtype=bool)
-    tb = TokenBytes(buf, start, length, special)
+    lead_space = np.zeros(cv.size, dtype=bool)
+    nonempty = (length > 0) & ~special
+    lead_space[nonempty] = buf[start[nonempty]] == 0x20
+    tb = TokenBytes(buf, start, length, special, lead_space, np.asarray(cv.added, dtype=bool).copy())
     info._align_token_bytes = tb  # type: ignore[attr-defined]
     return tb
 
 
-def _bos_id(info: Any) -> int:
+@dataclass
+class _Profile:
+    """What alignment needs of one tokenizer, computed once and cached on its ``TokenizerInfo``."""
+
+    tb: TokenBytes
+    dummy: Any  # nemo_xtoken.vocab.canonical.DummyPrefix
+    u2581_is_space: bool  # the tokenizer reads the character '▁' (U+2581) as a space: texts with it are refused
+    template: bool  # its post-processor adds tokens (a BOS/EOS template)
+
+
+def _profile(info: Any) -> _Profile:
+    cached = getattr(info, "_align_profile", None)
+    if cached is not None:
+        return cached
+    from nemo_xtoken.vocab.canonical import canonical_vocab, dummy_prefix
+
+    tb = token_bytes(info)
+    cv = canonical_vocab(info)
+    dp = dummy_prefix(info)
+    ids = info.tokenizer.encode("a\u2581b", add_special_tokens=False).ids
+    spelled = b"".join(cv.text[i] or b"" for i in ids if i < cv.size)
+    u2581 = b"\xe2\x96\x81" not in spelled and spelled.replace(b" ", b"") == b"ab"
+    prof = _Profile(tb, dp, u2581, _adds_template_tokens(info))
+    info._align_profile = prof  # type: ignore[attr-defined]
+    return prof
+
+
+def bos_token_id(tokenizer: Any) -> int | None:
+    """The id of the BOS that ``tokenizer_config.json`` names (``None`` if it names none the tokenizer has)."""
+    from nemo_xtoken.vocab import load_tokenizer
+
+    info = load_tokenizer(tokenizer)
     bos = info.config.get("bos_token")
     if isinstance(bos, dict):
         bos = bos.get("content")
     tid = info.tokenizer.token_to_id(bos) if isinstance(bos, str) else None
+    return None if tid is None else int(tid)
+
+
+def _bos_id(info: Any, side: str = "") -> int:
+    tid = bos_token_id(info)
     if tid is None:
+        flag = f"{side}_add_bos" if side else "add_bos"
         raise XTokenError(
             f"tokenizer {info.source} declares no BOS token (tokenizer_config.json bos_token); "
-            "pass add_bos=False or a tokenizer whose config names one"
+            f"pass {flag}=False or a tokenizer whose config names one"
         )
-    return int(tid)
+    return tid
 
 
 def encode_for_alignment(text: str, tokenizer: Any, *, special_tokens: bool = True, add_bos: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -377,31 +426,142 @@ def encode_for_alignment(text: str, tokenizer: Any, *, special_tokens: bool = Tr
 
     ``special_tokens`` runs the tokenizer's post-processor (its BOS/EOS template);
     ``add_bos`` prepends the BOS named by its ``tokenizer_config.json`` unless already there
-    (the npm Llama-3 ``tokenizer.json`` has no BOS template).
+    (the npm Llama-3 ``tokenizer.json`` has no BOS template).  A dummy prefix (a space the
+    tokenizer inserts, SentencePiece's ``▁``) is no text: a token that is only that space gets a
+    zero-width offset, a token that starts with it covers the text after it.
     """
     from nemo_xtoken.vocab import load_tokenizer
 
-    info = load_tokenizer(tokenizer)
-    enc = _encode_many(info, [text], special_tokens, add_bos)
-    data = text.encode("utf-8", "surrogatepass")
-    fast = _fast_byte_offsets(np.frombuffer(data, np.uint8), enc.ids[0], enc.zero[0], np.zeros(enc.ids[0].size, np.int64),
-                              np.zeros(1, np.int64), np.array([len(data)]), token_bytes(info))
-    if fast is not None:
-        return enc.ids[0], fast
-    return enc.ids[0], _byte_offsets(text, data, enc.ids[0], enc.offsets(0), token_bytes(info), info.source)
+    return _encode_one(text, load_tokenizer(tokenizer), special_tokens, add_bos, "")
+
+
+def _encode_one(text: str, info: Any, special_tokens: bool, add_bos: bool, side: str) -> tuple[np.ndarray, np.ndarray]:
+    enc = _encode_many(info, [text], special_tokens, add_bos, side)
+    try:
+        return enc.ids[0], _side_byte_offsets(info, enc, [text], [text.encode("utf-8", "surrogatepass")])
+    except _DocError as e:
+        raise XTokenError(e.msg) from None
+
+
+def _dummy_skips(prof: _Profile, data: np.ndarray, ids: np.ndarray, zero: np.ndarray, doc: np.ndarray,
+                 byte_base: np.ndarray, doc_nbytes: np.ndarray) -> np.ndarray | None:
+    """Per token, how many of its leading bytes are a dummy prefix (0 or 1); ``None`` if none is.
+
+    Candidates, by the tokenizer's probed behaviour: the first content token of a document and,
+    where the tokenizer prefixes every segment, the first one after an added token of the text.
+    A candidate skips its leading space when the tokenizer inserts one there: always
+    (``Prepend``), or only where the text itself does not start with a space (``Metaspace``).
+    """
+    dp, tb = prof.dummy, prof.tb
+    if not dp.any or ids.size == 0 or tb.lead_space is None:
+        return None
+    cidx = np.flatnonzero(~zero)
+    if cidx.size == 0:
+        return None
+    cids = ids[cidx]
+    cdoc = doc[cidx]
+    first = np.ones(cidx.size, dtype=bool)
+    first[1:] = cdoc[1:] != cdoc[:-1]
+    is_added = tb.added[cids]
+    cand = np.zeros(cidx.size, dtype=bool)
+    if dp.at_start:
+        cand |= first
+    if dp.after_added:
+        after = np.zeros(cidx.size, dtype=bool)
+        after[1:] = is_added[:-1] & ~first[1:]
+        cand |= after
+    cand &= ~is_added & tb.lead_space[cids]
+    if not cand.any():
+        return None
+    skip = np.zeros(ids.size, dtype=np.int64)
+    if dp.before_space:
+        skip[cidx[cand]] = 1
+        return skip
+    # Only where the segment's text does not already start with a space: its position depends
+    # on the earlier skips of the same document (few candidates: a loop over them).
+    L = np.where(zero, 0, tb.length[ids])
+    cum = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(L, out=cum[1:])
+    doc_first = np.searchsorted(doc, np.arange(byte_base.size))
+    cur, skipped = -1, 0
+    for c in cidx[cand].tolist():
+        d = int(doc[c])
+        if d != cur:
+            cur, skipped = d, 0
+        pos = int(cum[c] - cum[doc_first[d]]) - skipped
+        if pos < int(doc_nbytes[d]) and data[int(byte_base[d]) + pos] == 0x20:
+            continue  # the text starts this segment with a space: the tokenizer inserted none
+        skip[c] = 1
+        skipped += 1
+    return skip
+
+
+def _side_byte_offsets(info: Any, enc: "_Encoded", docs: list[str], datas: list[bytes],
+                       errors: dict[int, str] | None = None) -> np.ndarray:
+    """Byte offsets of every token of ``enc`` (documents laid end to end, one byte between them).
+
+    Fast path: the tokens' bytes (less dummy prefixes) spell each document exactly.  Otherwise
+    the tokenizer's own offsets decide, to accept the tokenization or raise naming the document
+    (:class:`_DocError`) and the token whose bytes differ from the text under it.  With ``errors``
+    given, every failing document is recorded there (index -> reason) instead, and its offsets left out.
+    """
+    prof = _profile(info)
+    nbytes = np.asarray([len(d) for d in datas], dtype=np.int64)
+    byte_base = _doc_offsets((nbytes + 1).tolist())[:-1]
+    arr = np.frombuffer(b"\x00".join(datas), dtype=np.uint8)
+    n = [x.size for x in enc.ids]
+    doc = np.repeat(np.arange(len(docs)), n)
+    cat_ids = np.concatenate(enc.ids + [np.zeros(0, np.int64)])
+    cat_zero = np.concatenate(enc.zero + [np.zeros(0, bool)])
+    skip = _dummy_skips(prof, arr, cat_ids, cat_zero, doc, byte_base, nbytes)
+    boff = _fast_byte_offsets(arr, cat_ids, cat_zero, doc, byte_base, nbytes, prof.tb, skip)
+    if boff is not None:
+        return boff
+    # Some document's tokens do not spell it: find it, and accept or explain it with the offsets.
+    tok_off = _doc_offsets(n)
+    out = []
+    for k, (d, data) in enumerate(zip(docs, datas)):
+        a, b = int(tok_off[k]), int(tok_off[k + 1])
+        sk = None if skip is None else skip[a:b]
+        one = _fast_byte_offsets(np.frombuffer(data, np.uint8), cat_ids[a:b], cat_zero[a:b], np.zeros(b - a, np.int64),
+                                 np.zeros(1, np.int64), nbytes[k:k + 1], prof.tb, sk)
+        if one is None:
+            if prof.u2581_is_space and "\u2581" in d:
+                i = d.index("\u2581")
+                err = _DocError(k, (
+                    f"{info.source} cannot represent this text: it reads the character '\u2581' (U+2581) at text[{i}] as a "
+                    "space (its normalizer writes spaces as '\u2581'), so its tokens do not spell the text. Replace U+2581 "
+                    "in the corpus (e.g. with a space), or use another tokenizer"
+                ))
+                if errors is None:
+                    raise err
+                errors[k] = err.msg
+                continue
+            try:
+                one = _byte_offsets(d, data, enc.ids[k], enc.offsets(k), prof.tb, info.source, sk)
+            except XTokenError as e:
+                if errors is None:
+                    raise _DocError(k, str(e)) from None
+                errors[k] = str(e)
+                continue
+        out.append(one + byte_base[k])
+    return np.concatenate(out + [np.zeros((0, 2), np.int64)])
 
 
 def _fast_byte_offsets(data: np.ndarray, ids: np.ndarray, zero: np.ndarray, doc: np.ndarray, byte_base: np.ndarray,
-                       doc_nbytes: np.ndarray, tb: "TokenBytes") -> np.ndarray | None:
+                       doc_nbytes: np.ndarray, tb: "TokenBytes", skip: np.ndarray | None = None) -> np.ndarray | None:
     """Byte offsets from the ids alone: each document's token bytes, laid end to end, must be its text.
 
-    Exact by construction when it returns (every byte is compared); ``None`` when the tokens do
-    not spell the text (a normalizer changed it, or the tokenizer drops text): the caller then
-    uses the tokenizer's own offsets to accept the tokenization or name the offending span.
+    ``skip[i]`` leading bytes of token ``i`` are a dummy prefix, not text.  Exact by construction
+    when it returns (every byte is compared); ``None`` when the tokens do not spell the text (a
+    normalizer changed it, or the tokenizer drops text): the caller then uses the tokenizer's
+    own offsets to accept the tokenization or name the offending span.
     """
     if ids.size and (ids.max() >= tb.length.size or ids.min() < 0):
         return None
-    L = np.where(zero, 0, tb.length[ids])
+    L = tb.length[ids] if skip is None else tb.length[ids] - skip
+    L = np.where(zero, 0, L)
+    src = tb.start[ids] if skip is None else tb.start[ids] + skip
     cum = np.zeros(ids.size + 1, dtype=np.int64)
     np.cumsum(L, out=cum[1:])
     tok_off = np.zeros(byte_base.size + 1, dtype=np.int64)
@@ -414,7 +574,7 @@ def _fast_byte_offsets(data: np.ndarray, ids: np.ndarray, zero: np.ndarray, doc:
         nz = L > 0
         ln = L[nz]
         within = np.arange(tot, dtype=np.int64) - np.repeat(cum[:-1][nz], ln)
-        if not np.array_equal(tb.buf[np.repeat(tb.start[ids[nz]], ln) + within], data[np.repeat(start[nz], ln) + within]):
+        if not np.array_equal(tb.buf[np.repeat(src[nz], ln) + within], data[np.repeat(start[nz], ln) + within]):
             return None
     return np.stack([start, start + L], 1)
 
@@ -430,7 +590,8 @@ def _char_to_byte(text: str, data: bytes) -> np.ndarray:
     return c2b
 
 
-def _byte_offsets(text: str, data: bytes, ids: np.ndarray, off: np.ndarray, tb: TokenBytes, source: str) -> np.ndarray:
+def _byte_offsets(text: str, data: bytes, ids: np.ndarray, off: np.ndarray, tb: TokenBytes, source: str,
+                  skip: np.ndarray | None = None) -> np.ndarray:
     n = ids.size
     if n == 0:
         return off
@@ -439,8 +600,11 @@ def _byte_offsets(text: str, data: bytes, ids: np.ndarray, off: np.ndarray, tb: 
     c2b = _char_to_byte(text, data)
     if off.max() > len(text):
         raise XTokenError(f"{source} returned offsets beyond the text ({int(off.max())} > {len(text)} characters)")
-    zero = off[:, 1] == off[:, 0]
-    L = np.where(zero, 0, tb.length[ids])
+    sk = np.zeros(n, dtype=np.int64) if skip is None else skip
+    L = tb.length[ids] - sk
+    zero = (off[:, 1] == off[:, 0]) | (L == 0)  # a template token, or only a dummy prefix
+    L = np.where(zero, 0, L)
+    src = tb.start[ids] + sk
     # Tokens that share a character with an earlier one (a split multi-byte char) continue in
     # bytes where the previous token stopped; group heads start at their character's byte.
     prev_reach = np.empty(n, dtype=np.int64)
@@ -465,7 +629,7 @@ def _byte_offsets(text: str, data: bytes, ids: np.ndarray, off: np.ndarray, tb: 
             ln = L[nz]
             rep_excl = np.repeat(np.cumsum(ln) - ln, ln)
             within = np.arange(tot, dtype=np.int64) - rep_excl
-            tok_b = tb.buf[np.repeat(tb.start[ids[nz]], ln) + within]
+            tok_b = tb.buf[np.repeat(src[nz], ln) + within]
             txt_b = np.frombuffer(data, dtype=np.uint8)[np.repeat(bstart[nz], ln) + within]
             diff = np.flatnonzero(tok_b != txt_b)
             if diff.size:
@@ -499,10 +663,12 @@ def align(
     BOS of ``tokenizer_config.json``.  Returns the :class:`Alignment`, or
     ``(alignment, student_ids, teacher_ids)`` with ``return_ids=True``.
     """
+    from nemo_xtoken.vocab import load_tokenizer
+
     if not isinstance(text, str):
         raise XTokenError(f"align needs a str text, got {type(text).__name__}")
-    s_ids, s_off = encode_for_alignment(text, student_tokenizer, special_tokens=student_special_tokens, add_bos=student_add_bos)
-    t_ids, t_off = encode_for_alignment(text, teacher_tokenizer, special_tokens=teacher_special_tokens, add_bos=teacher_add_bos)
+    s_ids, s_off = _encode_one(text, load_tokenizer(student_tokenizer), student_special_tokens, student_add_bos, "student")
+    t_ids, t_off = _encode_one(text, load_tokenizer(teacher_tokenizer), teacher_special_tokens, teacher_add_bos, "teacher")
     a = align_offsets(s_off, t_off)
     return (a, s_ids, t_ids) if return_ids else a
 
@@ -663,7 +829,9 @@ def align_batch(
     rejected = [(i, f"not a string ({type(t).__name__})") for i, t in enumerate(texts) if not isinstance(t, str)]
     if rejected and on_error == "raise":
         raise XTokenError(f"document {rejected[0][0]}: {rejected[0][1]}")
-    enc = [_encode_many(info, [texts[i] for i in good], special, bos) for info, special, bos in sides]
+    enc = [_encode_many(info, [texts[i] for i in good], special, bos, side)
+           for (info, special, bos), side in zip(sides, ("student", "teacher"))]
+    _screen(texts, good, enc, (S, T), rejected, on_error)
     while True:
         try:
             return _align_encoded(texts, good, enc, (S, T), rejected)
@@ -674,6 +842,34 @@ def align_batch(
             del good[e.k]
             for side in enc:
                 side.remove(e.k)
+
+
+def _screen(texts: list, good: list[int], enc: list["_Encoded"], infos: tuple, rejected: list, on_error: str) -> None:
+    """Find, in one pass per side, the documents that cannot be aligned because a tokenizer changes their text.
+
+    Failures are removed from ``good``/``enc`` into ``rejected`` (or the first is raised).  Without
+    this, every rejected document re-ran the alignment of the whole batch, so a batch with
+    rejections cost several times more.
+    """
+    docs = [texts[i] for i in good]
+    if not docs:
+        return
+    datas = [d.encode("utf-8", "surrogatepass") for d in docs]
+    drop: dict[int, str] = {}
+    for side, info in zip(enc, infos):
+        errors: dict[int, str] = {}
+        _side_byte_offsets(info, side, docs, datas, errors=errors)
+        for k, msg in errors.items():
+            drop.setdefault(k, msg)
+    if drop and on_error == "raise":
+        k = min(drop)
+        raise XTokenError(f"document {good[k]}: {drop[k]}")
+    if drop:
+        rejected += [(good[k], drop[k]) for k in sorted(drop)]
+        good[:] = [g for k, g in enumerate(good) if k not in drop]
+        for side in enc:
+            for lst in (side.encs, side.ids, side.zero, side.bos_added):
+                lst[:] = [x for k, x in enumerate(lst) if k not in drop]
 
 
 class _Encoded:
@@ -704,10 +900,11 @@ class _Encoded:
             del lst[k]
 
 
-def _encode_many(info: Any, texts: list[str], special: bool, bos: bool) -> _Encoded:
+def _encode_many(info: Any, texts: list[str], special: bool, bos: bool, side: str = "") -> _Encoded:
     """Tokenize each text (BOS prepended when asked and missing)."""
+    bos_id = _bos_id(info, side) if bos else None
     encs = [info.tokenizer.encode(t, add_special_tokens=special) for t in texts]
-    return _Encoded(encs, _bos_id(info) if bos else None, special and _adds_template_tokens(info))
+    return _Encoded(encs, bos_id, special and _adds_template_tokens(info))
 
 
 def _adds_template_tokens(info: Any) -> bool:
@@ -725,35 +922,16 @@ class _DocError(Exception):
 
 
 def _align_encoded(texts, good, enc, infos, rejected) -> AlignmentBatch:
-    """Byte offsets of all documents at once (one joined text, one byte between documents), then align."""
+    """Byte offsets of all documents at once (laid end to end, one byte between documents), then align."""
     docs = [texts[i] for i in good]
-    joined = "\x00".join(docs)
-    data = joined.encode("utf-8", "surrogatepass")
-    char_base = _doc_offsets([len(d) + 1 for d in docs])[:-1]
-    byte_base = _doc_offsets([len(d.encode("utf-8", "surrogatepass")) + 1 for d in docs])[:-1]
-    nbytes = np.asarray([len(d.encode("utf-8", "surrogatepass")) for d in docs], dtype=np.int64)
-    arr = np.frombuffer(data, dtype=np.uint8)
+    datas = [d.encode("utf-8", "surrogatepass") for d in docs]
+    byte_base = _doc_offsets([len(d) + 1 for d in datas])[:-1]
     out = []
     for side, info in zip(enc, infos):
-        ids, zero = side.ids, side.zero
-        n = [x.size for x in ids]
+        n = [x.size for x in side.ids]
         doc = np.repeat(np.arange(len(docs)), n)
-        cat_ids = np.concatenate(ids + [np.zeros(0, np.int64)])
-        cat_zero = np.concatenate(zero + [np.zeros(0, bool)])
-        boff = _fast_byte_offsets(arr, cat_ids, cat_zero, doc, byte_base, nbytes, token_bytes(info))
-        if boff is None:  # some document's tokens do not spell it: the tokenizer's offsets decide
-            off = [side.offsets(k) for k in range(len(docs))]
-            cat_off = np.concatenate(off + [np.zeros((0, 2), np.int64)]) + char_base[doc, None]
-            try:
-                boff = _byte_offsets(joined, data, cat_ids, cat_off, token_bytes(info), info.source)
-            except XTokenError:
-                for k, d in enumerate(docs):  # find the document, with its own offsets in the message
-                    try:
-                        _byte_offsets(d, d.encode("utf-8", "surrogatepass"), ids[k], off[k], token_bytes(info), info.source)
-                    except XTokenError as e:
-                        raise _DocError(k, str(e)) from None
-                raise
-        out.append((cat_ids, boff, doc, n))
+        cat_ids = np.concatenate(side.ids + [np.zeros(0, np.int64)])
+        out.append((cat_ids, _side_byte_offsets(info, side, docs, datas), doc, n))
     (s_ids, s_off, s_doc, ns), (t_ids, t_off, t_doc, nt) = out
     try:
         sc, tc, nc = _localize(s_off, t_off, ns, nt, byte_base)
@@ -788,4 +966,7 @@ def alignment_to_json(a: Alignment, text: str, student_ids: np.ndarray, teacher_
                 "one_sided": (a0 == a1) != (b0 == b1),
             }
         )
+        if out[-1]["one_sided"]:  # what the token of no text is: a BOS/template token, or a dummy-prefix space
+            cv, ids = (scv, student_ids[a0:a1]) if a1 > a0 else (tcv, teacher_ids[b0:b1])
+            out[-1]["why"] = "special token" if all(cv.special[int(i)] is not None for i in ids) else "dummy prefix"
     return out

@@ -19,15 +19,33 @@ Layout of the output folder (everything numpy ``.npy``, memory-mappable; no pick
 A shard is written under a temporary name and renamed when complete, so an interrupted run leaves
 no half shard; a rerun skips the shards that have ``DONE.json``.  The output does not depend on
 the number of workers.
+
+**Input.**  A ``.jsonl`` file (one JSON object per line; blank lines are skipped and not counted),
+a ``.parquet`` file, or a folder of them (its ``*.jsonl`` and ``*.parquet`` files in name order, one
+stream: ``source_index`` counts lines/rows across the files).
+
+**Resume identity.**  ``params.json`` records the input's identity: per file its path, size,
+modification time and the **SHA-256 of its whole content** (and its number of lines/rows).  A rerun
+on the same output resumes only when the content is the same (sizes and hashes; a moved or touched
+file with the same content is accepted) and the settings are the same; anything else is refused
+with the difference named (``overwrite=True`` / ``--overwrite`` starts over).  The hash is one extra
+read of the input, well under 1 % of the time preprocessing takes.  Stale shard folders (beyond this
+run's shards, or left by a killed worker) are removed at the end of a run.
+
+**Nothing aligned.**  When no document is aligned the run raises :class:`XTokenError` saying why
+(the rejection reasons counted; a missing text field names the fields the input has).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +55,7 @@ import numpy as np
 from nemo_xtoken.align.core import Alignment, align_batch
 from nemo_xtoken.errors import XTokenError
 
-__all__ = ["PreprocessOptions", "preprocess", "PreprocessedCorpus", "iter_documents"]
+__all__ = ["PreprocessOptions", "preprocess", "PreprocessedCorpus", "iter_documents", "input_files", "input_identity", "format_report"]
 
 _FORMAT = "nemo_xtoken.preprocessed/1"
 _ARRAYS = (
@@ -60,11 +78,56 @@ class PreprocessOptions:
     teacher_add_bos: bool = False
 
 
-def iter_documents(path: str | os.PathLike[str], field: str = "text") -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield ``(index, text, None)`` or ``(index, None, reason)`` for each document of a jsonl or parquet file."""
+def input_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files of an input: the file itself, or a folder's ``*.jsonl`` / ``*.parquet`` files in name order."""
     p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".jsonl", ".parquet"))
+        if not files:
+            found = sorted(f.name for f in p.iterdir())[:8]
+            raise XTokenError(
+                f"input {p} is a folder without .jsonl or .parquet files (it holds {found or 'nothing'}): "
+                "pass a .jsonl or .parquet file, or a folder of them"
+            )
+        return files
+    if not p.exists():
+        raise XTokenError(f"input {p} does not exist: pass a .jsonl or .parquet file, or a folder of them")
     if not p.is_file():
-        raise XTokenError(f"input {p} does not exist: pass a .jsonl or .parquet file")
+        raise XTokenError(f"input {p} is not a regular file: pass a .jsonl or .parquet file, or a folder of them")
+    return [p]
+
+
+def iter_documents(path: str | os.PathLike[str], field: str = "text") -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield ``(index, text, None)`` or ``(index, None, reason)`` for each document of a jsonl/parquet file or folder.
+
+    ``index`` counts lines (rows) from 0 over the whole input, blank lines included, so it points at
+    the document's line; blank lines themselves yield nothing.
+    """
+    files = input_files(path)
+    many = len(files) > 1 or Path(path).is_dir()
+    base = 0
+    for f in files:
+        where = f"{f.name} " if many else ""
+        for n, text, reason in _iter_file(f, field, where):
+            yield base + n, text, reason
+        base += _count_records(f) if many else 0
+
+
+def _count_records(f: Path) -> int:
+    """Lines of a jsonl file (a last line without newline counts), rows of a parquet file."""
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(f).metadata.num_rows)
+    n, last = 0, b"\n"
+    with open(f, "rb") as fh:
+        while block := fh.read(1 << 22):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _iter_file(p: Path, field: str, where: str) -> Iterator[tuple[int, str | None, str | None]]:
     if p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -76,21 +139,57 @@ def iter_documents(path: str | os.PathLike[str], field: str = "text") -> Iterato
         i = 0
         for batch in f.iter_batches(columns=[field]):
             for v in batch.column(0).to_pylist():
-                yield (i, v, None) if isinstance(v, str) else (i, None, f"{field!r} is {type(v).__name__}, not a string")
+                yield (i, v, None) if isinstance(v, str) else (i, None, f"{where}row {i}: {field!r} is {type(v).__name__}, not a string")
                 i += 1
         return
     with open(p, "rb") as fh:
         for i, line in enumerate(fh):
+            if not line.strip():
+                continue  # a blank line is no document
             try:
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield i, None, f"line {i + 1} is not JSON ({e.__class__.__name__})"
+                yield i, None, f"{where}line {i + 1} is not JSON ({e.__class__.__name__})"
                 continue
             v = obj.get(field) if isinstance(obj, dict) else None
             if isinstance(v, str):
                 yield i, v, None
             else:
-                yield i, None, f"line {i + 1} has no string field {field!r}"
+                yield i, None, f"{where}line {i + 1} has no string field {field!r}"
+
+
+def input_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies an input: per file its path, size, modification time, SHA-256 of the whole content, records."""
+    files = []
+    for f in input_files(path):
+        h = hashlib.sha256()
+        n, last = 0, b"\n"
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+                n += block.count(b"\n")
+                last = block[-1:]
+        st = f.stat()
+        files.append({
+            "path": str(f.resolve()), "name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": h.hexdigest(), "lines": n + (last != b"\n") if f.suffix != ".parquet" else None,
+        })
+    return {"path": str(Path(path).resolve()), "folder": Path(path).is_dir(), "files": files}
+
+
+def _identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """Why two input identities are different content (None: the same content, maybe moved or touched)."""
+    if not old:
+        return "the output records no input identity (made by an older version)"
+    of, nf = old.get("files", []), new["files"]
+    if len(of) != len(nf):
+        return f"it had {len(of)} file(s) {[f['name'] for f in of][:5]}, the input has {len(nf)} {[f['name'] for f in nf][:5]}"
+    for a, b in zip(of, nf):
+        if a["size"] != b["size"]:
+            return f"{b['name']}: {a['size']} bytes before, {b['size']} now"
+        if a["sha256"] != b["sha256"]:
+            return f"{b['name']}: same size, different content (sha256 {a['sha256'][:12]}… before, {b['sha256'][:12]}… now)"
+    return None
 
 
 # ---- workers ---------------------------------------------------------------------------------------
@@ -199,6 +298,64 @@ def _read_shard_stats(out: Path, shard: int) -> dict[str, Any] | None:
     return stats
 
 
+def _clear_output(out: Path) -> None:
+    """Remove what a preprocessing run wrote into ``out`` (and nothing else)."""
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for name in ("params.json", "manifest.json", "manifest.json.tmp"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _remove_stale_shards(out: Path, n_shards: int) -> list[str]:
+    """Delete shard folders beyond this run's ``n_shards`` and half-written ones of killed workers."""
+    gone = []
+    for d in (out / "shards").iterdir():
+        stale = (d.name.startswith(".") and ".tmp-" in d.name) or (d.name.isdigit() and int(d.name) >= n_shards)
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
+
+
+_WHERE = re.compile(r"^(?:\S+ )?(?:line|row) \d+:? ")
+
+
+def _nothing_aligned(report: dict[str, Any], input_path: Any, opts: PreprocessOptions) -> str:
+    """Why no document was aligned, in one message (the reasons counted, what to change)."""
+    if report["input_documents"] == 0:
+        return f"{input_path} holds no documents (it is empty or has only blank lines)"
+    reasons = Counter(_WHERE.sub("", r["reason"]) for r in report["rejected_documents"])
+    top = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(3))
+    msg = f"no document was aligned: all {report['input_documents']} documents were rejected ({top})"
+    if any("no string field" in r or "has no column" in r for r in reasons):
+        keys = _first_fields(input_path)
+        hint = f"; the first document has the fields {keys}" if keys else ""
+        return f"{msg}{hint}: pass --field with the name of the text field (now --field {opts.field})"
+    if any("not JSON" in r for r in reasons) and len(reasons) == 1:
+        return f"{msg}: the input is not JSON Lines (one JSON object per line)"
+    return (
+        f"{msg}: the tokenizers {opts.student_tokenizer} (student) and {opts.teacher_tokenizer} (teacher) could not "
+        "align them (see the reasons in shards/*/rejected.jsonl)"
+    )
+
+
+def _first_fields(input_path: Any) -> list[str] | None:
+    """The keys of the input's first JSON object (for the missing-field message)."""
+    try:
+        f = input_files(input_path)[0]
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(f).schema_arrow.names)
+        with open(f, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    obj = json.loads(line)
+                    return sorted(obj) if isinstance(obj, dict) else None
+    except Exception:  # noqa: BLE001 — only a hint
+        return None
+    return None
+
+
 def preprocess(
     input_path: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
@@ -206,26 +363,49 @@ def preprocess(
     *,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize and align every document of ``input_path`` into ``output_dir``; return the report."""
+    """Tokenize and align every document of ``input_path`` into ``output_dir``; return the report.
+
+    Resumes a run on the same output when the input's content and the settings are the same (see
+    the module doc); ``overwrite=True`` deletes that run's files first.  Raises
+    :class:`XTokenError` when no document is aligned.
+    """
     if opts.shard_size < 1:
         raise XTokenError(f"shard_size must be >= 1, got {opts.shard_size}")
     if workers < 1:
         raise XTokenError(f"--workers must be >= 1, got {workers}")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise XTokenError(f"--output {out} is a file: pass a folder (it is created if missing)")
+    identity = input_identity(input_path)  # also: the input exists and holds .jsonl/.parquet files
     params = _params(opts, str(input_path))
+    params["input_identity"] = identity
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _clear_output(out)
     pfile = out / "params.json"
     if pfile.is_file():
         old = json.loads(pfile.read_text())
-        diff = sorted(k for k in params if k not in ("input", "student_tokenizer", "teacher_tokenizer") and old.get(k) != params[k])
+        fixed = ("input", "input_identity", "student_tokenizer", "teacher_tokenizer")
+        diff = sorted(k for k in params if k not in fixed and old.get(k) != params[k])
         if diff:
             raise XTokenError(
                 f"{out} holds a preprocessing run with other settings ({', '.join(diff)} differ): "
-                "use a new --output folder or delete this one"
+                "use another --output folder, or --overwrite to start over (deletes its shards)"
             )
-    else:
-        pfile.write_text(json.dumps(params, indent=2))
+        why = _identity_difference(old.get("input_identity"), identity)
+        if why is not None:
+            raise XTokenError(
+                f"{out} holds a preprocessing run of another input ({old.get('input')}): {why}. Its shards belong to "
+                "that input: use another --output folder, or --overwrite to start over (deletes its shards)"
+            )
+    elif (out / "shards").is_dir() and any((out / "shards").iterdir()):
+        raise XTokenError(
+            f"{out} has shards but no params.json: it was not written by `xtoken preprocess` (or was damaged); "
+            "use another --output folder, or --overwrite to start over (deletes its shards)"
+        )
+    pfile.write_text(json.dumps(params, indent=2))  # the same content: record where the input is now
     (out / "shards").mkdir(exist_ok=True)
 
     t0 = time.perf_counter()
@@ -285,10 +465,12 @@ def preprocess(
             "one_sided_student_tokens", "one_sided_teacher_tokens", "rejected")
     totals = {k: sum(s[k] for s in shards) for k in keys}
     rejected = [r for s in shards for r in s["rejected_list"]]
+    stale = _remove_stale_shards(out, len(shards))
     report = {
         **totals,
         "shards": len(shards),
         "shards_skipped": skipped,
+        "stale_shards_removed": stale,
         "rejected_documents": rejected[:1000],
         "seconds": round(time.perf_counter() - t0, 3),
         "workers": workers,
@@ -302,6 +484,8 @@ def preprocess(
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")
+    if totals["documents"] == 0:
+        raise XTokenError(_nothing_aligned(report, input_path, opts))
     return report
 
 
@@ -362,11 +546,15 @@ class PreprocessedCorpus:
         return self._shards[k], i - int(self._starts[k])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Alignment]:
+        s, t, sc, tc, n = self.arrays(i)
+        return np.asarray(s), np.asarray(t), Alignment.from_chunk_ids(sc, tc, n)
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """Document ``i`` as stored: student ids, teacher ids, their per-token chunk ids (memory-mapped), chunk count."""
         a, j = self._locate(int(i))
         s0, s1 = int(a["student_offsets"][j]), int(a["student_offsets"][j + 1])
         t0, t1 = int(a["teacher_offsets"][j]), int(a["teacher_offsets"][j + 1])
-        al = Alignment.from_chunk_ids(a["student_chunk_ids"][s0:s1], a["teacher_chunk_ids"][t0:t1], int(a["n_chunks"][j]))
-        return np.asarray(a["student_ids"][s0:s1]), np.asarray(a["teacher_ids"][t0:t1]), al
+        return a["student_ids"][s0:s1], a["teacher_ids"][t0:t1], a["student_chunk_ids"][s0:s1], a["teacher_chunk_ids"][t0:t1], int(a["n_chunks"][j])
 
     def source_index(self, i: int) -> int:
         """The input line/row of document ``i``."""

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nemo_xtoken.cli.align_cmds",
     "nemo_xtoken.cli.demo_cmds",
     "nemo_xtoken.cli.integration_cmds",
+    "nemo_xtoken.cli.offline_cmds",
 ]
 
 

@@ -1,8 +1,17 @@
-"""Megatron-Bridge glue: provider conversion, forward step and loss function for X-Token KD.
+"""Megatron-Bridge glue: models from Hugging Face, provider conversion, forward step and loss function.
 
-Megatron-Bridge imports transformer_engine at import time (no CPU build), so every Bridge import
-here is lazy (:func:`require_bridge`); what needs no Bridge — batch handling, the loss function,
-the config → Bridge argument mapping — is plain code, tested on a CPU.
+Every Bridge import here is lazy (:func:`require_bridge`, which also registers the plugin's own
+model bridges: Phi3 for Phi-4-mini, :mod:`nemo_xtoken.integration.phi3_bridge`); what needs no
+Bridge — batch handling, the loss function, the config → Bridge argument mapping — is plain code.
+
+**Models.** :func:`build_providers` turns the config's Hugging Face models into Bridge providers
+through ``AutoBridge`` (:func:`provider_from_hf`): it refuses an architecture that Bridge (with the
+plugin's bridges) cannot convert, naming the key (:func:`model_support`: the dispatch registry, not
+``AutoBridge.supports()``, which answers True for any ``*ForCausalLM``); sets one precision on every
+model from ``train.bf16`` (a fp16 checkpoint would otherwise leave ``fp16`` and ``bf16`` both set);
+loads a teacher's Megatron checkpoint (``teachers.N.checkpoint``) instead of its Hugging Face
+weights; and makes the student's LM loss Megatron's native cross-entropy (TE's fused one writes
+its gradient into the logits buffer, which the KD criterion reads).
 
 Why not Bridge's ``DistillationProvider`` (HOST_NOTES "Extension points and traps"): it requires
 equal ``seq_length`` for student and teacher (cross-tokenizer teachers read a different number of
@@ -12,7 +21,8 @@ setup sets ``vocab_size`` and would overwrite the teacher's vocabulary), and
 process.  :func:`convert_to_xtoken_distillation_provider` leaves the student provider's class alone
 and registers one pre-wrap hook: it runs inside ``provide_distributed_model`` after model-parallel
 initialization and after Bridge's weight-loading hooks, builds every teacher from its own provider
-(own vocabulary, own sequence length), builds the criterion and balancer
+(own vocabulary, own sequence length; each teacher provider is finalized there, as Bridge's own flows
+do, since ``ConfigContainer.validate()`` finalizes only the student), builds the criterion and balancer
 (:func:`~nemo_xtoken.integration.distill.criterion_from_config`, on the tensor-parallel group) and
 returns ModelOpt's ``DistillationModel`` from
 :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` — the one model type
@@ -37,6 +47,7 @@ with a one-token-per-chunk alignment (:func:`identity_teacher_batch`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,12 +55,19 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.integration.config import ConfigError, XTokenDistillConfig
+from nemo_xtoken.integration.config import CONTEXT_REFUSAL, PIPELINE_REFUSAL, ConfigError, XTokenDistillConfig
 from nemo_xtoken.integration.data import SAMPLE_KEYS, TEACHER_KEYS
 
 __all__ = [
     "BridgeUnavailableError",
     "require_bridge",
+    "ModelSupport",
+    "model_support",
+    "provider_from_hf",
+    "settle_precision",
+    "build_providers",
+    "resolve_checkpoint",
+    "resolve_run_path",
     "TEACHER_FIELDS",
     "REPORT_KEYS",
     "get_xtoken_batch",
@@ -86,20 +104,162 @@ class BridgeUnavailableError(XTokenError):
 
 
 def require_bridge() -> Any:
-    """Import ``megatron.bridge`` or raise :class:`BridgeUnavailableError` saying what to install."""
+    """Import ``megatron.bridge`` (and register the plugin's model bridges) or raise :class:`BridgeUnavailableError`."""
     try:
         import megatron.bridge as mb  # noqa: F401
     except Exception as e:  # ImportError, or TE's own errors when CUDA libraries are missing
         te = "transformer_engine" in str(e) or isinstance(e, ImportError) and (e.name or "").startswith("transformer_engine")
         hint = (
             "Megatron-Bridge imports transformer_engine, which needs CUDA: run on a GPU machine, e.g. in the NeMo "
-            "container (docker/Dockerfile)"
+            "container (docker/Dockerfile); on a CPU, `xtoken check-model` and `xtoken distill --check` import it "
+            "without transformer_engine"
             if te
-            else "install it with `pip install 'nemo-xtoken[bridge]'` (needs transformer_engine and CUDA) or use the "
+            else "install it with `pip install -c requirements/constraints.txt 'nemo-xtoken[bridge]'` or use the "
             "NeMo container (docker/Dockerfile)"
         )
         raise BridgeUnavailableError(f"Megatron-Bridge is not importable ({type(e).__name__}: {e}); {hint}") from e
+    import nemo_xtoken.integration.phi3_bridge  # noqa: F401  (registers Phi3ForCausalLM with AutoBridge)
+
     return mb
+
+
+# ---- models from Hugging Face ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelSupport:
+    """Whether Megatron-Bridge (with the plugin's bridges) converts a Hugging Face model, and why not."""
+
+    model: str
+    architecture: str | None
+    supported: bool
+    reason: str = ""
+    bridge: str | None = None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip(" ✗") for ln in str(e).splitlines() if ln.strip(" ✗")]
+    return lines[0] if lines else type(e).__name__
+
+
+def _hf_config(model: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as local_error:  # not a folder / not cached: try the hub unless offline
+        if Path(model).exists():
+            raise XTokenError(f"cannot read the Hugging Face config in {model} ({_first_line(local_error)})") from None
+        try:
+            return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise XTokenError(
+                f"cannot read the Hugging Face config of {model!r} ({type(e).__name__}: {_first_line(e)}): give a local "
+                "folder with config.json, or a hub id that is cached or downloadable here"
+            ) from None
+
+
+def model_support(model: str, *, trust_remote_code: bool = False) -> ModelSupport:
+    """Can Megatron-Bridge (plus the plugin's Phi3 bridge) convert ``model``?  Reads only its ``config.json``.
+
+    Uses AutoBridge's dispatch registry (what ``to_megatron_provider`` will need), not
+    ``AutoBridge.supports()``, which accepts any architecture name ending in ``ForCausalLM``.
+    """
+    require_bridge()
+    from megatron.bridge import AutoBridge
+
+    config = _hf_config(model, trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else None
+    try:
+        auto = AutoBridge.from_hf_config(config)
+        bridge = type(auto._model_bridge).__name__
+    except (ValueError, TypeError) as e:
+        return ModelSupport(model, arch, False, _first_line(e))
+    return ModelSupport(model, arch, True, "", bridge)
+
+
+def _resolve_model(model: str, base_dir: str | Path | None) -> str:
+    if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).exists():
+        return str(Path(base_dir) / model)
+    return model
+
+
+def provider_from_hf(model: str, *, load_weights: bool = True, trust_remote_code: bool = False, key: str = "model") -> Any:
+    """A Bridge model provider for a Hugging Face id or folder (weights loaded by a pre-wrap hook if asked).
+
+    An architecture Bridge cannot convert raises :class:`ConfigError` naming ``key`` and the supported list's source.
+    """
+    require_bridge()
+    from megatron.bridge import AutoBridge
+
+    support = model_support(model, trust_remote_code=trust_remote_code)
+    if not support.supported:
+        raise ConfigError(
+            f"{key}: {model} is a {support.architecture}, which Megatron-Bridge cannot convert ({support.reason}); "
+            "supported: AutoBridge.list_supported_models() plus Phi3ForCausalLM (nemo_xtoken)"
+        )
+    if load_weights:
+        auto = AutoBridge.from_hf_pretrained(model, trust_remote_code=trust_remote_code)
+    else:
+        auto = AutoBridge.from_hf_config(_hf_config(model, trust_remote_code))
+    return auto.to_megatron_provider(load_weights=load_weights)
+
+
+def settle_precision(provider: Any, bf16: bool) -> None:
+    """One precision for a provider: bf16 (``train.bf16``) or fp32, never fp16 (whatever the checkpoint's dtype)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    provider.bf16 = bool(bf16)
+    provider.fp16 = False
+    for name in ("params_dtype", "pipeline_dtype", "autocast_dtype"):
+        if hasattr(provider, name):
+            setattr(provider, name, dtype)
+
+
+def _megatron_checkpoint_hook(path: str, who: str):
+    """A pre-wrap hook loading a Megatron ``torch_dist`` checkpoint (``DIR`` or ``DIR/iter_N``) into the model."""
+
+    def load_megatron_checkpoint(model_chunks: list) -> list:
+        from megatron.bridge.training.checkpointing import _load_model_weights_from_checkpoint
+
+        ckpt = resolve_checkpoint(path, key=who)
+        _load_model_weights_from_checkpoint(str(ckpt), model_chunks)
+        return model_chunks
+
+    return load_megatron_checkpoint
+
+
+def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, load_weights: bool = True) -> tuple[Any, list[Any]]:
+    """The student's and every teacher's Bridge provider for a run (see the module doc: support, precision, checkpoints, CE).
+
+    ``load_weights=False`` builds the models with random weights (a dry build).  A teacher with
+    ``checkpoint`` loads that Megatron checkpoint instead of its Hugging Face weights; a student with
+    ``checkpoint`` is loaded by Bridge (``CheckpointConfig.pretrained_checkpoint``).
+    """
+    for who, m in [("student", cfg.student.model)] + [
+        (f"teachers.{i} ({t.name})", t.model) for i, t in enumerate(cfg.teachers) if t.cache is None
+    ]:
+        if not m:
+            raise ConfigError(f"{who}.model is required to build Megatron-Bridge models (a Hugging Face id or folder)")
+    student = provider_from_hf(
+        _resolve_model(cfg.student.model, base_dir), load_weights=load_weights and not cfg.student.checkpoint, key="student.model",
+    )
+    teachers = []
+    for i, t in enumerate(cfg.teachers):
+        if t.cache is not None:  # a cached teacher (teachers.N.cache) has no model: None
+            teachers.append(None)
+            continue
+        key = f"teachers.{i} ({t.name})"
+        prov = provider_from_hf(_resolve_model(t.model, base_dir), load_weights=load_weights and not t.checkpoint, key=f"{key}.model")
+        if t.checkpoint:
+            ckpt = resolve_run_path(t.checkpoint, base_dir)
+            resolve_checkpoint(ckpt, key=f"{key}.checkpoint")  # fail now, not after the student is built
+            prov.perform_initialization = False
+            prov.register_pre_wrap_hook(_megatron_checkpoint_hook(ckpt, f"{key}.checkpoint"))
+        teachers.append(prov)
+    for prov in [student, *(t for t in teachers if t is not None)]:
+        settle_precision(prov, cfg.train.bf16)
+    return student, teachers
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -137,13 +297,16 @@ def get_xtoken_batch(data_iterator: Iterator[dict[str, Any]] | None, device: Any
 
 
 def identity_teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Teacher fields for a same-tokenizer teacher: the student's ids, one chunk per predicting position."""
+    """Teacher fields for a same-tokenizer teacher: the student's ids, one chunk per predicting position.
+
+    A packed batch's ``segment_ids`` become the teacher's (same documents, same positions).
+    """
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).expand(b, s)
     ids = torch.where(mask > 0, pos, torch.full_like(pos, -1))
     targets = torch.where(mask > 0, labels, torch.zeros_like(labels))
-    return {
+    out = {
         "teacher_tokens": tokens,
         "teacher_position_ids": batch["position_ids"],
         "student_chunk_ids": ids,
@@ -152,6 +315,9 @@ def identity_teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Te
         "teacher_targets": targets.clone(),
         "n_chunks": torch.full((b,), s, dtype=torch.long, device=tokens.device),
     }
+    if batch.get("segment_ids") is not None:
+        out["teacher_segment_ids"] = batch["segment_ids"]
+    return out
 
 
 def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[str]) -> list[dict[str, torch.Tensor]]:
@@ -163,7 +329,8 @@ def teacher_batches_from_batch(batch: dict[str, torch.Tensor], losses: Sequence[
     out: list[dict[str, torch.Tensor]] = []
     plain_owner = next((i for i, l in enumerate(losses) if l != "kl"), None)
     for m, loss in enumerate(losses):
-        own = {k: batch[f"{k}@{m}"] for k in TEACHER_FIELDS if f"{k}@{m}" in batch}
+        # every "<key>@m" field is teacher m's (TEACHER_FIELDS, its segment ids, cached-teacher fields)
+        own = {k.rpartition("@")[0]: v for k, v in batch.items() if "@" in k and k.rpartition("@")[2] == str(m)}
         if own:
             lacking = [k for k in TEACHER_FIELDS if k not in own]
             if lacking:
@@ -270,7 +437,7 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
     :func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model`) and returns the
     student's per-token CE with :func:`loss_func` bound to the model, the batch and the alignments.
     """
-    from nemo_xtoken.integration.distill import teacher_inputs_from_batch, xtoken_criterion
+    from nemo_xtoken.integration.distill import xtoken_criterion
 
     if return_schedule_plan:
         raise XTokenError("X-Token KD does not support overlap_moe_expert_parallel_comm (return_schedule_plan=True)")
@@ -282,11 +449,65 @@ def forward_step(state: Any, data_iterator: Iterator[dict[str, Any]], model: Any
         timers("batch-generator").stop()
     inner = _unwrap(model)
     teacher_batches = teacher_batches_from_batch(batch, [s.loss for s in xtoken_criterion(inner).specs])
-    output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-        teacher_inputs=[teacher_inputs_from_batch(tb) for tb in teacher_batches],
-    )
+    s_in, t_in = packed_model_inputs(inner, batch, teacher_batches)
+    output = model(s_in.pop("input_ids"), s_in.pop("position_ids"), s_in.pop("attention_mask"), labels=batch["labels"],
+                   teacher_inputs=t_in, **s_in)
     return output, partial(loss_func, inner, batch, teacher_batches, training=bool(inner.training))
+
+
+def packed_model_inputs(
+    inner: Any, batch: dict[str, torch.Tensor], teacher_batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The student's and every teacher's forward inputs, with the attention of packed samples.
+
+    Each model gets its own ids, position ids (restarting per document in a packed sample) and the
+    attention that keeps documents apart: an attention mask for Megatron's local attention, Megatron's
+    ``PackedSeqParams`` (``cu_seqlens``) for Transformer Engine's (:mod:`nemo_xtoken.integration.data`).
+    """
+    from nemo_xtoken.integration.data import attention_kind, student_model_inputs, teacher_model_inputs
+
+    teachers = list(getattr(getattr(inner, "_teacher_model", None), "teachers", []))
+    kinds = [attention_kind(t) for t in teachers] or ["mask"] * len(teacher_batches)
+    if len(kinds) != len(teacher_batches):
+        raise XTokenError(f"{len(teacher_batches)} teacher batches for {len(kinds)} teacher models")
+    from nemo_xtoken.offline.teachers import cached_teacher_inputs, is_cached_teacher
+
+    t_in = [  # a cached teacher (CachedTeacher) reads its rows from the batch
+        cached_teacher_inputs(tb, teachers[m].name) if teachers and is_cached_teacher(teachers[m]) else teacher_model_inputs(tb, k)
+        for m, (tb, k) in enumerate(zip(teacher_batches, kinds))
+    ]
+    return student_model_inputs(batch, attention_kind(inner)), t_in
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+def resolve_checkpoint(path: str | Path, *, key: str = "--checkpoint") -> Path:
+    """The iteration folder of a Megatron distributed checkpoint (``DIR/iter_N``, or ``DIR``'s latest).
+
+    Raises :class:`XTokenError` naming ``key`` when the folder is missing or holds no ``torch_dist`` checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise XTokenError(f"{key} {p} does not exist (give a checkpoint.save folder or one of its iter_N folders)")
+    if not p.is_dir():
+        raise XTokenError(f"{key} {p} is a file; a Megatron distributed checkpoint is a folder (…/iter_0030000)")
+    if not _ITER.match(p.name):
+        iters = sorted((int(m.group(1)), c) for c in p.iterdir() if c.is_dir() and (m := _ITER.match(c.name)))
+        if not iters:
+            raise XTokenError(
+                f"{key} {p} has no iter_N folders and is not one: give a checkpoint.save folder or "
+                f"…/iter_N (found {sorted(c.name for c in p.iterdir())[:8]})"
+            )
+        p = iters[-1][1]
+    if not (p / "metadata.json").is_file():
+        raise XTokenError(
+            f"{p} is not a Megatron distributed (torch_dist) checkpoint: no metadata.json; was the save interrupted? "
+            "Pick an earlier iter_N folder"
+        )
+    return p
 
 
 # ---- provider conversion ---------------------------------------------------------------------------
@@ -301,6 +522,8 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
     """
     names = list(names) if names is not None else [f"teacher {i}" for i in range(len(teachers))]
     for name, t in zip(names, teachers):
+        if t is None:  # a cached teacher: no model
+            continue
         for attr in _PARALLEL_ATTRS:
             s_v, t_v = getattr(student, attr, 1) or 1, getattr(t, attr, 1) or 1
             if s_v != t_v:
@@ -309,14 +532,20 @@ def check_parallel_sizes(student: Any, teachers: Sequence[Any], names: Sequence[
                     "so their tensor/pipeline/context parallel sizes must be equal"
                 )
     if (getattr(student, "pipeline_model_parallel_size", 1) or 1) > 1:
-        raise ConfigError(
-            "pipeline_model_parallel_size > 1: X-Token teachers read sequences of other lengths, which cannot travel "
-            "with the student's activations between pipeline stages; use tensor and data parallelism"
-        )
+        raise ConfigError(PIPELINE_REFUSAL.format(pp=student.pipeline_model_parallel_size))
     if (getattr(student, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
         raise ConfigError("virtual pipeline parallelism is not supported by X-Token KD (nor by ModelOpt KD)")
     if (getattr(student, "context_parallel_size", 1) or 1) > 1:
-        raise ConfigError("context_parallel_size > 1 would cut aligned chunks across ranks: X-Token supports CP = 1")
+        raise ConfigError(CONTEXT_REFUSAL.format(cp=student.context_parallel_size))
+
+
+def _cached_teacher(t: Any, resources: Any, tp: int) -> Any:
+    """A :class:`~nemo_xtoken.offline.teachers.CachedTeacher` for a ``teachers.N.cache`` teacher (no model)."""
+    from nemo_xtoken.offline import padded_vocab_size
+    from nemo_xtoken.offline.teachers import CachedTeacher
+
+    v = resources.caches[t.name].vocab_size
+    return CachedTeacher(v, padded_vocab_size(v, tp), name=t.name)
 
 
 def _padded_vocab(model: torch.nn.Module, tp: int) -> int:
@@ -340,11 +569,14 @@ def convert_to_xtoken_distillation_provider(
     """Make ``student_provider`` build an X-Token student+teachers model; returns the same provider.
 
     Sets the run's TP/PP/CP/SP and each model's own ``seq_length`` on the providers, checks them
-    (:func:`check_parallel_sizes`), loads tokenizers and W (:func:`validate_resources`, audit
-    warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after Bridge's
-    weight-loading hooks) that builds the teachers, the criterion and the balancer once parallel
-    state exists and returns ``[convert_to_xtoken_distillation_model(student, teachers, ...)]``.
-    The provider's class is not changed; no global state is touched.
+    (:func:`check_parallel_sizes`), makes the student's LM loss Megatron's native cross-entropy
+    (``cross_entropy_fusion_impl="native"``, whatever its provider says: TE's fused cross-entropy
+    overwrites the logits the KD criterion reads), loads tokenizers and W (:func:`validate_resources`,
+    audit warnings included) unless ``resources`` is given, and appends a pre-wrap hook (after
+    Bridge's weight-loading hooks) that, once parallel state exists, finalizes and builds the
+    teachers (on the CPU if the student is initialized there, otherwise on the current GPU), the
+    criterion and the balancer, and returns ``[convert_to_xtoken_distillation_model(student,
+    teachers, ...)]``.  The provider's class is not changed; no global state is touched.
     """
     from nemo_xtoken.integration.config import validate_resources
 
@@ -352,8 +584,11 @@ def convert_to_xtoken_distillation_provider(
     if len(teacher_providers) != len(cfg.teachers):
         raise ConfigError(f"{len(teacher_providers)} teacher providers for {len(cfg.teachers)} configured teachers")
     p = cfg.parallel
+    for i, (prov, t) in enumerate(zip(teacher_providers, cfg.teachers)):
+        if (prov is None) != (t.cache is not None):
+            raise ConfigError(f"teachers.{i} ({t.name}): give a provider for a live teacher and None for a cached one (teachers.N.cache)")
     for prov, seq in [(student_provider, cfg.student.seq_length)] + [
-        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers)
+        (tp_, cfg.teacher_seq_length(t)) for tp_, t in zip(teacher_providers, cfg.teachers) if tp_ is not None
     ]:
         prov.tensor_model_parallel_size = p.tensor_model_parallel_size
         prov.pipeline_model_parallel_size = p.pipeline_model_parallel_size
@@ -361,6 +596,7 @@ def convert_to_xtoken_distillation_provider(
         prov.sequence_parallel = p.sequence_parallel
         prov.seq_length = int(seq)
     check_parallel_sizes(student_provider, teacher_providers, [f"teachers.{i} ({t.name})" for i, t in enumerate(cfg.teachers)])
+    student_provider.cross_entropy_fusion_impl = "native"
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
     teachers = list(teacher_providers)
@@ -376,9 +612,20 @@ def convert_to_xtoken_distillation_provider(
         student = unwrap_model(model_chunks[0])
         tp = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_model_parallel_group()
-        built = [unwrap_model(prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None)[0]) for prov in teachers]
+        on_cpu = bool(getattr(student.config, "use_cpu_initialization", False))
+        built = []
+        for m, prov in enumerate(teachers):
+            if prov is None:  # a cached teacher: its rows come with the batch
+                built.append(_cached_teacher(cfg.teachers[m], resources, tp))
+                continue
+            # Bridge's TransformerConfig.__post_init__ is a no-op: finalize() fills init methods etc.;
+            # Bridge finalizes only cfg.model (the student), so every teacher is finalized here.
+            prov.finalize()
+            (chunk,) = prov.provide_distributed_model(wrap_with_ddp=False, mixed_precision_wrapper=None, use_cpu_initialization=on_cpu)
+            built.append(unwrap_model(chunk))
         criterion, balancer = criterion_from_config(
-            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp), teacher_padded=[_padded_vocab(t, tp) for t in built],
+            cfg, resources, tp=tp, student_padded=_padded_vocab(student, tp),
+            teacher_padded=[getattr(t, "vocab_size") if prov is None else _padded_vocab(t, tp) for t, prov in zip(built, teachers)],
             group=group,
         )
         # ModelOpt's DistillationModel (a Distill<GPTModel>): Megatron's config, state dicts and
@@ -393,14 +640,30 @@ def convert_to_xtoken_distillation_provider(
 # ---- config mapping --------------------------------------------------------------------------------
 
 
-def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
+def resolve_run_path(path: str | None, base_dir: str | Path | None) -> str | None:
+    """A run's folder (checkpoints, TensorBoard) as an absolute path: relative ones are under ``base_dir``.
+
+    ``base_dir`` is the config file's folder: under Slurm every experiment starts in a new working
+    directory (``/nemo_run/code``), so a path relative to it would send a resubmitted run's
+    ``checkpoint.load`` to an empty folder and restart it from step 0.
+    """
+    if path is None or base_dir is None:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (Path(base_dir).resolve() / p))
+
+
+def bridge_config_kwargs(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Keyword arguments of Bridge's config classes for ``cfg`` (plain data; no Bridge import).
 
     Keys: ``train`` (TrainingConfig), ``validation``, ``optimizer`` (OptimizerConfig),
     ``scheduler``, ``checkpoint``, ``logger``, ``rng``, ``ddp``.  Field names are those of
     megatron-core 0.19's ``megatron.training.config`` classes, which Bridge 0.6 subclasses.
+    Relative checkpoint, TensorBoard and student-checkpoint paths are resolved against ``base_dir``
+    (the config's folder; :func:`resolve_run_path`).
     """
     o, tr, ck, lg = cfg.optimizer, cfg.train, cfg.checkpoint, cfg.logging
+    save, load = resolve_run_path(ck.save, base_dir), resolve_run_path(ck.load, base_dir)
     return {
         "train": {
             "train_iters": tr.train_iters,
@@ -431,16 +694,16 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
             "weight_decay_incr_style": "constant",
         },
         "checkpoint": {
-            "save": ck.save,
-            "load": ck.load if ck.load is not None else ck.save,  # resume from the save folder when it has one
+            "save": save,
+            "load": load if load is not None else save,  # resume from the save folder when it has one
             "save_interval": ck.save_interval,
             "ckpt_format": ck.ckpt_format,
             "async_save": ck.async_save,
-            "pretrained_checkpoint": cfg.student.checkpoint,
+            "pretrained_checkpoint": resolve_run_path(cfg.student.checkpoint, base_dir),
         },
         "logger": {
             "log_interval": lg.log_interval,
-            "tensorboard_dir": lg.tensorboard_dir,
+            "tensorboard_dir": resolve_run_path(lg.tensorboard_dir, base_dir),
             "wandb_project": lg.wandb_project or "",
             "wandb_exp_name": cfg.student.name if lg.wandb_project else "",
         },
@@ -456,23 +719,6 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig) -> dict[str, dict[str, Any]]:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-
-
-class _ConcatDocuments:
-    def __init__(self, parts: Sequence[Any]) -> None:
-        self.parts = list(parts)
-        self.offsets = [0]
-        for p in self.parts:
-            self.offsets.append(self.offsets[-1] + len(p))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, i: int):
-        import bisect
-
-        k = bisect.bisect_right(self.offsets, i) - 1
-        return self.parts[k][i - self.offsets[k]]
 
 
 class _StreamView(torch.utils.data.Dataset):
@@ -491,49 +737,19 @@ class _StreamView(torch.utils.data.Dataset):
         return self.ds[self.offset + int(i)]
 
 
-def _resolve(path: str, base_dir: str | Path | None) -> str:
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return str(Path(base_dir) / path)
-    return path
-
-
 def build_dataset(cfg: XTokenDistillConfig, num_samples: int, *, resources: Any = None, base_dir: str | Path | None = None):
-    """The training stream: ``num_samples`` collatable samples of a :class:`DualTokenizedDataset`.
+    """The training stream: ``num_samples`` collatable samples of the run's :class:`DualTokenizedDataset`.
 
-    The dataset's teacher side serves the first cross-tokenizer teacher; same-tokenizer teachers
-    read the student side (:func:`teacher_batches_from_batch`).  Two cross-tokenizer teachers need
-    per-teacher fields, which this builder does not produce: it refuses them.
+    Built by :func:`~nemo_xtoken.integration.data.dataset_from_config`: one side per cross-tokenizer
+    teacher (teacher ``m ≥ 1``'s fields under ``"<key>@<m>"``), same-tokenizer teachers read the
+    student side (:func:`teacher_batches_from_batch`), packed unless ``data.packing: false``.
     """
     from nemo_xtoken.integration.config import validate_resources
-    from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, TextDocuments
+    from nemo_xtoken.integration.data import dataset_from_config
 
-    xt = [t for t in cfg.teachers if t.loss != "kl"]
-    if len(xt) > 1:
-        raise ConfigError(
-            f"{len(xt)} cross-tokenizer teachers ({[t.name for t in xt]}): the dataset builder aligns the student with one "
-            "teacher tokenizer; combine one cross-tokenizer teacher with same-tokenizer (loss kl) teachers"
-        )
-    if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give jsonl/parquet files or `xtoken preprocess` folders")
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
-    first = xt[0] if xt else cfg.teachers[0]
-    t_tok = resources.teacher_tokenizers[first.name]
-    paths = [_resolve(p, base_dir) for p in cfg.data.paths]
-    for p in paths:
-        if not Path(p).exists():
-            raise ConfigError(f"data.paths: {p} does not exist")
-    if cfg.data.format == "preprocessed":
-        docs = _ConcatDocuments([PreprocessedDocuments(p) for p in paths])
-    else:
-        docs = _ConcatDocuments(
-            [TextDocuments(p, resources.student_tokenizer, t_tok, text_key=cfg.data.text_key) for p in paths]
-        )
-    ds = DualTokenizedDataset(
-        docs, seq_length=cfg.student.seq_length, teacher_seq_length=cfg.teacher_seq_length(first),
-        seed=cfg.data.seed, on_too_long=cfg.data.on_too_long,
-    )
-    return _StreamView(ds, num_samples)
+    return _StreamView(dataset_from_config(cfg, resources, base_dir=base_dir), num_samples)
 
 
 def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, resources: Any = None):
@@ -563,7 +779,6 @@ def make_dataset_provider(cfg: XTokenDistillConfig, *, base_dir: str | Path | No
 def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None, load_weights: bool = True):
     """The Bridge ``ConfigContainer`` of a run: HF models through ``AutoBridge``, X-Token provider, data, schedule."""
     require_bridge()
-    from megatron.bridge import AutoBridge
     from megatron.bridge.training.config import (
         CheckpointConfig,
         ConfigContainer,
@@ -579,18 +794,10 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
 
     from nemo_xtoken.integration.config import validate_resources
 
-    for who, m in [("student", cfg.student.model)] + [(f"teachers ({t.name})", t.model) for t in cfg.teachers]:
-        if not m:
-            raise ConfigError(f"{who}.model is required to build Bridge models (a Hugging Face id or folder)")
     resources = validate_resources(cfg, base_dir=base_dir)
-    student = AutoBridge.from_hf_pretrained(cfg.student.model).to_megatron_provider(load_weights=load_weights)
-    teachers = [AutoBridge.from_hf_pretrained(t.model).to_megatron_provider(load_weights=load_weights) for t in cfg.teachers]
-    for prov in [student, *teachers]:
-        prov.bf16 = cfg.train.bf16
-        prov.params_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-        prov.pipeline_dtype = prov.params_dtype
+    student, teachers = build_providers(cfg, base_dir=base_dir, load_weights=load_weights)
     convert_to_xtoken_distillation_provider(student, teachers, cfg, resources=resources, base_dir=base_dir)
-    kw = bridge_config_kwargs(cfg)
+    kw = bridge_config_kwargs(cfg, base_dir=base_dir)
     return ConfigContainer(
         model=student,
         train=TrainingConfig(**kw["train"]),
@@ -599,7 +806,7 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
         scheduler=SchedulerConfig(**kw["scheduler"]),
         dataset=make_dataset_provider(cfg, base_dir=base_dir, resources=resources),
         logger=LoggerConfig(**kw["logger"]),
-        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.student.model or cfg.student.tokenizer),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=_resolve_model(cfg.student.model, base_dir)),
         checkpoint=CheckpointConfig(**kw["checkpoint"]),
         rng=RNGConfig(**kw["rng"]),
         ddp=DistributedDataParallelConfig(**kw["ddp"]),

@@ -24,6 +24,8 @@ __all__ = [
     "LOSSES",
     "ALPHA_SCHEMES",
     "ConfigError",
+    "PIPELINE_REFUSAL",
+    "CONTEXT_REFUSAL",
     "ParallelConfig",
     "ModelConfig",
     "TeacherConfig",
@@ -53,6 +55,44 @@ class ConfigError(XTokenError):
     """A distillation config that cannot run: unknown key, bad value, inconsistent sizes."""
 
 
+#: Why pipeline parallelism is refused (``{pp}``: the configured size).
+PIPELINE_REFUSAL = (
+    "parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not supported by X-Token distillation: "
+    "ModelOpt sends the student's and the teachers' activations between pipeline stages concatenated on the hidden "
+    "dimension, which needs equal sequence lengths, and each cross-tokenizer teacher reads its own token sequence of "
+    "another length; set parallel.pipeline_model_parallel_size=1 and scale with parallel.tensor_model_parallel_size "
+    "and data parallelism (more GPUs)"
+)
+#: Why context parallelism is refused (``{cp}``: the configured size).
+CONTEXT_REFUSAL = (
+    "parallel.context_parallel_size={cp}: context parallelism splits the student's and the teachers' sequences at "
+    "different text offsets and would cut aligned chunks across ranks; X-Token supports context_parallel_size=1 only: "
+    "scale with parallel.tensor_model_parallel_size and data parallelism (more GPUs)"
+)
+
+
+#: Names other trainers use for a key of this config (checked before spelling distance).
+_ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "lr_min": "min_lr", "grad_clip": "clip_grad", "max_grad_norm": "clip_grad",
+    "gradient_clipping": "clip_grad", "seq_len": "seq_length", "max_seq_length": "seq_length", "steps": "train_iters",
+    "max_steps": "train_iters", "batch_size": "global_batch_size", "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size", "cp": "context_parallel_size", "tensor_parallel_size": "tensor_model_parallel_size",
+    "pipeline_parallel_size": "pipeline_model_parallel_size", "warmup_ratio": "warmup_fraction", "beta1": "adam_beta1",
+    "beta2": "adam_beta2", "save_dir": "save", "load_dir": "load", "tokenizer_path": "tokenizer", "alpha_scheme": "alpha",
+}
+
+
+def _suggest(key: str, valid: list[str], where: str) -> str:
+    """"(did you mean 'x'?)" for the nearest valid key, then the valid keys (CLI spelling: dotted paths)."""
+    import difflib
+
+    near = [_ALIASES[key]] if _ALIASES.get(key) in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not near:  # also catch abbreviations and extensions: 'temp' for 'temperature', 'learning_rate' for 'lr'
+        near = [v for v in valid if len(min(v, key, key=len)) >= 2 and (v.startswith(key) or key.startswith(v))][:1]
+    hint = f" (did you mean '{where}{near[0]}'?)" if near else ""
+    return f"{hint}; valid keys{' under ' + where.rstrip('.') if where else ''}: {sorted(valid)}"
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel sizes; teachers must use the student's (ModelOpt runs them side by side)."""
@@ -70,24 +110,29 @@ class ModelConfig:
     name: str = "student"
     tokenizer: str = ""  # tokenizer.json, Hugging Face folder or cached hub name
     model: str | None = None  # Hugging Face id/folder (Megatron-Bridge AutoBridge)
-    checkpoint: str | None = None  # Megatron distributed checkpoint to start from
+    checkpoint: str | None = None  # Megatron torch_dist checkpoint to start from (Bridge's pretrained_checkpoint)
     seq_length: int = 4096
 
 
 @dataclass
 class TeacherConfig:
-    """One frozen teacher: its tokenizer, W (student → teacher), loss mode and weight α."""
+    """One frozen teacher: its tokenizer, W (student → teacher), loss mode and weight α.
+
+    ``model`` (a live teacher) or ``cache`` (an ``xtoken cache-teacher`` folder: distil from its
+    cached top-k distributions, no teacher model in memory; its tokenizer is the cache's unless given).
+    """
 
     name: str = ""
     tokenizer: str = ""
     projection: str | None = None  # W file from `xtoken build-projection`; none for loss "kl"
     loss: str = "p_kl"  # p_kl | h_kl | gold | uld | kl
     weight: float = 1.0  # α_m for the static scheme
-    model: str | None = None
-    checkpoint: str | None = None
+    model: str | None = None  # Hugging Face id/folder: architecture (and weights unless checkpoint is given)
+    checkpoint: str | None = None  # Megatron torch_dist checkpoint (DIR or DIR/iter_N) loaded instead of the HF weights
     seq_length: int | None = None  # teacher-side maximum length (None: the student's)
     parallel: ParallelConfig | None = None  # if given, must equal the run's
     learnable_w: bool = False  # p_kl only: train W's weights with the student (its sparsity pattern fixed)
+    cache: str | None = None  # `xtoken cache-teacher` output: an offline teacher instead of model/checkpoint
 
 
 @dataclass
@@ -106,13 +151,14 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    """Training text and how it is dual-tokenized."""
+    """Training text and how it is dual-tokenized and packed (see docs/data.md)."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # files, folders of them, or `xtoken preprocess` folders
     format: str = "jsonl"  # jsonl | parquet | preprocessed
     text_key: str = "text"
     seed: int = 1234
-    on_too_long: str = "error"  # error | split: a document whose teacher side exceeds its max length
+    packing: bool = True  # documents concatenated into full samples in lock-step with every teacher
+    on_too_long: str = "split"  # without packing: split | error for a piece whose teacher side exceeds its length
 
 
 @dataclass
@@ -202,8 +248,12 @@ class XTokenDistillConfig:
             k = f"teachers.{i} ({t.name})"
             if t.loss not in LOSSES:
                 raise bad(f"{k}.loss", f"{t.loss!r} is not one of {list(LOSSES)}")
-            if not t.tokenizer:
-                raise bad(f"{k}.tokenizer", "is required")
+            if t.cache is not None and (t.model or t.checkpoint):
+                raise bad(f"{k}.cache", "replaces the teacher model: remove model/checkpoint, or remove cache to run the teacher live")
+            if t.cache is not None and t.loss == "kl":
+                raise bad(f"{k}.cache", "a same-tokenizer (loss kl) teacher reads the student's ids and has no cached side in the dataset: run it live (model), or cache a cross-tokenizer teacher")
+            if not t.tokenizer and t.cache is None:
+                raise bad(f"{k}.tokenizer", "is required (or a cache, whose tokenizer is used)")
             if t.loss in ("p_kl", "h_kl", "gold") and not t.projection:
                 raise bad(f"{k}.projection", f"loss {t.loss} needs W: build it with `xtoken build-projection`")
             if t.learnable_w and t.loss != "p_kl":
@@ -235,13 +285,10 @@ class XTokenDistillConfig:
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(p, attr) < 1:
                 raise bad(f"parallel.{attr}", f"must be ≥ 1, got {getattr(p, attr)}")
+        if p.pipeline_model_parallel_size > 1:
+            raise ConfigError(f"{source}: " + PIPELINE_REFUSAL.format(pp=p.pipeline_model_parallel_size))
         if p.context_parallel_size > 1:
-            raise bad(
-                "parallel.context_parallel_size",
-                f"is {p.context_parallel_size}: context parallelism splits the student and teacher sequences at "
-                "different text offsets and would cut aligned chunks across ranks; X-Token supports CP = 1 only "
-                "(use tensor/pipeline/data parallelism instead)",
-            )
+            raise ConfigError(f"{source}: " + CONTEXT_REFUSAL.format(cp=p.context_parallel_size))
         o = self.optimizer
         if o.name != "adamw":
             raise bad("optimizer.name", f"{o.name!r}: only 'adamw' is supported")
@@ -253,7 +300,12 @@ class XTokenDistillConfig:
             raise bad("optimizer.lr_decay_style", f"{o.lr_decay_style!r} is not one of ['cosine', 'linear', 'constant']")
         tr = self.train
         if tr.train_iters < 1 or tr.micro_batch_size < 1 or tr.global_batch_size < tr.micro_batch_size:
-            raise bad("train", f"need train_iters ≥ 1 and global_batch_size ≥ micro_batch_size ≥ 1, got {tr}")
+            raise bad(
+                "train",
+                "need train_iters ≥ 1 and global_batch_size ≥ micro_batch_size ≥ 1, got "
+                f"train.train_iters={tr.train_iters} train.global_batch_size={tr.global_batch_size} "
+                f"train.micro_batch_size={tr.micro_batch_size}",
+            )
         if tr.global_batch_size % tr.micro_batch_size:
             raise bad("train.global_batch_size", f"{tr.global_batch_size} is not a multiple of micro_batch_size {tr.micro_batch_size}")
         if self.checkpoint.ckpt_format != "torch_dist":
@@ -286,7 +338,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must not be null")
     if dataclasses.is_dataclass(inner):
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping of {sorted(_field_types(inner))}, got {type(value).__name__}")
+            raise ConfigError(f"{source}: {key} must be a mapping with keys {sorted(_field_types(inner))}, got {value!r}")
         return _build(inner, value, key, source)
     origin = typing.get_origin(inner)
     if origin is list:
@@ -323,9 +375,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     unknown = [k for k in data if k not in types_]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{source}: unknown key {where}{unknown[0]!r} in {cls.__name__}; valid keys: {sorted(types_)}"
-        )
+        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}'" + _suggest(str(unknown[0]), list(types_), where))
     kwargs = {k: _convert(v, types_[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -377,7 +427,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<
                 continue
             types_ = _field_types(cls)
             if part not in types_:
-                raise ConfigError(f"{source}: override {ov!r}: unknown key {path!r} in {cls.__name__}; valid keys: {sorted(types_)}")
+                where = ".".join(parts[:i]) + "." if i else ""
+                raise ConfigError(f"{source}: override {ov!r}: unknown key '{path}'" + _suggest(part, list(types_), where))
             if last:
                 node[part] = value
                 break
@@ -425,6 +476,7 @@ class ResourceReport:
     projections: dict[str, Any]
     recommendations: dict[str, str]
     warnings: list[str]
+    caches: dict[str, Any] = field(default_factory=dict)  # teacher name → TeacherCache (cached teachers)
 
 
 def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> ResourceReport:
@@ -441,9 +493,24 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
         return s
 
     student = load_tokenizer(resolve(cfg.student.tokenizer))
-    teachers, projs, recs, warns = {}, {}, {}, []
+    teachers, projs, recs, warns, caches = {}, {}, {}, [], {}
     for i, t in enumerate(cfg.teachers):
-        tok = load_tokenizer(resolve(t.tokenizer))
+        cache = None
+        if t.cache is not None:
+            from nemo_xtoken.offline.cache import TeacherCache
+
+            cache = caches[t.name] = TeacherCache(resolve(t.cache))
+        tok = load_tokenizer(resolve(t.tokenizer) if t.tokenizer else cache.tokenizer_path)
+        if cache is not None and tok.fingerprint != cache.tokenizer_fingerprint:
+            raise ConfigError(
+                f"teachers.{i} ({t.name}): the cache {t.cache} was built with another teacher tokenizer than {tok.source}: "
+                "remove teachers.N.tokenizer (the cache's is used) or rebuild the cache"
+            )
+        if cache is not None and cache.params.get("corpus_student_fingerprint") != student.fingerprint:
+            raise ConfigError(
+                f"teachers.{i} ({t.name}): the cache {t.cache} covers a corpus aligned for another student tokenizer than "
+                f"{student.source}: rebuild it with `xtoken cache-teacher -s {cfg.student.tokenizer}`"
+            )
         teachers[t.name] = tok
         if t.loss == "kl":
             if tok.fingerprint != student.fingerprint:
@@ -466,4 +533,4 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
                 )
                 warns.append(msg)
                 warnings.warn(msg, UserWarning, stacklevel=2)
-    return ResourceReport(student, teachers, projs, recs, warns)
+    return ResourceReport(student, teachers, projs, recs, warns, caches)

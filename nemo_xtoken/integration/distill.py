@@ -104,6 +104,13 @@ def _logits(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def is_sparse(x: Any) -> bool:
+    """A cached teacher's output (:class:`~nemo_xtoken.offline.sparse.SparseTeacher`) rather than logits."""
+    from nemo_xtoken.offline.sparse import SparseTeacher
+
+    return isinstance(x, SparseTeacher)
+
+
 class XTokenLogitsLoss(_Loss):
     """X-Token KD criterion over vocab-parallel logits of different vocabularies (a ModelOpt criterion).
 
@@ -214,15 +221,21 @@ class XTokenLogitsLoss(_Loss):
         t = []
         for spec, out, a in zip(self.specs, outs, alignments):
             x = _logits(out).detach()
-            if x.dim() != 3 or x.shape[0] != b:
-                raise XTokenError(f"teacher {spec.name}: logits must be [B={b}, T, V/tp], got {tuple(x.shape)}")
+            sparse = is_sparse(x)  # a cached teacher (CachedTeacher): a SparseTeacher over [B, T] positions
+            if len(x.shape) != (2 if sparse else 3) or x.shape[0] != b:
+                raise XTokenError(f"teacher {spec.name}: logits must be [B={b}, T, V/tp] (a cached teacher's rows [B, T, k]), got {tuple(x.shape)}")
+            if sparse and spec.teacher_vocab_size is not None and x.vocab_size != spec.teacher_vocab_size:
+                raise XTokenError(
+                    f"teacher {spec.name}: the cached rows are over {x.vocab_size} teacher ids, the criterion's teacher has "
+                    f"{spec.teacher_vocab_size}: the cache belongs to another teacher tokenizer"
+                )
             if a is not None and (a.student_chunk_ids.numel() != b * n_s or a.teacher_chunk_ids.numel() != x.shape[0] * x.shape[1]):
                 raise XTokenError(
                     f"teacher {spec.name}: the alignment covers {a.student_chunk_ids.numel()} student and "
                     f"{a.teacher_chunk_ids.numel()} teacher positions, the logits {b}x{n_s} and {x.shape[0]}x{x.shape[1]}: "
                     "the batch's teacher fields belong to another teacher or sequence length"
                 )
-            t.append(x.reshape(-1, x.shape[-1]).float())
+            t.append(x.flat() if sparse else x.reshape(-1, x.shape[-1]).float())
         mt = vocab_parallel_multi_teacher(
             s, t, self._teachers, alignments=list(alignments), weighting=self.weighting, merge=self.merge,
             temperature=self.temperature, scale_by_temperature_squared=self.scale_by_temperature_squared, group=self.group,
@@ -491,8 +504,16 @@ def xtoken_criterion(model: Any) -> XTokenLogitsLoss:
     raise XTokenError("this model has no XTokenLogitsLoss criterion: build it with convert_to_xtoken_distillation_model")
 
 
-def teacher_inputs_from_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One teacher's forward inputs from a collated dual-tokenized batch (causal mask built by the model)."""
+def teacher_inputs_from_batch(batch: dict[str, torch.Tensor], teacher: Any = None) -> dict[str, Any]:
+    """One teacher's forward inputs from a collated dual-tokenized batch (causal mask built by the model).
+
+    For a cached teacher (``teacher`` a :class:`~nemo_xtoken.offline.teachers.CachedTeacher`) they are
+    the batch's cached rows instead of ids.
+    """
+    from nemo_xtoken.offline.teachers import cached_teacher_inputs, is_cached_teacher
+
+    if is_cached_teacher(teacher):
+        return cached_teacher_inputs(batch, teacher.name)
     return {"input_ids": batch["teacher_tokens"], "position_ids": batch["teacher_position_ids"], "attention_mask": batch.get("teacher_attention_mask")}
 
 

@@ -4,8 +4,12 @@ The task is ``run.Script`` running ``python -m nemo_xtoken.integration.train --c
 (Bridge's NeMo-Run plugins take ``run.Script``, not ``run.Partial``), under
 ``run.LocalExecutor(ntasks_per_node=8, launcher="torchrun")`` or ``run.SlurmExecutor`` with the
 torchrun launcher (one ``torchrun --nproc-per-node 8`` per node, started by ``srun``).  On Slurm
-the code comes from the container image (``docker/Dockerfile`` installs the plugin), so nothing is
-packaged; the config, W files and data must sit on a file system the nodes mount.
+the code comes from the container image, so nothing is packaged (NeMo-Run's base ``Packager`` copies
+no code): the image must be the one ``docker/Dockerfile`` builds (NeMo Framework + the plugin),
+pushed to a registry the cluster pulls from.  There is no default image; NVIDIA's stock NeMo image
+is refused (every rank would fail with ``No module named nemo_xtoken``) unless ``env`` sets
+``PYTHONPATH`` to a mounted copy of the plugin.  The config, W files, data and checkpoints must sit
+on a file system the nodes mount; relative paths in the config resolve against its folder.
 
 :func:`dry_run` renders exactly what would run — the sbatch script, or the torchrun command and its
 environment — through NeMo-Run's own schedulers, without a cluster and without SSH.
@@ -26,7 +30,9 @@ from nemo_xtoken.errors import XTokenError
 __all__ = [
     "ENTRY_MODULE",
     "DEFAULT_ENV",
-    "DEFAULT_CONTAINER_IMAGE",
+    "BASE_IMAGE",
+    "PLUGIN_IMAGE_TAG",
+    "check_container_image",
     "require_nemo_run",
     "distill_script",
     "local_executor",
@@ -37,7 +43,11 @@ __all__ = [
 ]
 
 ENTRY_MODULE = "nemo_xtoken.integration.train"
-DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/nemo:26.08.01"
+#: The NeMo Framework image ``docker/Dockerfile`` builds on (Megatron-Bridge 0.6.x); it lacks the plugin.
+BASE_IMAGE = "nvcr.io/nvidia/nemo:26.08.01"
+#: The tag ``docker/Dockerfile`` is built with in the docs; push it to your registry and pass that name.
+PLUGIN_IMAGE_TAG = "nemo-xtoken:26.08.01"
+_STOCK_IMAGE_PREFIXES = ("nvcr.io/nvidia/nemo:", "nvcr.io#nvidia/nemo:")
 #: Environment of every rank: Megatron's TP comm overlap wants one CUDA connection.
 DEFAULT_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",
@@ -91,14 +101,30 @@ def local_executor(gpus: int = 8, *, env: dict[str, str] | None = None):
     return run.LocalExecutor(ntasks_per_node=gpus, launcher="torchrun", env_vars={**DEFAULT_ENV, **(env or {})})
 
 
+def check_container_image(image: str | None, env: dict[str, str] | None = None) -> str:
+    """The Slurm image, refused when missing or NVIDIA's stock NeMo image (no plugin inside) without a mounted PYTHONPATH."""
+    how = (
+        f"build the plugin's image (docker build -f docker/Dockerfile -t {PLUGIN_IMAGE_TAG} .), push it to a registry "
+        f"the cluster pulls from (or enroot-import it to a .sqsh file) and pass --container-image <registry>/{PLUGIN_IMAGE_TAG}"
+    )
+    if not image:
+        raise XTokenError(f"--container-image is required for Slurm: {how}")
+    if image.startswith(_STOCK_IMAGE_PREFIXES) and not (env or {}).get("PYTHONPATH"):
+        raise XTokenError(
+            f"--container-image {image} is NVIDIA's NeMo image, which has no nemo_xtoken: every rank would fail with "
+            f"'No module named nemo_xtoken'. {how[0].upper() + how[1:]} (or mount the plugin and pass --env PYTHONPATH=<its folder>)"
+        )
+    return image
+
+
 def slurm_executor(
     *,
     account: str,
+    container_image: str,
     partition: str | None = None,
     nodes: int = 16,
     gpus_per_node: int = 8,
     time: str = "04:00:00",
-    container_image: str = DEFAULT_CONTAINER_IMAGE,
     container_mounts: Sequence[str] = (),
     job_dir: str = "",
     host: str | None = None,
@@ -108,7 +134,8 @@ def slurm_executor(
 ):
     """A Slurm job of ``nodes`` × ``gpus_per_node`` GPUs, one torchrun per node, inside ``container_image``.
 
-    ``host``/``user`` submit over SSH (``run.SSHTunnel``); without them, sbatch runs on this machine
+    ``container_image`` is the plugin's image (:func:`check_container_image`).  ``host``/``user``
+    submit over SSH (``run.SSHTunnel``); without them, sbatch runs on this machine
     (``run.LocalTunnel``, e.g. from a login node).  ``job_dir`` is where NeMo-Run writes the sbatch
     script and logs on the cluster.
     """
@@ -117,6 +144,7 @@ def slurm_executor(
         raise XTokenError(f"nodes and gpus_per_node must be ≥ 1, got {nodes}, {gpus_per_node}")
     if not account:
         raise XTokenError("--account is required for Slurm")
+    check_container_image(container_image, env)
     job_dir = job_dir or os.path.join(os.getcwd(), "nemo_experiments")
     tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host else run.LocalTunnel(job_dir=job_dir)
     return run.SlurmExecutor(

@@ -23,6 +23,7 @@ import torch
 from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.reference import LOSSES, NEEDS_PROJECTION, ProjectionLike, resolve_projection
+from nemo_xtoken.offline.sparse import dense_teacher
 
 __all__ = ["Teacher", "MultiTeacherOutput", "WEIGHTINGS", "teacher_score", "adaptive_weights", "multi_teacher"]
 
@@ -77,6 +78,7 @@ def teacher_score(
     """
     if scheme not in WEIGHTINGS[1:]:
         raise XTokenError(f"adaptive weighting must be one of {WEIGHTINGS[1:]}, got {scheme!r}")
+    teacher_logits = dense_teacher(teacher_logits)
     x = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     v = x.shape[1] if vocab_size is None else int(vocab_size)
     lp = torch.log_softmax(x[:, :v].to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=-1)
@@ -124,7 +126,11 @@ def multi_teacher(
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
 ) -> MultiTeacherOutput:
-    """``Σ_m α_m · L_m`` over teachers, each with its own logits, W, loss and (optional) alignment."""
+    """``Σ_m α_m · L_m`` over teachers, each with its own logits, W, loss and (optional) alignment.
+
+    A teacher may be a :class:`~nemo_xtoken.offline.SparseTeacher` (a cached teacher) in place of its logits.
+    """
+    teacher_logits = [dense_teacher(x) for x in teacher_logits]
 
     def score(tch: Teacher, logits: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
         return teacher_score(logits, weighting, vocab_size=_teacher_vocab(tch, logits), positions=positions, targets=targets)

@@ -34,6 +34,7 @@ import torch
 
 from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.offline.sparse import dense_teacher
 from nemo_xtoken.vocab.projection import ROW_EXACT, Projection
 
 __all__ = [
@@ -490,6 +491,7 @@ def kl(
     The real vocabulary sizes (None: the logits' widths) must be equal; the two sides may be padded
     to different widths.
     """
+    teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher → dense log-probabilities
     v_s = int(student_vocab_size) if student_vocab_size is not None else _width(student_logits)
     v_t = int(teacher_vocab_size) if teacher_vocab_size is not None else _width(teacher_logits)
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, None)
@@ -541,6 +543,7 @@ def p_kl(
     public reference code does (:func:`renormalized_log`, its ε = 1e-10 included).  ``projection`` may be a
     :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (its gradient flows into W).
     """
+    teacher_logits = dense_teacher(teacher_logits)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     s, t, m = _check_common(student_logits, teacher_logits, w.student_vocab_size, w.teacher_vocab_size, alignment, mask, merge, temperature, reduction, w.shape)
     dt = _compute_dtype(s, t)
@@ -579,6 +582,7 @@ def uld(
     scale_by_temperature_squared: bool = False,
 ) -> torch.Tensor:
     """ULD (Boizard et al.): ``Σ_i |sort↓(p_S)_i - sort↓(p_T)_i|``, the shorter vocabulary zero-padded."""
+    teacher_logits = dense_teacher(teacher_logits)
     v_s = int(student_vocab_size) if student_vocab_size is not None else _width(student_logits)
     v_t = int(teacher_vocab_size) if teacher_vocab_size is not None else _width(teacher_logits)
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, None)
@@ -604,6 +608,7 @@ def _hybrid(
     student_vocab_size: int | None,
     teacher_vocab_size: int | None,
 ) -> torch.Tensor:
+    teacher_logits = dense_teacher(teacher_logits)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     v_s, v_t = w.shape
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, w.shape)

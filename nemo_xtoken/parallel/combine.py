@@ -18,6 +18,7 @@ from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, combine_teachers
 from nemo_xtoken.losses.total import dynamic_scale, total_loss
+from nemo_xtoken.offline.sparse import shard_teacher
 from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, sum_partials
 from nemo_xtoken.parallel.losses import (
     vocab_parallel_gold,
@@ -103,6 +104,7 @@ def vocab_parallel_teacher_score(
         raise XTokenError(f"adaptive weighting must be one of {WEIGHTINGS[1:]}, got {scheme!r}")
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
+    teacher_logits = shard_teacher(teacher_logits, group)
     x = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     lp = vocab_parallel_log_softmax(x, vocab_size=vocab_size, valid=valid, group=group, name="teacher_logits")
     sel = torch.ones(lp.shape[0], dtype=torch.bool, device=lp.device) if positions is None else positions.reshape(-1).bool()
@@ -148,10 +150,18 @@ def vocab_parallel_multi_teacher(
     """``Σ_m α_m · L_m`` on vocab shards: :func:`nemo_xtoken.losses.multi_teacher` with parallel losses.
 
     A teacher's ``projection`` may be a :class:`PKLPlan` for ``p_kl`` (with a permuted teacher,
-    the permutation is taken into account by the scores as well).
+    the permutation is taken into account by the scores as well).  A teacher may be a
+    :class:`~nemo_xtoken.offline.SparseTeacher` (a cached teacher): each rank materializes only its
+    columns.
     """
     group = resolve_group(group)
     rank, _ = group_rank_size(group)
+    width = student_logits.shape[-1] * group_rank_size(group)[1]  # a same-tokenizer (kl) teacher: the student's
+    teacher_logits = [
+        shard_teacher(x, group, plan=teachers[m].projection, padded=width if teachers[m].loss == "kl" else None)
+        if m < len(teachers) else x
+        for m, x in enumerate(teacher_logits)
+    ]
 
     def score(tch: Teacher, logits: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
         plan = tch.projection if isinstance(tch.projection, PKLPlan) else None

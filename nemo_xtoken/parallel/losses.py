@@ -28,6 +28,7 @@ import torch
 from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.reference import REFERENCE_EPS, floored_log, grad_floor
+from nemo_xtoken.offline.sparse import shard_teacher
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
     all_reduce_sum,
@@ -203,6 +204,7 @@ def vocab_parallel_kl(
     group = resolve_group(group)
     _, tp = group_rank_size(group)
     sv = _flatten(student_logits, "student_logits").shape[1]
+    teacher_logits = shard_teacher(teacher_logits, group, padded=sv * tp)  # a cached SparseTeacher → this rank's columns
     tv = _flatten(teacher_logits, "teacher_logits").shape[1]
     vs = student_vocab_size if student_vocab_size is not None else sv * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else tv * tp
@@ -381,6 +383,7 @@ def vocab_parallel_p_kl(
     _check_reduction(reduction)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
+    teacher_logits = shard_teacher(teacher_logits, group, plan=projection)
     s = _flatten(student_logits, "student_logits")
     t = _flatten(teacher_logits, "teacher_logits")
     plan = projection
@@ -458,6 +461,7 @@ def vocab_parallel_uld(
     """ULD on vocab shards, exact: softmax and merge sharded, the sort on the gathered item rows."""
     _check_reduction(reduction)
     group = resolve_group(group)
+    teacher_logits = shard_teacher(teacher_logits, group)
     _, tp = group_rank_size(group)
     vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
@@ -479,6 +483,7 @@ def _hybrid(
     _check_reduction(reduction)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
+    teacher_logits = shard_teacher(teacher_logits, group)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     v_s, v_t = w.shape
     s = _flatten(student_logits, "student_logits")

@@ -1,7 +1,8 @@
 """Coverage audit: which categories of student tokens the teacher matches exactly under W.
 
 The common set is C = {(s, argmax_t W[s, t])}.  Per category (digits, 2- and 3-digit numerals,
-punctuation, …) the audit counts student tokens whose top-1 mapping is an exact match
+punctuation, …; a SentencePiece ``▁201`` is the numeral `` 201``, a ``<0xHH>`` byte-fallback token
+is a category of its own, never a digit or punctuation) the audit counts student tokens whose top-1 mapping is an exact match
 (``exact``), that have any mapping (``mapped``, the relaxed C of H-KL) or none (``empty``).
 The paper's rule: a critical category (numerals by default) outside the exact set → P-KL,
 inside → H-KL (Table 8: Llama-3 vs Qwen3 0/100 two-digit numerals → P-KL; vs Phi-4-mini
@@ -27,6 +28,7 @@ _PUNCT = re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 # Ordered: a token belongs to the first category whose pattern matches its text (bytes).
 CATEGORIES: list[tuple[str, re.Pattern[bytes] | None]] = [
     ("special_tokens", None),
+    ("byte_fallback", None),  # SentencePiece <0xHH>: one byte of a character the vocabulary lacks
     ("single_digits", re.compile(rb"[0-9]")),
     ("single_digits_space", re.compile(rb" [0-9]")),
     ("two_digit_numerals", re.compile(rb"[0-9]{2}")),
@@ -43,13 +45,15 @@ CATEGORIES: list[tuple[str, re.Pattern[bytes] | None]] = [
 DEFAULT_CRITICAL: tuple[str, ...] = ("single_digits", "two_digit_numerals", "three_digit_numerals")
 
 
-def categorize(text: bytes | None, is_special: bool) -> str | None:
+def categorize(text: bytes | None, is_special: bool, is_byte_fallback: bool = False) -> str | None:
     """Category name of a token (``None`` for ids that stand for no token)."""
     if is_special:
         return "special_tokens"
     if text is None:
         return None
-    for name, pat in CATEGORIES[1:]:
+    if is_byte_fallback:
+        return "byte_fallback"
+    for name, pat in CATEGORIES[2:]:
         if pat is not None and pat.fullmatch(text):
             return name
     return "other"
@@ -127,7 +131,7 @@ def audit(
     for s in range(scv.size):
         if kinds[s] == ROW_NO_TOKEN:
             continue
-        cat = categorize(scv.text[s], scv.special[s] is not None)
+        cat = categorize(scv.text[s], scv.special[s] is not None, bool(scv.byte_fallback[s]))
         if cat is None:
             continue
         c = cats[cat]

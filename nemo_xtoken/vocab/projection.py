@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class Projection:
     teacher_vocab_size: int
     student_fingerprint: str
     teacher_fingerprint: str
-    beta: float = 0.9
+    beta: float = 0.9  # the paper's β: recorded, cancels in the row normalization (see PAPER_BETA)
     gamma: float = 0.1
     max_len: int = 4
     top_k: int = 4
@@ -254,91 +254,186 @@ def _validate(proj: Projection, where: str) -> None:
 
 # ---- building ----------------------------------------------------------------------------------
 
+#: The paper's β.  It multiplies every weight of a row and cancels in the row normalization
+#: (W[s, τ_i] = β·γ^i / Σ_j β·γ^j = γ^i / Σ_j γ^j), so it is no parameter; W files record it.
+PAPER_BETA = 0.9
 
-def _multi_weights(ids: list[int], beta: float, gamma: float, top_k: int) -> list[tuple[int, float]]:
-    """β·γ^i on the i-th teacher token (repeated ids accumulate), top-k, normalized, by weight."""
+
+def _multi_weights(ids: list[int], gamma: float, top_k: int) -> list[tuple[int, float]]:
+    """γ^i on the i-th teacher token (repeated ids accumulate), top-k, normalized, by weight."""
     acc: dict[int, float] = {}
     for i, t in enumerate(ids):
-        acc[t] = acc.get(t, 0.0) + beta * gamma**i
+        acc[t] = acc.get(t, 0.0) + gamma**i
     items = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
     total = sum(w for _, w in items)
     return [(t, w / total) for t, w in items]
 
 
 def _teacher_key_index(cv: CanonicalVocab) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Canonical string → the teacher id that stands for it.
+
+    Where several ids share a string, the one the teacher's tokenizer produces for that text
+    wins: a model token before an added one, and both before a ``<0xHH>`` byte-fallback token
+    (Mistral's ``<0x41>`` is ``A`` too, but the tokenizer writes ``A``); then the lowest id.
+    """
     text_to_id: dict[bytes, int] = {}
     special_to_id: dict[str, int] = {}
-    for i in range(cv.size):  # lowest id wins when two ids share a canonical string
-        t = cv.text[i]
-        if t is not None:
-            text_to_id.setdefault(t, i)
-        elif cv.special[i] is not None:
-            special_to_id.setdefault(cv.special[i], i)
+    text, special = cv.text, cv.special
+    rank = cv.added.astype(np.int8) + 2 * cv.byte_fallback.astype(np.int8)
+    for r in range(4):
+        for i in np.flatnonzero(rank == r).tolist():
+            t = text[i]
+            if t is not None:
+                text_to_id.setdefault(t, i)
+            elif special[i] is not None:
+                special_to_id.setdefault(special[i], i)
     return text_to_id, special_to_id
 
 
+def _model_alphabet_pieces(b: bytes, family: str, vocab: dict[str, int]) -> list[str | int] | None:
+    """``b`` in the teacher model's own alphabet: strings for the model, ids for byte-fallback bytes."""
+    if family == "byte_level":
+        b2u = bytes_to_unicode()
+        return ["".join(b2u[x] for x in b)]
+    if family == "sentencepiece":
+        s = b.decode("utf-8", "surrogateescape")  # partial UTF-8 bytes → lone surrogates
+        out: list[str | int] = []
+        run: list[str] = []
+        for ch in s:
+            if "\udc80" <= ch <= "\udcff":
+                if run:
+                    out.append("".join(run).replace(" ", "\u2581"))
+                    run = []
+                fb = vocab.get(f"<0x{ord(ch) - 0xDC00:02X}>")
+                if fb is None:
+                    return None
+                out.append(fb)
+            else:
+                run.append(ch)
+        if run:
+            out.append("".join(run).replace(" ", "\u2581"))
+        return out
+    return None
+
+
 def _retokenize(
-    texts: list[bytes], teacher: TokenizerInfo, tcv: CanonicalVocab, progress: bool
+    texts: list[bytes], teacher: TokenizerInfo, tcv: CanonicalVocab, progress: bool,
+    while_waiting: Callable[[], Any] | None = None,
 ) -> list[list[int] | None]:
     """The teacher's tokenization of each student text, exact in bytes, or ``None`` if impossible.
 
     The teacher's full pipeline is tried first (its normal view of the text); where that changes
-    the bytes (a normalizer, a SentencePiece prefix space) or the text is not valid UTF-8 (partial
-    characters), the teacher's model is run on its own alphabet instead.
+    the bytes (a normalizer, a dummy prefix) or the text is not valid UTF-8 (partial
+    characters), the teacher's model is run on its own alphabet instead (SentencePiece: ``▁`` for
+    spaces, ``<0xHH>`` for partial characters).  A teacher that inserts a dummy prefix before
+    every text (a ``Prepend("▁")`` normalizer) never spells a text exactly through its pipeline,
+    so it goes to its model directly: a student token is a piece of running text, not the start
+    of a document.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    from nemo_xtoken.vocab.canonical import dummy_prefix
+
     out: list[list[int] | None] = [None] * len(texts)
-    decodable: list[int] = []
-    strs: list[str] = []
-    for k, b in enumerate(texts):
-        try:
-            strs.append(b.decode("utf-8"))
-            decodable.append(k)
-        except UnicodeDecodeError:
-            pass
-    batch = 8192
-    bar = tqdm(total=len(texts), desc="re-tokenize", unit="tok", disable=not progress, leave=False)
-    for a in range(0, len(strs), batch):
-        encs = teacher.tokenizer.encode_batch(strs[a : a + batch], add_special_tokens=False)
-        for k, enc in zip(decodable[a : a + batch], encs):
-            ids = enc.ids
-            if ids and b"".join(tcv.text[i] or b"\x00\xff" for i in ids) == texts[k]:
-                out[k] = list(ids)
-        bar.update(len(encs))
-    bar.update(len(texts) - len(strs))
-    bar.close()
-    # Fallback: the teacher's model on its own alphabet, no normalizer or pre-tokenizer.
+    tbytes = tcv.text
+    size = tcv.size
+
+    def spells(ids: list[int], want: bytes) -> bool:
+        return bool(ids) and b"".join((tbytes[i] or b"\x00\xff") if i < size else b"\x00\xff" for i in ids) == want
+
+    bar = tqdm(total=2 * len(texts), desc="re-tokenize", unit="tok", disable=not progress, leave=False)
+    dp = dummy_prefix(teacher)
+    if not (dp.at_start and dp.before_space):
+        decodable: list[int] = []
+        strs: list[str] = []
+        for k, b in enumerate(texts):
+            try:
+                strs.append(b.decode("utf-8"))
+                decodable.append(k)
+            except UnicodeDecodeError:
+                pass
+        tok = teacher.tokenizer
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        batch = 8192
+        # The Rust tokenizer releases the GIL while it encodes: one thread encodes batch after
+        # batch while this one does ``while_waiting`` (the fingerprints) and checks the results.
+        with ThreadPoolExecutor(1) as pool:
+            futures = [(a, pool.submit(encode, strs[a : a + batch], add_special_tokens=False))
+                       for a in range(0, len(strs), batch)]
+            if while_waiting is not None:
+                while_waiting()
+            for a, fut in futures:
+                encs = fut.result()
+                for k, enc in zip(decodable[a : a + batch], encs):
+                    ids = enc.ids
+                    if spells(ids, texts[k]):
+                        out[k] = ids
+                bar.update(len(encs))
+    elif while_waiting is not None:
+        while_waiting()
+    bar.update(len(texts) - bar.n)  # pass 1 done (texts it skipped included)
+    # The rest: the teacher's model on its own alphabet, no normalizer or pre-tokenizer.
     model = teacher.tokenizer.model
     vocab = teacher.vocab
-    b2u = bytes_to_unicode()
     for k, b in enumerate(texts):
         if out[k] is not None:
             continue
-        ids: list[int] | None = None
-        if tcv.family == "byte_level":
-            try:
-                ids = [t.id for t in model.tokenize("".join(b2u[x] for x in b))]
-            except Exception:
-                ids = None
-        elif tcv.family == "sentencepiece":
-            try:
-                ids = [t.id for t in model.tokenize(b.decode("utf-8").replace(" ", "\u2581"))]
-            except UnicodeDecodeError:  # partial UTF-8: the teacher's byte-fallback tokens, if any
-                fb = [vocab.get(f"<0x{x:02X}>") for x in b]
-                ids = None if any(i is None for i in fb) else fb  # type: ignore[assignment]
-            except Exception:
-                ids = None
-        if ids and b"".join(tcv.text[i] or b"\x00\xff" for i in ids if i < tcv.size) == b:
+        ids: list[int] | None = []
+        try:
+            for piece in _model_alphabet_pieces(b, tcv.family, vocab) or [None]:
+                if piece is None:
+                    ids = None
+                    break
+                if isinstance(piece, int):
+                    ids.append(piece)  # type: ignore[union-attr]
+                else:
+                    ids.extend(t.id for t in model.tokenize(piece))  # type: ignore[union-attr]
+        except Exception:  # the model cannot tokenize it (an unknown character without byte fallback)
+            ids = None
+        if ids and spells(ids, b):
             out[k] = ids
+    bar.update(len(texts))
+    bar.close()
     return out
+
+
+def _assemble_rows(
+    v_s: int, exact_rows: np.ndarray, exact_cols: np.ndarray, multi: list[tuple[int, list[int]]], gamma: float, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR (indptr, indices, data) from the exact matches and the multi-token rows."""
+    max_len = max((len(ids) for _, ids in multi), default=0)
+    # Common case, vectorized: distinct teacher ids, γ < 1 (weights already decreasing), L ≤ top_k.
+    table = {n: [gamma**i / sum(gamma**j for j in range(n)) for i in range(n)] for n in range(1, max_len + 1)}
+    r_rows: list[int] = []
+    r_cols: list[int] = []
+    r_data: list[float] = []
+    simple = gamma < 1.0
+    for s, ids in multi:
+        n = len(ids)
+        if simple and n <= top_k and len(set(ids)) == n:
+            r_rows.extend([s] * n)
+            r_cols.extend(ids)
+            r_data.extend(table[n])
+        else:
+            for t, w in _multi_weights(ids, gamma, top_k):
+                r_rows.append(s)
+                r_cols.append(t)
+                r_data.append(w)
+    rows = np.concatenate([exact_rows.astype(np.int64), np.asarray(r_rows, dtype=np.int64)])
+    cols = np.concatenate([exact_cols.astype(np.int64), np.asarray(r_cols, dtype=np.int64)])
+    data = np.concatenate([np.ones(exact_rows.size), np.asarray(r_data, dtype=np.float64)])
+    order = np.argsort(rows, kind="stable")  # within a row: the order given (decreasing weight)
+    indptr = np.zeros(v_s + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=v_s), out=indptr[1:])
+    return indptr, cols[order].astype(np.int32), data[order].astype(np.float32)
 
 
 def build_projection(
     student_tokenizer: Any,
     teacher_tokenizer: Any,
     *,
-    beta: float = 0.9,
     gamma: float = 0.1,
     max_len: int = 4,
     top_k: int = 4,
@@ -347,48 +442,51 @@ def build_projection(
     """Build W for a student/teacher tokenizer pair (exact match, then the multi-token rule).
 
     ``student_tokenizer``/``teacher_tokenizer``: a ``tokenizer.json`` path, Hugging Face folder,
-    cached hub name, or a loaded tokenizer.  Deterministic: equal inputs give equal W.
+    cached hub name, or a loaded tokenizer.  A re-tokenization of length L ≤ ``max_len`` gets the
+    weights γ^i / Σ_j γ^j (the paper's β·γ^i, row-normalized: β cancels), top ``top_k`` kept.
+    Deterministic: equal inputs give equal W.
     """
-    if not (0 < beta and 0 < gamma and max_len >= 1 and top_k >= 1):
-        raise XTokenError(f"build_projection needs beta > 0, gamma > 0, max_len ≥ 1, top_k ≥ 1 (got {beta}, {gamma}, {max_len}, {top_k})")
+    if not (0 < gamma and max_len >= 1 and top_k >= 1):
+        raise XTokenError(f"build_projection needs gamma > 0, max_len >= 1, top_k >= 1 (got {gamma}, {max_len}, {top_k})")
     student = load_tokenizer(student_tokenizer)
     teacher = load_tokenizer(teacher_tokenizer)
     scv, tcv = canonical_vocab(student), canonical_vocab(teacher)
     text_to_id, special_to_id = _teacher_key_index(tcv)
 
     v_s = scv.size
-    rows: list[list[tuple[int, float]]] = [[] for _ in range(v_s)]
     kind = np.full(v_s, ROW_NO_TOKEN, dtype=np.uint8)
+    exact_rows: list[int] = []
+    exact_cols: list[int] = []
     pending: list[int] = []
+    stext, sspecial = scv.text, scv.special
     for s in range(v_s):
-        t = scv.text[s]
+        t = stext[s]
         if t is not None:
             hit = text_to_id.get(t)
             if hit is not None:
-                rows[s] = [(hit, 1.0)]
-                kind[s] = ROW_EXACT
+                exact_rows.append(s)
+                exact_cols.append(hit)
             else:
-                kind[s] = ROW_EMPTY
                 pending.append(s)
-        elif scv.special[s] is not None:
-            hit = special_to_id.get(scv.special[s])
+        elif sspecial[s] is not None:
+            hit = special_to_id.get(sspecial[s])  # type: ignore[arg-type]
             if hit is not None:
-                rows[s] = [(hit, 1.0)]
-                kind[s] = ROW_EXACT
+                exact_rows.append(s)
+                exact_cols.append(hit)
             else:
                 kind[s] = ROW_EMPTY  # special tokens are never re-tokenized as text
+    kind[exact_rows] = ROW_EXACT
+    kind[pending] = ROW_EMPTY
 
-    retok = _retokenize([scv.text[s] for s in pending], teacher, tcv, progress)  # type: ignore[misc]
-    for s, ids in zip(pending, retok):
-        if ids is not None and 1 <= len(ids) <= max_len:
-            rows[s] = _multi_weights(ids, beta, gamma, top_k)
-            kind[s] = ROW_MULTI
+    def fingerprints() -> None:  # computed while the teacher's tokenizer works (it releases the GIL)
+        student.fingerprint, teacher.fingerprint
 
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=v_s)
-    indptr = np.zeros(v_s + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    indices = np.fromiter((t for r in rows for t, _ in r), dtype=np.int32, count=int(indptr[-1]))
-    data = np.fromiter((w for r in rows for _, w in r), dtype=np.float64, count=int(indptr[-1])).astype(np.float32)
+    retok = _retokenize([stext[s] for s in pending], teacher, tcv, progress, fingerprints)  # type: ignore[misc]
+    multi = [(s, ids) for s, ids in zip(pending, retok) if ids is not None and 1 <= len(ids) <= max_len]
+    kind[[s for s, _ in multi]] = ROW_MULTI
+    indptr, indices, data = _assemble_rows(
+        v_s, np.asarray(exact_rows, dtype=np.int64), np.asarray(exact_cols, dtype=np.int64), multi, float(gamma), int(top_k)
+    )
     proj = Projection(
         indptr=indptr,
         indices=indices,
@@ -398,7 +496,7 @@ def build_projection(
         teacher_vocab_size=tcv.size,
         student_fingerprint=student.fingerprint,
         teacher_fingerprint=teacher.fingerprint,
-        beta=float(beta),
+        beta=PAPER_BETA,
         gamma=float(gamma),
         max_len=int(max_len),
         top_k=int(top_k),
@@ -425,7 +523,7 @@ def cached_projection(
 
     student = load_tokenizer(student_tokenizer)
     teacher = load_tokenizer(teacher_tokenizer)
-    full = {"beta": 0.9, "gamma": 0.1, "max_len": 4, "top_k": 4, **params}
+    full = {"gamma": 0.1, "max_len": 4, "top_k": 4, **params}
     key = json.dumps({"s": student.fingerprint, "t": teacher.fingerprint, "v": FORMAT_VERSION, **full}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = Path(cache_dir or default_cache_dir()) / "projections" / f"{digest}.safetensors"

@@ -3,6 +3,13 @@
 Everything downstream works on a :class:`TokenizerInfo`: the Rust ``tokenizers.Tokenizer``, where it
 came from, its parsed JSON (for the decoder family and special tokens) and a content fingerprint.
 Loading never reaches the network: hub names resolve from the local Hugging Face cache only.
+
+Loading is cached, so that per-document calls (``align(text, "tokenizer.json", …)``) do the work
+that belongs to a tokenizer once: a file by its resolved path, size and modification time (a
+rewritten file is loaded again); a ``tokenizers.Tokenizer`` or ``transformers`` tokenizer object by
+identity, checked on every call against its current normalizer, pre-tokenizer, decoder,
+post-processor, truncation, padding and vocabulary size (an object changed in place is loaded
+again).  The caches hold the last few tokenizers (:data:`CACHE_SIZE`); ``clear_cache()`` empties them.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +27,7 @@ from tokenizers import Tokenizer
 
 from nemo_xtoken.errors import TokenizerLoadError
 
-__all__ = ["TokenizerInfo", "load_tokenizer", "TokenizerLike"]
+__all__ = ["TokenizerInfo", "load_tokenizer", "TokenizerLike", "clear_cache", "CACHE_SIZE"]
 
 
 class TokenizerInfo:
@@ -91,12 +100,12 @@ class TokenizerInfo:
         model = self.spec.get("model") or {}
         h = hashlib.sha256()
         h.update(f"type={model.get('type')}\n".encode())
-        by_id = sorted(self.vocab.items(), key=lambda kv: kv[1])
-        h.update("\n".join(f"{i}\t{tok}" for tok, i in by_id).encode("utf-8", "surrogatepass"))
+        by_id = sorted(self.vocab.items(), key=itemgetter(1))
+        h.update("\n".join([f"{i}\t{tok}" for tok, i in by_id]).encode("utf-8", "surrogatepass"))
         h.update(b"merges\n")
         merges = model.get("merges") or []
         # Older files store merges as "a b", newer as ["a", "b"]: hash one form.
-        h.update("\n".join(m if isinstance(m, str) else " ".join(m) for m in merges).encode("utf-8", "surrogatepass"))
+        h.update("\n".join([m if m.__class__ is str else " ".join(m) for m in merges]).encode("utf-8", "surrogatepass"))
         h.update(b"\nadded\n")
         for t in sorted(self.added_tokens, key=lambda t: t["id"]):
             h.update(f"{t['id']}\t{t['content']}\t{bool(t.get('special'))}\n".encode("utf-8", "surrogatepass"))
@@ -184,6 +193,74 @@ def _from_transformers(name_or_path: str, trust_remote_code: bool, local_only: b
     return info
 
 
+#: How many tokenizers each cache (files, objects) keeps.
+CACHE_SIZE = 8
+_FILE_CACHE: "OrderedDict[str, tuple[tuple[int, int, int], TokenizerInfo]]" = OrderedDict()
+_OBJECT_CACHE: "OrderedDict[int, tuple[Any, tuple, TokenizerInfo]]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget every cached tokenizer (files and objects)."""
+    _FILE_CACHE.clear()
+    _OBJECT_CACHE.clear()
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _cached_file(path: Path, config: dict[str, Any] | None = None) -> TokenizerInfo:
+    """``_from_file`` cached by resolved path, checked against size, mtime and inode on every call."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        return _from_file(path, config)
+    cfg = Path(real).with_name("tokenizer_config.json")
+    try:
+        cst = os.stat(cfg)
+        stamp += (cst.st_size, cst.st_mtime_ns)
+    except OSError:
+        pass
+    hit = _FILE_CACHE.get(real)
+    if hit is not None and hit[0] == stamp and config is None:
+        _FILE_CACHE.move_to_end(real)
+        return hit[1]
+    info = _from_file(path, config)
+    if config is None:
+        _remember(_FILE_CACHE, real, (stamp, info))
+    return info
+
+
+def _object_state(tok: Tokenizer) -> tuple:
+    """What can change in a ``tokenizers.Tokenizer`` without a new object (cheap: no vocabulary copy)."""
+
+    def state(component: Any) -> bytes | None:
+        return None if component is None else component.__getstate__()
+
+    return (
+        state(tok.normalizer), state(tok.pre_tokenizer), state(tok.decoder), state(tok.post_processor),
+        repr(tok.truncation), repr(tok.padding), tok.get_vocab_size(with_added_tokens=False),
+    )
+
+
+def _cached_object(obj: Any, tok: Tokenizer, make) -> TokenizerInfo:
+    """A ``TokenizerInfo`` for ``tok`` (the backend of ``obj``), cached by identity and checked state."""
+    state = _object_state(tok)
+    hit = _OBJECT_CACHE.get(id(obj))
+    # the cache holds a reference to obj, so its id cannot be reused while the entry lives
+    if hit is not None and hit[0] is obj and hit[1] == state and tok.id_to_token(hit[2].vocab_size) is None:
+        _OBJECT_CACHE.move_to_end(id(obj))
+        return hit[2]
+    info = make()
+    _remember(_OBJECT_CACHE, id(obj), (obj, state, info))
+    return info
+
+
 def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> TokenizerInfo:
     """Load a tokenizer from a ``tokenizer.json`` path, a Hugging Face folder, a cached hub name,
     a ``tokenizers.Tokenizer``, a ``transformers`` fast tokenizer, or return a ``TokenizerInfo`` as is.
@@ -191,22 +268,30 @@ def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> TokenizerIn
     if isinstance(spec, TokenizerInfo):
         return spec
     if isinstance(spec, Tokenizer):
-        info = TokenizerInfo(spec, "<tokenizers.Tokenizer>")
-        _check_nonempty(info)
-        return info
+        def make() -> TokenizerInfo:
+            info = TokenizerInfo(spec, "<tokenizers.Tokenizer>")
+            _check_nonempty(info)
+            return info
+
+        return _cached_object(spec, spec, make)
     backend = getattr(spec, "backend_tokenizer", None)
     if isinstance(backend, Tokenizer):
-        info = TokenizerInfo(backend, getattr(spec, "name_or_path", "<transformers tokenizer>") or "<hf>")
-        _check_nonempty(info)
-        return info
+        def make_hf() -> TokenizerInfo:
+            config = {k: getattr(spec, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+            info = TokenizerInfo(backend, getattr(spec, "name_or_path", "<transformers tokenizer>") or "<hf>",
+                                 {k: v for k, v in config.items() if isinstance(v, str)})
+            _check_nonempty(info)
+            return info
+
+        return _cached_object(spec, backend, make_hf)
     if not isinstance(spec, (str, os.PathLike)):
         raise TokenizerLoadError(f"cannot load a tokenizer from a {type(spec).__name__}: pass a path or a hub name")
     path = Path(spec).expanduser()
     if path.is_file():
-        return _from_file(path)
+        return _cached_file(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            return _from_file(path / "tokenizer.json")
+            return _cached_file(path / "tokenizer.json")
         return _from_transformers(str(path), trust_remote_code)
     text = str(spec)
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".json") or text.count("/") > 1
@@ -223,5 +308,5 @@ def load_tokenizer(spec: Any, *, trust_remote_code: bool = False) -> TokenizerIn
     except Exception:
         cached = None
     if isinstance(cached, str) and os.path.isfile(cached):
-        return _from_file(Path(cached))
+        return _cached_file(Path(cached))
     return _from_transformers(text, trust_remote_code)
