@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.megatron_cpu import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,
@@ -81,3 +81,23 @@ def test_patches_are_reversible():
             raise ValueError("leave the block by an exception")
     after = (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state, fused_softmax.get_default_causal_mask)
     assert before == after
+
+
+def test_runtime_module_layout():
+    """The CPU runtime lives in ``nemo_xtoken.megatron_cpu``; the old test path re-exports it; the GPU path never imports it."""
+    import subprocess
+    import sys
+
+    import nemo_xtoken.megatron_cpu as runtime
+    import nemo_xtoken.testing.cpu_megatron as old
+
+    for name in ("TinyGPTSpec", "build_tiny_gpt", "cpu_megatron_patches", "init_megatron_cpu", "spawn", "clip_grad_norm_tp", "free_port"):
+        assert getattr(old, name) is getattr(runtime, name), name
+    assert callable(old.optimizer_sharded_state_dict) and not hasattr(runtime, "optimizer_sharded_state_dict")
+    code = (
+        "import sys, nemo_xtoken.integration.distill, nemo_xtoken.integration.data, nemo_xtoken.parallel, nemo_xtoken.losses;"
+        "bad = [m for m in sys.modules if m.startswith(('nemo_xtoken.megatron_cpu', 'nemo_xtoken.testing', 'nemo_xtoken.demo'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

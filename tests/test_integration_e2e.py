@@ -30,16 +30,15 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     teacher_inputs_from_batch,
     xtoken_loss,
 )
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.megatron_cpu import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     clip_grad_norm_tp,
     cpu_megatron_patches,
     init_megatron_cpu,
-    load_optimizer_state,
-    optimizer_sharded_state_dict,
     spawn,
 )
+from nemo_xtoken.testing.cpu_megatron import load_optimizer_state, optimizer_sharded_state_dict  # noqa: E402
 
 TEXTS = [
     "In 2024 the 365-day plan cost $1,299.99; by 1987 only 42 people knew it.",

@@ -27,7 +27,7 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     teacher_inputs_from_batch,
     xtoken_loss,
 )
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.megatron_cpu import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,

@@ -2,9 +2,13 @@
 
 1. builds W for Llama-3 → Qwen3 and Llama-3 → o200k (Phi-4-mini's base vocabulary), prints both
    coverage audits with their recommendation and the paper's two W examples (``audits.json``);
-2. distils: two tiny Megatron teachers (Qwen3 ids, o200k ids) trained on price look-ups (cached),
-   six tiny Llama-3 students (CE only, ULD/GOLD/P-KL ← Qwen3, GOLD/H-KL ← o200k) from the same
-   initialization; writes the table, the plot and every figure (``results.{md,json}``, ``curves.png``).
+2. distils in the paper's regime (continued pre-training on every token of a generated corpus of
+   worked arithmetic in prose): three tiny Megatron teachers (Qwen3, o200k and Llama-3 ids; cached)
+   and one tiny Llama-3 student per method and seed (CE only; KD ← Llama-3; ULD, GOLD, P-KL with a
+   fixed and a learnable W ← Qwen3; GOLD, H-KL ← o200k; H-KL ← o200k 0.8 + KL ← Llama-3 0.2), the
+   same initialization and data order for every method of a seed; writes the table (mean ± sd over
+   seeds) with the paper's direction beside it, the curves and every figure
+   (``results.{md,json}``, ``curves.png``).  See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -41,22 +45,48 @@ def _audits(out: Path) -> dict:
     return summary
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: ``N`` means seeds 1…N; ``a,b,…`` those seeds (``2,3`` adds seeds to a one-seed run; ``3,`` is seed 3 alone)."""
+    from nemo_xtoken.errors import XTokenError
+
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return tuple(range(1, n + 1))
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise XTokenError(f"--seeds takes N ≥ 1 (seeds 1…N) or a comma-separated list of seeds ≥ 1, got {text!r}") from None
+    if not seeds or min(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise XTokenError(f"--seeds: a list of distinct seeds ≥ 1, got {text!r}")
+    return seeds
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nemo_xtoken.demo.report import check_results, format_table, write_outputs
+    from nemo_xtoken.demo.report import check_results, format_direction, format_table, write_outputs
     from nemo_xtoken.demo.run import FAST, FULL, run_demo
+    from nemo_xtoken.errors import XTokenError
 
     t0 = time.perf_counter()
+    cfg = FAST if args.fast else FULL
+    over: dict = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp)) if v is not None}
+    if args.seeds is not None:
+        over["seeds"] = parse_seeds(args.seeds)
+    if args.methods:
+        over["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
+    cfg = replace(cfg, **over)
+    try:
+        cfg.selected()
+    except ValueError as e:
+        raise XTokenError(f"--methods: {e}") from None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     audits = _audits(out)
     if args.audit_only:
         return 0
-    cfg = FAST if args.fast else FULL
-    over = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp)) if v is not None}
-    if args.items is not None:
-        over.update(min_items=1, max_items=args.items)
-    cfg = replace(cfg, **over)
-    print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps, {cfg.student_steps} student steps, batch {cfg.batch}")
+    print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps, {cfg.student_steps} student steps, "
+          f"batch {cfg.batch}, seeds {list(cfg.seeds)}")
     results = run_demo(cfg, progress=not args.no_progress)
     results["seconds"]["audits_and_startup"] = time.perf_counter() - t0 - results["seconds"]["total"]
     results["seconds"]["wall"] = time.perf_counter() - t0
@@ -64,6 +94,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = write_outputs(results, out, audits)
     print()
     print(format_table(results))
+    print("\nthe paper's direction (paired differences in exact answers, per seed):")
+    print(format_direction(results))
     print(f"\nwrote {paths['table']}, {paths['plot']}, {paths['json']}  ({results['seconds']['wall']:.0f} s in all)")
     return 0
 
@@ -72,9 +104,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (real tokenizers, no model hub)")
     p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
     p.add_argument("--fast", action="store_true", help="a tiny version (seconds of training; what the test runs)")
-    p.add_argument("--steps", type=int, default=None, help="student training steps (default 300; fast 12)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default 400; fast 150)")
-    p.add_argument("--items", type=int, default=None, help="goods per problem, 1…N (default 1: the answer is the one price)")
+    p.add_argument("--seeds", default=None, help="students per method with seeds 1…N (initialization and data order), or a list such as 2,3 (3, = seed 3 alone); "
+                   "teachers are shared (default 1); runs of other seeds merge with python -m nemo_xtoken.demo.report --merge")
+    p.add_argument("--methods", default=None, help="comma-separated method keys (default: all): ce, kd_llama3, uld_qwen3, gold_qwen3, pkl_qwen3, "
+                   "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers")
+    p.add_argument("--steps", type=int, default=None, help="student training steps (default: the full or fast setting)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the full or fast setting)")
     p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per model on gloo (default 1; 2 runs jobs one by one)")
     p.add_argument("--audit-only", action="store_true", help="only the coverage audits")

@@ -1,18 +1,18 @@
-"""The demo's data: price look-ups, both tokenizations, alignments, reduced vocabularies, answer masks.
+"""The demo's data: three corpora, every tokenization, alignments, reduced vocabularies, evaluation prompts.
 
-Built once in the parent process (a few seconds) and shared with the training workers by ``fork``.
+Built once in the parent process (seconds) and shared with the training workers by ``fork``.
 Everything goes through the plugin's own pipeline: :func:`nemo_xtoken.align.align_batch` (span
 alignment of the real tokenizers' segmentations) and
 :class:`~nemo_xtoken.integration.data.DualTokenizedDataset` (Megatron-shaped samples with
-per-position chunk ids).  Two demo-specific steps follow, identical for every method:
+per-position chunk ids, every token of a story in the loss).  One demo-specific step follows,
+identical for every method: **vocabulary reduction** (:mod:`nemo_xtoken.demo.vocab_subset`):
+models keep only the token ids the corpora use (plus, for a teacher, every id a kept student row
+of W points to), so a tiny CPU model does not spend its time on a 128k-row output layer; W is the
+real W restricted to those rows, no row loses mass.
 
-- **vocabulary reduction** (:mod:`nemo_xtoken.demo.vocab_subset`): models keep only the token ids
-  the corpus uses (plus, for a teacher, every id a kept student row of W points to), so a tiny
-  CPU model does not spend its time on a 128k-row output layer; W is the real W restricted to
-  those rows, no row loses mass;
-- **answer-only loss**: CE and KD see only the positions that predict the answer and its final
-  ``"."`` (the chunks from the answer numeral on).  The question's prices are random, so their
-  tokens carry nothing to learn, and they would bury the answer's signal.
+One story is one sample (``seq_length`` is chosen so that none is cut), so the student side of
+every teacher's dataset is the same sequence of samples: a student with two teachers reads one
+batch and hands each teacher its own ids and alignment.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_xtoken.demo.corpus import PRICE_END, Problem, price_problems
+from nemo_xtoken.demo.corpus import Story
 from nemo_xtoken.demo.vocab_subset import VocabSubset, reduce_projection
+from nemo_xtoken.errors import XTokenError
 
-__all__ = ["DemoData", "SideData", "build_demo_data", "numeral_ids", "pad_to"]
+__all__ = ["DemoData", "SideData", "Samples", "EvalPrompts", "build_demo_data", "token_category", "pad_to", "CATEGORIES"]
+
+#: next-token categories of the evaluation (by the text of the target token)
+CATEGORIES = ("numeral", "word", "other")
 
 
 def pad_to(n: int, multiple: int = 128) -> int:
@@ -34,19 +38,21 @@ def pad_to(n: int, multiple: int = 128) -> int:
     return -(-n // multiple) * multiple
 
 
-def numeral_ids(texts: list[str]) -> np.ndarray:
-    """Ids whose text is a 1- to 3-digit numeral (optionally after one leading space)."""
-    return np.asarray([i for i, t in enumerate(texts) if t.strip(" ").isdigit() and 1 <= len(t.strip(" ")) <= 3], dtype=np.int64)
+def token_category(text: str) -> str:
+    """``numeral`` (digits, optionally after spaces), ``word`` (letters, optionally after one space) or ``other``."""
+    t = text.lstrip(" ")
+    if t.isdigit():
+        return "numeral"
+    if t.isalpha() and t.isascii() and len(text) - len(t) <= 1:
+        return "word"
+    return "other"
 
 
-class _ReducedDocs:
+class _Docs:
     """A ``DocumentSource`` over aligned documents with ids mapped into the reduced vocabularies."""
 
-    def __init__(self, batch: list, ssub: VocabSubset, tsub: VocabSubset, idx: list[int]) -> None:
-        self.docs = []
-        for d in idx:
-            s, t, a = batch[d]
-            self.docs.append((ssub.to_new(s), tsub.to_new(t), a))
+    def __init__(self, docs: list[tuple[np.ndarray, np.ndarray, Any]]) -> None:
+        self.docs = docs
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -55,32 +61,40 @@ class _ReducedDocs:
         return self.docs[i]
 
 
-class Materialized:
-    """All samples of a dataset stacked once into tensors (``[N, S]`` per field); ``batch(i, n)`` slices.
+class Samples:
+    """All samples of one corpus for one teacher, stacked once into ``[N, S]`` tensors.
 
-    Batches are trimmed to their longest sample on each side (trailing padding carries no loss), so a
-    step costs what its problems need.  Sample ``i`` of the stream is the dataset's sample ``i``
-    (deterministic order, epochs reshuffled as :class:`DualTokenizedDataset` does).
+    ``rows(idx)`` returns the samples ``idx`` trimmed to their longest member on each side (padding
+    carries no loss, so a step costs what its stories need) with ``teacher_loss_mask`` (the
+    teacher's own next-token positions) added.  ``order(seed)`` is the sample stream of
+    :class:`~nemo_xtoken.integration.data.DualTokenizedDataset` with that seed: equal for every
+    teacher of the same corpus, so the students of one seed read the same stories in the same order.
     """
 
     _STUDENT = ("tokens", "labels", "loss_mask", "position_ids", "student_chunk_ids", "student_targets")
     _TEACHER = ("teacher_tokens", "teacher_position_ids", "teacher_chunk_ids", "teacher_targets", "teacher_loss_mask")
 
-    def __init__(self, ds: "AnswerOnly") -> None:
-        from nemo_xtoken.integration.data import collate
+    def __init__(self, docs: list[tuple[np.ndarray, np.ndarray, Any]], seq_length: int, teacher_seq_length: int) -> None:
+        from nemo_xtoken.integration.data import DualTokenizedDataset, collate
 
-        self.ds = ds
-        n = len(ds)
-        rows = [ds.sample_of_piece(j) for j in range(n)]
+        self._docs = _Docs(docs)
+        self.seq_length, self.teacher_seq_length = seq_length, teacher_seq_length
+        ds = DualTokenizedDataset(self._docs, seq_length=seq_length, teacher_seq_length=teacher_seq_length, shuffle=False)
+        if ds.num_pieces != len(docs):
+            raise XTokenError(f"a story does not fit seq_length {seq_length} / teacher_seq_length {teacher_seq_length}: raise them")
+        rows = [ds[j] for j in range(len(docs))]
         self.fields = collate(rows)
-        self.s_len = torch.tensor([int(r["n_student"]) for r in rows])
-        self.t_len = torch.tensor([int(r["n_teacher"]) for r in rows])
+        self.s_len = torch.tensor([min(len(d[0]), seq_length) for d in docs])
+        self.t_len = torch.tensor([min(len(d[1]), teacher_seq_length) for d in docs])
+        T = self.fields["teacher_tokens"].shape[1]
+        self.fields["teacher_loss_mask"] = (torch.arange(T)[None] < (self.t_len - 1)[:, None]).float()
+        self._orders: dict[int, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return int(self.s_len.shape[0])
 
     def rows(self, idx) -> dict[str, torch.Tensor]:
-        """The samples at piece indices ``idx``, trimmed to the longest on each side."""
+        """The samples at ``idx``, trimmed to the longest on each side."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         S = int(self.s_len[idx].max())
         T = int(self.t_len[idx].max())
@@ -94,61 +108,93 @@ class Materialized:
                 out[k] = v[idx]
         return out
 
-    def batch(self, start: int, n: int) -> dict[str, torch.Tensor]:
-        """Stream samples ``start … start+n-1`` (the dataset's order) as one trimmed batch."""
-        return self.rows([self.ds.ds.piece_index(i) for i in range(start, start + n)])
+    def order(self, seed: int):
+        """The dataset whose ``piece_index(i)`` is sample ``i`` of the stream for ``seed``."""
+        from nemo_xtoken.integration.data import DualTokenizedDataset
+
+        ds = self._orders.get(seed)
+        if ds is None:
+            ds = DualTokenizedDataset(self._docs, seq_length=self.seq_length, teacher_seq_length=self.teacher_seq_length, seed=seed, shuffle=True)
+            self._orders[seed] = ds
+        return ds
+
+    def batch(self, start: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """Stream samples ``start … start+n-1`` of the order for ``seed`` as one trimmed batch."""
+        ds = self.order(seed)
+        return self.rows([ds.piece_index(i) for i in range(start, start + n)])
 
 
-class AnswerOnly:
-    """A :class:`DualTokenizedDataset` view whose loss positions are the answer's only.
+class TeacherSamples:
+    """A teacher's own tokenization of the teachers' corpus (no student side, no alignment: it trains on CE).
 
-    Chunk ids below the document's first answer chunk become ``-1`` on both sides (no KD there) and
-    the student's ``loss_mask`` follows; ``teacher_loss_mask`` marks the teacher's answer positions
-    (for training a teacher on its own tokens).  ``doc`` is added to each sample.
+    Same batch interface as :class:`Samples` for the teacher fields; the order of a seed is one
+    permutation per epoch drawn from ``numpy.random.default_rng((seed, epoch))``, as
+    :class:`~nemo_xtoken.integration.data.DualTokenizedDataset` draws it.
     """
 
-    def __init__(self, ds: Any, answer_chunk: np.ndarray) -> None:
-        self.ds = ds
-        self.answer_chunk = answer_chunk
+    def __init__(self, ids: list[np.ndarray], teacher_seq_length: int) -> None:
+        n = len(ids)
+        too_long = [i for i, x in enumerate(ids) if len(x) > teacher_seq_length + 1]
+        if too_long:
+            raise XTokenError(f"teacher story {too_long[0]} has {len(ids[too_long[0]])} tokens, more than teacher_seq_length + 1: raise it")
+        T = teacher_seq_length
+        tok = torch.zeros(n, T, dtype=torch.long)
+        tgt = torch.zeros(n, T, dtype=torch.long)
+        for i, x in enumerate(ids):
+            x = torch.as_tensor(x, dtype=torch.long)
+            m = min(len(x), T)
+            tok[i, :m] = x[:m]
+            tgt[i, : len(x) - 1] = x[1:]
+        self.t_len = torch.tensor([min(len(x), T) for x in ids])
+        self.fields = {
+            "teacher_tokens": tok,
+            "teacher_targets": tgt,
+            "teacher_loss_mask": (torch.arange(T)[None] < (torch.tensor([len(x) for x in ids]) - 1)[:, None]).float(),
+            "teacher_position_ids": torch.arange(T).expand(n, T).contiguous(),
+        }
+        self._perm: tuple[int, int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return int(self.t_len.shape[0])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.sample_of_piece(self.ds.piece_index(i))
+    def rows(self, idx) -> dict[str, torch.Tensor]:
+        """The samples at ``idx``, trimmed to the longest."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        T = int(self.t_len[idx].max())
+        return {k: v[idx, :T] for k, v in self.fields.items()}
 
-    def sample_of_piece(self, j: int) -> dict[str, torch.Tensor]:
-        """Piece ``j`` (= document ``j``: one problem is one piece) with the answer-only masks."""
-        p = self.ds.pieces[j]
-        s_ids, t_ids, al = self.ds.documents[p.doc]
-        x = dict(self.ds._make_sample(s_ids, t_ids, al, p))
-        doc = p.doc
-        x["n_student"] = torch.tensor(min(len(s_ids), self.ds.seq_length))
-        x["n_teacher"] = torch.tensor(min(len(t_ids), self.ds.teacher_seq_length))
-        a = int(self.answer_chunk[doc])
-        sc, tc = x["student_chunk_ids"], x["teacher_chunk_ids"]
-        x["student_chunk_ids"] = torch.where(sc >= a, sc, torch.full_like(sc, -1))
-        x["teacher_chunk_ids"] = torch.where(tc >= a, tc, torch.full_like(tc, -1))
-        x["loss_mask"] = (x["student_chunk_ids"] >= 0).float() * x["loss_mask"]
-        x["teacher_loss_mask"] = (x["teacher_chunk_ids"] >= 0).float()
-        x["doc"] = torch.tensor(doc)
-        return x
+    def _index(self, i: int, seed: int) -> int:
+        epoch, j = divmod(int(i), len(self))
+        if self._perm is None or self._perm[:2] != (seed, epoch):
+            self._perm = (seed, epoch, np.random.default_rng((seed, epoch)).permutation(len(self)))
+        return int(self._perm[2][j])
+
+    def batch(self, start: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """Stream samples ``start … start+n-1`` of the order for ``seed`` as one trimmed batch."""
+        return self.rows([self._index(i, seed) for i in range(start, start + n)])
+
+
+@dataclass
+class EvalPrompts:
+    """Greedy-decoding prompts of one tokenization: the ids before each held-out answer."""
+
+    ids: list[np.ndarray]  # reduced ids of the text before the answer (ends with the space token)
+    answers: list[str]  # the answer's digits
+    kinds: list[str]  # Answer.kind
 
 
 @dataclass
 class SideData:
-    """One teacher's view of the corpus: the reduced W, both datasets, decoding aids."""
+    """One teacher's view of the corpora: the reduced W, the samples, decoding aids."""
 
     name: str
-    projection: Any  # reduced W [student_subset, teacher_subset]
+    projection: Any  # reduced W [student_subset, teacher_subset]; None for the student's own tokenizer
     subset: VocabSubset
-    train: AnswerOnly
-    eval: AnswerOnly
-    train_m: Materialized
-    eval_m: Materialized
+    teacher_train: TeacherSamples  # the teachers' corpus in this teacher's tokenization
+    student_train: Samples  # the students' corpus
+    eval: Samples  # held-out stories
     token_texts: list[str]  # reduced id → text
-    numerals: np.ndarray  # reduced ids of numeral tokens
-    eval_prompts: list[np.ndarray]  # reduced ids of the prompt up to the answer (incl. the space)
+    prompts: EvalPrompts  # this tokenizer's prompts (the teacher's own evaluation)
 
     @property
     def vocab_size(self) -> int:
@@ -159,12 +205,12 @@ class SideData:
 class DemoData:
     """Everything the workers need; see the module docstring."""
 
-    train_problems: list[Problem]
-    eval_problems: list[Problem]
+    teacher_stories: list[Story]
+    student_stories: list[Story]
+    eval_stories: list[Story]
     student_subset: VocabSubset
     student_texts: list[str]
-    student_numerals: np.ndarray
-    student_eval_prompts: list[np.ndarray]
+    student_prompts: EvalPrompts
     seq_length: int
     teacher_seq_length: int
     sides: dict[str, SideData] = field(default_factory=dict)
@@ -173,16 +219,41 @@ class DemoData:
     def student_vocab_size(self) -> int:
         return self.student_subset.size
 
+    def common_set_coverage(self) -> dict[str, dict[str, float]]:
+        """Per teacher with a W: the fraction of the students' training tokens (and of its numeral tokens)
+        whose W row is an exact match — GOLD's common set; the rest is where GOLD and H-KL differ."""
+        from nemo_xtoken.vocab.projection import ROW_EXACT
+
+        out: dict[str, dict[str, float]] = {}
+        for name, side in self.sides.items():
+            if side.projection is None:
+                continue
+            f = side.student_train.fields
+            ids = f["tokens"][f["loss_mask"] > 0]  # every trained token (inputs; the same multiset as the labels but the first)
+            exact = torch.from_numpy(side.projection.row_kind == ROW_EXACT)[ids]
+            num = torch.tensor([token_category(self.student_texts[int(i)]) == "numeral" for i in ids])
+            out[name] = {
+                "exact_token_fraction": float(exact.float().mean()),
+                "exact_numeral_fraction": float(exact[num].float().mean()) if bool(num.any()) else float("nan"),
+            }
+        return out
+
     def summary(self) -> dict[str, Any]:
+        """Sizes of everything, for the JSON report."""
+        s = next(iter(self.sides.values()))
         return {
-            "train_problems": len(self.train_problems),
-            "eval_problems": len(self.eval_problems),
+            "teacher_stories": len(self.teacher_stories),
+            "student_stories": len(self.student_stories),
+            "eval_stories": len(self.eval_stories),
+            "eval_answers": len(self.student_prompts.answers),
+            "student_tokens": int(s.student_train.s_len.sum()),
+            "student_loss_tokens": int(s.student_train.fields["loss_mask"].sum()),
             "student_vocab": self.student_vocab_size,
-            "student_numeral_tokens": int(len(self.student_numerals)),
             "seq_length": self.seq_length,
             "teacher_seq_length": self.teacher_seq_length,
             **{f"{k}_vocab": v.vocab_size for k, v in self.sides.items()},
-            **{f"{k}_numeral_tokens": int(len(v.numerals)) for k, v in self.sides.items()},
+            **{f"{k}_teacher_tokens": int(v.teacher_train.t_len.sum()) for k, v in self.sides.items()},
+            "common_set": self.common_set_coverage(),
         }
 
 
@@ -191,95 +262,78 @@ def _token_texts(tok: Any, subset: VocabSubset) -> list[str]:
     return [t.decode([int(i)], skip_special_tokens=False) for i in subset.kept]
 
 
-def _prompt_lengths(tok: Any, problems: list[Problem], full_ids: list[np.ndarray]) -> list[int]:
-    """Tokens of ``prompt + " "`` — checked to be a prefix of the full text's tokens."""
-    encs = tok.tokenizer.encode_batch([p.prompt + " " for p in problems], add_special_tokens=False)
-    out = []
-    for p, e, ids in zip(problems, encs, full_ids):
+def _prompts(tok: Any, stories: list[Story], full_ids: list[np.ndarray], sub: VocabSubset) -> EvalPrompts:
+    """Each answer's prompt ids — checked to be a prefix of the story's own tokenization."""
+    items = [(s, a) for s in stories for a in s.answers]
+    docs = [d for d, s in enumerate(stories) for _ in s.answers]
+    encs = tok.tokenizer.encode_batch([s.prompt(a) for s, a in items], add_special_tokens=False)
+    ids = []
+    for (s, a), e, d in zip(items, encs, docs):
         n = len(e.ids)
-        if list(ids[:n]) != list(e.ids):
-            raise ValueError(f"the prompt of {p.text!r} does not tokenize as a prefix of the full text: adjust the template")
-        out.append(n)
-    return out
+        if list(full_ids[d][:n]) != list(e.ids):
+            raise XTokenError(f"the text before the answer of {s.text!r} does not tokenize as a prefix of the story: change the template")
+        ids.append(sub.to_new(e.ids))
+    return EvalPrompts(ids, [s.value(a) for s, a in items], [a.kind for _, a in items])
 
 
 def build_demo_data(
     student_tok: Any,
     teachers: dict[str, tuple[Any, Any]],
+    teacher_stories: list[Story],
+    student_stories: list[Story],
+    eval_stories: list[Story],
     *,
-    n_train: int,
-    n_eval: int,
-    seed: int = 0,
-    seq_length: int = 32,
-    teacher_seq_length: int = 40,
-    min_items: int = 2,
-    max_items: int = 3,
+    seq_length: int,
+    teacher_seq_length: int,
 ) -> DemoData:
-    """Problems, alignments and datasets for every teacher (``{name: (tokenizer, full W)}``)."""
-    from nemo_xtoken.align import align_batch
-    from nemo_xtoken.integration.data import DualTokenizedDataset
+    """Alignments and samples of the three corpora for every teacher (``{name: (tokenizer, full W or None)}``).
 
-    kw = dict(min_items=min_items, max_items=max_items)
-    train = price_problems(n_train, seed=seed + 1, **kw)
-    seen = {p.text for p in train}
-    eval_: list[Problem] = []
-    for p in price_problems(20 * n_eval + 100, seed=seed + 2, **kw):  # held out: unseen, no repeats
-        if p.text not in seen and len(eval_) < n_eval:
-            eval_.append(p)
-            seen.add(p.text)
-    problems = train + eval_
-    texts = [p.text + PRICE_END for p in problems]
-    n_tr = len(train)
-    batches = {}
-    for name, (tok, _) in teachers.items():
+    A teacher with the student's tokenizer (``W`` None) keeps exactly the student's reduced
+    vocabulary, so its logits and the student's share one id space (plain KL).
+    """
+    from nemo_xtoken.align import align_batch
+
+    texts = [s.text for s in student_stories + eval_stories]
+    n_st = len(student_stories)
+    t_texts = [s.text for s in teacher_stories]
+    batches, own = {}, {}
+    for name, (tok, W) in teachers.items():
+        if W is None and tok.fingerprint != student_tok.fingerprint:
+            raise XTokenError(f"teacher {name}: no W given, but its tokenizer is not the student's: build W for it")
         ab = align_batch(texts, student_tok, tok)
         batches[name] = [ab[d] for d in range(len(texts))]  # (student ids, teacher ids, Alignment)
+        # the teachers' corpus: this teacher's tokenization only (it trains on CE), template as align_batch
+        own[name] = [np.asarray(e.ids, dtype=np.int64) for e in tok.tokenizer.encode_batch(t_texts, add_special_tokens=True)]
     first = next(iter(batches.values()))
     s_ids = [first[d][0] for d in range(len(texts))]
-    ssub = VocabSubset.from_ids(*s_ids)
-    s_plen = _prompt_lengths(student_tok, problems, s_ids)
-    s_texts = _token_texts(student_tok, ssub)
+    # a same-tokenizer teacher shares the student's id space, so it includes that teacher's corpus
+    ssub = VocabSubset.from_ids(*s_ids, *[x for n, (_, W) in teachers.items() if W is None for x in own[n]])
     data = DemoData(
-        train_problems=train,
-        eval_problems=eval_,
+        teacher_stories=teacher_stories,
+        student_stories=student_stories,
+        eval_stories=eval_stories,
         student_subset=ssub,
-        student_texts=s_texts,
-        student_numerals=numeral_ids(s_texts),
-        student_eval_prompts=[ssub.to_new(s_ids[n_tr + k][: s_plen[n_tr + k]]) for k in range(len(eval_))],
+        student_texts=_token_texts(student_tok, ssub),
+        student_prompts=_prompts(student_tok, eval_stories, s_ids[n_st:], ssub),
         seq_length=seq_length,
         teacher_seq_length=teacher_seq_length,
     )
     for name, (tok, W) in teachers.items():
         b = batches[name]
         t_ids = [b[d][1] for d in range(len(texts))]
-        red, tsub = reduce_projection(W, ssub, np.concatenate(t_ids))
-        t_plen = _prompt_lengths(tok, problems, t_ids)
-        # the answer chunk: the chunk of the student's first answer token
-        ans = np.asarray([int(b[d][2].student_chunk_ids[s_plen[d]]) for d in range(len(texts))], dtype=np.int64)
-        for d in range(len(texts)):  # both sides start the answer at the same chunk
-            if int(b[d][2].teacher_chunk_ids[t_plen[d]]) != ans[d]:
-                raise ValueError(f"{texts[d]!r}: the answer does not start a chunk on both sides")
-        t_texts = _token_texts(tok, tsub)
-
-        def make(idx: list[int], shuffle: bool) -> AnswerOnly:
-            ds = DualTokenizedDataset(
-                _ReducedDocs(b, ssub, tsub, idx), seq_length=seq_length, teacher_seq_length=teacher_seq_length, seed=seed, shuffle=shuffle
-            )
-            if ds.num_pieces != len(idx):
-                raise ValueError("a problem does not fit seq_length: raise seq_length / teacher_seq_length")
-            return AnswerOnly(ds, ans[idx])
-
-        tr, ev = make(list(range(n_tr)), True), make(list(range(n_tr, len(texts))), False)
+        if W is None:
+            red, tsub = None, ssub
+        else:
+            red, tsub = reduce_projection(W, ssub, np.concatenate(t_ids + own[name]))
+        docs = [(ssub.to_new(b[d][0]), tsub.to_new(b[d][1]), b[d][2]) for d in range(len(texts))]
         data.sides[name] = SideData(
             name=name,
             projection=red,
             subset=tsub,
-            train=tr,
-            eval=ev,
-            train_m=Materialized(tr),
-            eval_m=Materialized(ev),
-            token_texts=t_texts,
-            numerals=numeral_ids(t_texts),
-            eval_prompts=[tsub.to_new(t_ids[n_tr + k][: t_plen[n_tr + k]]) for k in range(len(eval_))],
+            teacher_train=TeacherSamples([tsub.to_new(x) for x in own[name]], teacher_seq_length),
+            student_train=Samples(docs[:n_st], seq_length, teacher_seq_length),
+            eval=Samples(docs[n_st:], seq_length, teacher_seq_length),
+            token_texts=_token_texts(tok, tsub),
+            prompts=_prompts(tok, eval_stories, t_ids[n_st:], tsub),
         )
     return data

@@ -1,8 +1,10 @@
-"""The demo's driver: data, cached teachers, six students, in two parallel worker processes.
+"""The demo's driver: corpora, cached teachers, the students of every method and seed, in parallel workers.
 
-Teachers are trained once and cached under ``$XTOKEN_CACHE/demo/teacher-<hash>.safetensors``; the
-hash covers everything that determines the weights (corpus, sizes, steps, learning rate, seed,
-tokenizer fingerprints, code version), so a changed setting retrains and an unchanged one reuses.
+Teachers are trained once and cached under ``$XTOKEN_CACHE/demo/teacher-<name>-<hash>.safetensors``;
+the hash covers everything that determines the weights (corpus, sizes, steps, learning rate, seed,
+tokenizer fingerprints, code version), so a changed setting retrains and an unchanged one reuses —
+also across ``--seeds`` (the seeds vary the students' initialization and data order, not the
+teachers).
 """
 
 from __future__ import annotations
@@ -16,56 +18,90 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_xtoken.demo.train import Job, ModelSize
+from nemo_xtoken.demo.train import Job, ModelSize, TeacherUse
 
-__all__ = ["DemoConfig", "METHODS", "run_demo", "FAST", "FULL"]
+__all__ = ["DemoConfig", "Method", "METHODS", "TEACHERS", "run_demo", "FAST", "FULL"]
 
-# (label, teacher, loss); loss None = CE only (the student never sees a teacher)
-METHODS: list[tuple[str, str, str | None]] = [
-    ("CE only", "qwen3", None),
-    ("ULD ← Qwen3", "qwen3", "uld"),
-    ("GOLD ← Qwen3", "qwen3", "gold"),
-    ("P-KL ← Qwen3", "qwen3", "p_kl"),
-    ("GOLD ← o200k", "o200k", "gold"),
-    ("H-KL ← o200k", "o200k", "h_kl"),
+
+@dataclass(frozen=True)
+class Method:
+    """A student: its key (``--methods``), label, teachers (none = CE only), whether W is learned with it."""
+
+    key: str
+    label: str
+    teachers: tuple[TeacherUse, ...] = ()
+    learnable_w: bool = False
+
+
+METHODS: list[Method] = [
+    Method("ce", "CE only"),
+    Method("kd_llama3", "KD ← Llama-3 (same tokenizer)", (TeacherUse("llama3", "kl"),)),
+    Method("uld_qwen3", "ULD ← Qwen3", (TeacherUse("qwen3", "uld"),)),
+    Method("gold_qwen3", "GOLD ← Qwen3", (TeacherUse("qwen3", "gold"),)),
+    Method("pkl_qwen3", "P-KL ← Qwen3", (TeacherUse("qwen3", "p_kl"),)),
+    Method("pkl_learned_w_qwen3", "P-KL ← Qwen3, learnable W", (TeacherUse("qwen3", "p_kl"),), learnable_w=True),
+    Method("gold_o200k", "GOLD ← o200k", (TeacherUse("o200k", "gold"),)),
+    Method("hkl_o200k", "H-KL ← o200k", (TeacherUse("o200k", "h_kl"),)),
+    Method("two_teachers", "H-KL ← o200k 0.8 + KL ← Llama-3 0.2", (TeacherUse("o200k", "h_kl", 0.8), TeacherUse("llama3", "kl", 0.2))),
 ]
-TEACHERS = ("qwen3", "o200k")
-CODE_VERSION = 1  # bump when training code changes what a cached teacher would be
+#: teacher name → tokenizer (``nemo_xtoken.assets`` name); llama3 is the student's own tokenizer (no W)
+TEACHERS = ("qwen3", "o200k", "llama3")
+CODE_VERSION = 2  # bump when training code changes what a cached teacher would be
 
 
 @dataclass
 class DemoConfig:
     """Every setting of a demo run (see ``xtoken demo --help``)."""
 
-    n_train: int = 4000
-    n_eval: int = 500
-    min_items: int = 1
-    max_items: int = 1
-    teacher_steps: int = 400
-    student_steps: int = 300
-    batch: int = 32
+    n_teacher_stories: int = 5000
+    n_student_stories: int = 500
+    n_eval_stories: int = 300
+    corpus_seed: int = 0
+    seq_length: int = 48
+    teacher_seq_length: int = 56
+    teacher_steps: int = 800
+    student_steps: int = 800
+    batch: int = 16
     teacher_lr: float = 3e-3
     student_lr: float = 3e-3
+    w_lr: float = 3e-3
     size: ModelSize = field(default_factory=ModelSize)
-    teacher_size: ModelSize = field(default_factory=ModelSize)
-    seed: int = 1234
-    eval_every: int = 25
-    n_eval_curve: int = 200
+    teacher_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=128, layers=2, heads=4, ffn=512))
+    seeds: tuple[int, ...] = (1,)
+    teacher_seed: int = 1000
+    eval_every: int = 100
+    n_eval_curve: int = 100
     workers: int = 2
     tp: int = 1
+    methods: tuple[str, ...] = ()  # method keys to run (empty: all)
 
     def teacher_key(self, teacher: str, fingerprints: dict[str, str]) -> str:
         """Content hash of everything that determines a teacher's weights."""
         d = {
-            "teacher": teacher, "n_train": self.n_train, "items": [self.min_items, self.max_items], "steps": self.teacher_steps,
-            "batch": self.batch, "lr": self.teacher_lr, "size": asdict(self.teacher_size), "seed": self.seed, "tp": self.tp,
+            "teacher": teacher, "corpus": [self.n_teacher_stories, self.n_student_stories, self.n_eval_stories, self.corpus_seed],
+            "seq": [self.seq_length, self.teacher_seq_length], "steps": self.teacher_steps, "batch": self.batch,
+            "lr": self.teacher_lr, "size": asdict(self.teacher_size), "seed": self.teacher_seed, "tp": self.tp,
             "fp": fingerprints, "v": CODE_VERSION,
         }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def selected(self) -> list[Method]:
+        """The methods this run trains."""
+        if not self.methods:
+            return list(METHODS)
+        known = {m.key: m for m in METHODS}
+        bad = [x for x in self.methods if x not in known]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {', '.join(known)}")
+        return [m for m in METHODS if m.key in self.methods]
+
 
 FULL = DemoConfig()
-FAST = DemoConfig(n_train=1500, n_eval=100, teacher_steps=150, student_steps=12, eval_every=6, n_eval_curve=50)
+FAST = DemoConfig(
+    n_teacher_stories=400, n_student_stories=150, n_eval_stories=40, teacher_steps=40, student_steps=8, batch=8,
+    teacher_size=ModelSize(hidden=32, layers=1, heads=2, ffn=64), size=ModelSize(hidden=32, layers=1, heads=2, ffn=64),
+    eval_every=4, n_eval_curve=30,
+)
 
 
 def _init_worker(queue: Any) -> None:
@@ -74,22 +110,53 @@ def _init_worker(queue: Any) -> None:
     train._SHARED["queue"] = queue
 
 
-def _run_in_pool(jobs: list[Job], workers: int, queue: Any) -> list[dict[str, Any]]:
-    """Run jobs on ``workers`` forked processes (a fresh process per job), results in job order."""
+def _run_scheduled(jobs: list[Job], needs: list[set[str]], provides: list[str | None], done: set[str], workers: int, queue: Any,
+                   on_result: Any) -> list[dict[str, Any]]:
+    """Run jobs on ``workers`` forked processes (a fresh process per job) as soon as their teachers exist.
+
+    ``needs[i]``: the teachers job ``i`` reads; ``provides[i]``: the teacher job ``i`` trains (or
+    None); ``done``: teachers already available.  Among the jobs that can start, earlier ones go
+    first (teachers, then students longest first), so no worker idles while a teacher still trains.
+    ``on_result(i, result)`` runs in this process when job ``i`` ends (a teacher is saved there
+    before any student can start on it).  Results in job order; each job's figures do not depend
+    on the schedule (own process, own seeds).
+    """
+    import queue as qmod
+
     from nemo_xtoken.demo.train import run_job
 
-    if jobs and jobs[0].tp > 1:  # each job spawns its own tp gloo ranks (pool workers cannot fork)
-        return [run_job(j) for j in jobs]
-    if workers <= 1 or len(jobs) == 1:
-        ctx = mp.get_context("fork")
-        out = []
-        for j in jobs:  # still a fresh process per job: clean gloo/Megatron state
-            with ctx.Pool(1, initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
-                out.append(pool.apply(run_job, (j,)))
-        return out
     ctx = mp.get_context("fork")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
-        return pool.map(run_job, jobs, chunksize=1)
+    if any(j.tp > 1 for j in jobs):  # a tp > 1 job spawns its own gloo ranks (pool workers cannot fork): one job at a time
+        out = []
+        for i, j in enumerate(jobs):  # teachers come first in ``jobs``
+            if j.tp > 1:
+                out.append(run_job(j))
+            else:  # still a fresh process (the parent keeps no gloo/Megatron state)
+                with ctx.Pool(1, initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
+                    out.append(pool.apply(run_job, (j,)))
+            on_result(i, out[-1])
+        return out
+    finished: qmod.Queue = qmod.Queue()
+    results: dict[int, dict[str, Any]] = {}
+    have, started = set(done), set()
+    with ctx.Pool(max(1, min(workers, len(jobs))), initializer=_init_worker, initargs=(queue,), maxtasksperchild=1) as pool:
+        while len(results) < len(jobs):
+            for i, j in enumerate(jobs):
+                if i not in started and needs[i] <= have:
+                    started.add(i)
+                    pool.apply_async(run_job, (j,), callback=lambda r, i=i: finished.put((i, r, None)),
+                                     error_callback=lambda e, i=i: finished.put((i, None, e)))
+            if len(started) == len(results):
+                missing = sorted({t for i in range(len(jobs)) if i not in started for t in needs[i]} - have)
+                raise RuntimeError(f"no job can start: teachers {missing} are neither cached nor trained in this run")
+            i, r, err = finished.get()
+            if err is not None:
+                raise RuntimeError(f"demo job {jobs[i].name!r} failed: {err}") from err
+            on_result(i, r)
+            results[i] = r
+            if provides[i] is not None:
+                have.add(provides[i])
+    return [results[i] for i in range(len(jobs))]
 
 
 class _Progress:
@@ -99,7 +166,8 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.queue = queue
-        self.bars = {j.name: tqdm(total=j.steps, desc=f"{j.name:<16}", position=i, leave=True, disable=disable, unit="step") for i, j in enumerate(jobs)}
+        w = max(len(j.name) for j in jobs)
+        self.bars = {j.name: tqdm(total=j.steps, desc=f"{j.name:<{w}}", position=i, leave=True, disable=disable, unit="step") for i, j in enumerate(jobs)}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -134,86 +202,109 @@ def _preimport() -> None:
 
     import modelopt.torch.distill.plugins.megatron  # noqa: F401
     import nemo_xtoken.integration.distill  # noqa: F401  (imports ModelOpt's distill)
+    import nemo_xtoken.megatron_cpu  # noqa: F401
     import nemo_xtoken.parallel  # noqa: F401
-    import nemo_xtoken.testing.cpu_megatron  # noqa: F401
+
+
+def student_name(label: str, seed: int, n_seeds: int) -> str:
+    """A job's display name (the seed appears when there are several)."""
+    return label if n_seeds == 1 else f"{label} [seed {seed}]"
 
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Build the data, train (or load) both teachers, train the six students; return every figure."""
+    """Build the corpora, train (or load) the teachers, train every method's student for every seed; return every figure."""
     from nemo_xtoken.assets import cache_dir, tokenizer_path
     from nemo_xtoken.demo import train
+    from nemo_xtoken.demo.corpus import story_splits
     from nemo_xtoken.demo.data import build_demo_data
     from nemo_xtoken.vocab import cached_projection, load_tokenizer
 
     t_start = time.perf_counter()
+    methods = cfg.selected()
     _preimport()
     log(f"imports: {time.perf_counter() - t_start:.1f} s")
     student = load_tokenizer(tokenizer_path("llama3"))
     toks = {n: load_tokenizer(tokenizer_path(n)) for n in TEACHERS}
-    teachers = {n: (toks[n], cached_projection(student, toks[n])) for n in TEACHERS}
-    data = build_demo_data(student, teachers, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed % 1000,
-                           min_items=cfg.min_items, max_items=cfg.max_items)
+    teachers = {n: (toks[n], None if n == "llama3" else cached_projection(student, toks[n])) for n in TEACHERS}
+    t_corpus, s_corpus, e_corpus = story_splits(cfg.n_teacher_stories, cfg.n_student_stories, cfg.n_eval_stories, seed=cfg.corpus_seed)
+    data = build_demo_data(student, teachers, t_corpus, s_corpus, e_corpus, seq_length=cfg.seq_length, teacher_seq_length=cfg.teacher_seq_length)
     t_data = time.perf_counter() - t_start
-    log(f"data: {len(data.train_problems)} training / {len(data.eval_problems)} held-out problems, e.g. {data.eval_problems[0].text!r}")
-    log("vocabularies reduced to the corpus' tokens (same for every method): " + ", ".join(f"{k} {v}" for k, v in data.summary().items() if k.endswith("_vocab")))
+    summ = data.summary()
+    log(f"corpora: {len(t_corpus)} teacher / {len(s_corpus)} student / {len(e_corpus)} held-out stories "
+        f"({summ['eval_answers']} held-out answers), e.g. {e_corpus[0].text!r}")
+    log("vocabularies reduced to the corpora's tokens (same for every method): " + ", ".join(f"{k} {v}" for k, v in summ.items() if k.endswith("_vocab")))
     queue = mp.get_context("fork").Queue()
-
-    def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
-        """Train ``jobs`` in the worker pool with one progress bar each."""
-        bars = _Progress(jobs, queue, disable=not progress)
-        try:
-            return _run_in_pool(jobs, cfg.workers, queue)
-        finally:
-            bars.close()
 
     train.set_shared(data, queue)
 
-    # ---- teachers (cached by content hash)
+    # ---- teachers (cached by content hash) and students, in one schedule: a student starts once its teachers exist
+    needed = [n for n in TEACHERS if any(t.side == n for m in methods for t in m.teachers)]
     tdir = cache_dir() / "demo"
     tdir.mkdir(parents=True, exist_ok=True)
     fps = {"llama3": student.fingerprint, **{n: toks[n].fingerprint for n in TEACHERS}}
     paths = {n: tdir / f"teacher-{n}-{cfg.teacher_key(n, fps)}.safetensors" for n in TEACHERS}
     metas = {n: p.with_suffix(".json") for n, p in paths.items()}
-    todo = [n for n in TEACHERS if not (paths[n].is_file() and metas[n].is_file())]
+    todo = [n for n in needed if not (paths[n].is_file() and metas[n].is_file())]
     teacher_results: dict[str, Any] = {}
-    for n in TEACHERS:
+    for n in needed:
         if n not in todo:
             teacher_results[n] = {**json.loads(metas[n].read_text()), "cached": True}
             log(f"teacher {n}: cached ({paths[n].name}), held-out exact {teacher_results[n]['exact']:.1%}")
-    if todo:
-        jobs = [
-            Job(name=f"teacher {n}", kind="teacher", teacher=n, loss=None, steps=cfg.teacher_steps, batch=cfg.batch, lr=cfg.teacher_lr,
-                size=cfg.teacher_size, seed=cfg.seed + 1, eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve,
-                save_to=str(paths[n]) + ".tmp", tp=cfg.tp)
-            for n in todo
-        ]
-        log(f"training teacher(s) {', '.join(todo)} (once; cached afterwards)")
-        res = run_jobs(jobs)
-        log(f"teacher phase: {time.perf_counter() - t_start - t_data:.1f} s")
-        for n, r in zip(todo, res):
+    jobs: list[Job] = [
+        Job(name=f"teacher {n}", kind="teacher", side=n, steps=cfg.teacher_steps, batch=cfg.batch, lr=cfg.teacher_lr,
+            size=cfg.teacher_size, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, eval_every=cfg.eval_every,
+            n_eval_curve=cfg.n_eval_curve, save_to=str(paths[n]) + ".tmp", tp=cfg.tp)
+        for n in todo
+    ]
+    keys: list[tuple[int, str] | None] = [None] * len(jobs)
+    students_jobs = []
+    for seed in cfg.seeds:  # per seed: same initialization and data order for every method
+        for m in methods:
+            students_jobs.append(((seed, m.label), Job(
+                name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
+                steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
+                eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
+                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp,
+            )))
+    students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
+    for k, j in students_jobs:
+        jobs.append(j)
+        keys.append(k)
+    needs = [set() if j.kind == "teacher" else {t.side for t in j.teachers} for j in jobs]
+    provides = [j.side if j.kind == "teacher" else None for j in jobs]
+    t_phase = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def on_result(i: int, r: dict[str, Any]) -> None:
+        j = jobs[i]
+        if j.kind == "teacher":
+            n = j.side
             Path(str(paths[n]) + ".tmp").replace(paths[n])
             metas[n].write_text(json.dumps(r))
             teacher_results[n] = {**r, "cached": False}
-            log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s)")
-    t_teachers = time.perf_counter() - t_start - t_data
+            seconds[f"teacher {n} done"] = time.perf_counter() - t_start
+            log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s; cached for later runs)")
 
-    # ---- students: same init (seed), same data order, one method each
-    jobs = [
-        Job(name=label, kind="student", teacher=tname, loss=loss, steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr,
-            size=cfg.size, seed=cfg.seed, eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve,
-            teacher_weights=str(paths[tname]), teacher_size=cfg.teacher_size, tp=cfg.tp)
-        for label, tname, loss in METHODS
-    ]
-    log(f"training {len(jobs)} students (Llama-3 ids, same initialization, {cfg.workers} at a time)")
-    res = run_jobs(jobs)
-    students = {j.name: r for j, r in zip(jobs, res)}
+    log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
+        f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")
+    bars = _Progress(jobs, queue, disable=not progress)
+    try:
+        res = _run_scheduled(jobs, needs, provides, set(needed) - set(todo), cfg.workers, queue, on_result)
+    finally:
+        bars.close()
+    students: dict[str, dict[str, Any]] = {}
+    for k, r in zip(keys, res):
+        if k is not None:
+            students.setdefault(str(k[0]), {})[k[1]] = r
+    students = {str(seed): students[str(seed)] for seed in cfg.seeds}
+    teacher_results = {n: teacher_results[n] for n in needed}  # a fixed order, whatever the schedule
     total = time.perf_counter() - t_start
     return {
         "config": asdict(cfg),
-        "data": data.summary(),
-        "examples": [p.text for p in data.eval_problems[:3]],
+        "data": summ,
+        "examples": [s.text for s in e_corpus[:2]],
         "teachers": teacher_results,
         "students": students,
-        "methods": [{"label": l, "teacher": t, "loss": s} for l, t, s in METHODS],
-        "seconds": {"data": t_data, "teachers": t_teachers, "students": total - t_data - t_teachers, "total": total},
+        "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w} for m in methods],
+        "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": total, **seconds},
     }

@@ -1,14 +1,15 @@
 """Training jobs of the demo: tiny Megatron ``GPTModel``s on gloo, one job per process.
 
-A job is a teacher (plain CE on its own tokens) or a student (Llama-3 ids) trained with CE only or
-with CE + one cross-tokenizer KD loss.  A KD student is ModelOpt's ``DistillationModel``, built by
-:func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` (the teacher, frozen,
-runs on its own ids through ``teacher_inputs``) with :class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`
-as criterion (vocab-sharded, on ``nemo_xtoken.parallel``) and
-:class:`~nemo_xtoken.integration.distill.XTokenLossBalancer` (dynamic scaling) combining it with the
-student's answer-only CE in ``compute_kd_loss(student_loss=ce, alignments=[...])``.  The CE-only
-student is a plain ``GPTModel`` (no teacher).  Every student starts from the same weights and
-reads the same problems in the same order.  Jobs run in forked worker processes
+A job is a teacher (plain CE on every token of its own tokenization of the teachers' corpus) or a
+student (Llama-3 ids, every token of the students' corpus) trained with CE only or with CE + the
+KD loss of one or two teachers.  A KD student is ModelOpt's ``DistillationModel``, built by
+:func:`~nemo_xtoken.integration.distill.convert_to_xtoken_distillation_model` (the frozen teachers
+run on their own ids through ``teacher_inputs``) with
+:class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss` as criterion (vocab-sharded, on
+``nemo_xtoken.parallel``) and :class:`~nemo_xtoken.integration.distill.XTokenLossBalancer` (dynamic
+scaling) combining it with the student's CE in ``compute_kd_loss(student_loss=ce, alignments=[...])``.
+The CE-only student is a plain ``GPTModel`` (no teacher).  Every student of one seed starts from the
+same weights and reads the same stories in the same order.  Jobs run in forked worker processes
 (one thread each, one gloo group of ``tp`` ranks each) and report progress through a queue.
 """
 
@@ -22,37 +23,51 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ModelSize", "Job", "run_job", "set_shared"]
+__all__ = ["ModelSize", "TeacherUse", "Job", "run_job", "set_shared"]
 
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Sizes of a tiny Llama-style Megatron GPT (tied embeddings: copying a numeral is then easy)."""
+    """Sizes and initialization of a tiny Llama-style Megatron GPT (RMSNorm, SwiGLU, RoPE)."""
 
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 2
     heads: int = 4
-    ffn: int = 512
-    embed_std: float = 0.5  # see _build: large enough that Adam's drift of rare rows keeps them distinct
+    ffn: int = 256
+    embed_std: float = 0.02  # input embeddings (Megatron's default 0.02); see _build
+    tied: bool = True  # output layer = input embeddings
+
+
+@dataclass(frozen=True)
+class TeacherUse:
+    """One teacher of a student: which (a side of the demo data), its KD loss and its weight α."""
+
+    side: str
+    loss: str
+    weight: float = 1.0
 
 
 @dataclass
 class Job:
-    """One training run. ``teacher``: the teacher's name (for a teacher job: which one it is)."""
+    """One training run: a teacher (``side``) or a student (``teachers``: none = CE only)."""
 
     name: str
     kind: str  # "teacher" | "student"
-    teacher: str
-    loss: str | None  # student KD loss; None = CE only
-    steps: int
-    batch: int
-    lr: float
+    side: str = ""  # teacher job: which teacher
+    teachers: tuple[TeacherUse, ...] = ()
+    learnable_w: bool = False  # P-KL with W trained jointly (the paper's best P-KL run)
+    steps: int = 100
+    batch: int = 16
+    lr: float = 3e-3
+    w_lr: float = 3e-3
     size: ModelSize = field(default_factory=ModelSize)
-    seed: int = 1234
+    seed: int = 1  # initialization
+    data_seed: int = 1  # order of the training stories
     eval_every: int = 50
-    n_eval_curve: int = 200
-    teacher_weights: str | None = None  # safetensors file of the trained teacher (student jobs)
+    n_eval_curve: int = 100
+    teacher_weights: dict[str, str] = field(default_factory=dict)  # side → safetensors (students)
     teacher_size: ModelSize | None = None
+    teacher_seed: int = 1
     save_to: str | None = None  # where a teacher job writes its weights
     tp: int = 1
 
@@ -77,7 +92,7 @@ def _report(job: str, step: int, total: int, **info: Any) -> None:
 
 def _build(vocab: int, size: ModelSize, seq: int, seed: int):
     from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
+    from nemo_xtoken.megatron_cpu import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
 
     spec = TinyGPTSpec(
         vocab_size=pad_to(vocab),
@@ -86,21 +101,20 @@ def _build(vocab: int, size: ModelSize, seq: int, seed: int):
         hidden_size=size.hidden,
         num_attention_heads=size.heads,
         ffn_hidden_size=size.ffn,
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=size.tied,
     )
     model = build_tiny_gpt(spec, seed=seed, config=tiny_gpt_config(spec))
-    # Tied embeddings of rare tokens (each 3-digit numeral is the answer a few times) are moved by
-    # Adam at ~lr per step in the shared direction of the softmax's negative gradient; with
-    # Megatron's default std 0.02 they soon lose their identity and a model cannot copy them.
-    # A larger std keeps them apart.  Drawn in full and sliced, so any TP size gets the same weights.
-    from megatron.core import parallel_state as ps
+    if size.embed_std != 0.02:
+        # Input embeddings drawn with their own std (in full, then this rank's rows: any TP size gets the
+        # same weights).  Copying a numeral needs its embedding to stay distinct from the others.
+        from megatron.core import parallel_state as ps
 
-    w = model.embedding.word_embeddings.weight
-    g = torch.Generator().manual_seed(seed + 7)
-    full = torch.randn(spec.vocab_size, size.hidden, generator=g) * size.embed_std
-    r, n = ps.get_tensor_model_parallel_rank(), w.shape[0]
-    with torch.no_grad():
-        w.copy_(full[r * n : (r + 1) * n])
+        w = model.embedding.word_embeddings.weight
+        g = torch.Generator().manual_seed(seed + 7)
+        full = torch.randn(spec.vocab_size, size.hidden, generator=g) * size.embed_std
+        r, n = ps.get_tensor_model_parallel_rank(), w.shape[0]
+        with torch.no_grad():
+            w.copy_(full[r * n : (r + 1) * n])
     return model
 
 
@@ -110,7 +124,7 @@ def _mask(n: int) -> torch.Tensor:
 
 def _gather(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits (real ids only) from this rank's shard."""
-    from nemo_xtoken.testing.cpu_megatron import gather_vocab_parallel_logits
+    from nemo_xtoken.megatron_cpu import gather_vocab_parallel_logits
 
     return gather_vocab_parallel_logits(logits)[..., :vocab]
 
@@ -120,6 +134,7 @@ def _tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _lr_at(step: int, total: int, lr: float) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 %."""
     warm = max(1, total // 20)
     if step < warm:
         return lr * (step + 1) / warm
@@ -130,18 +145,28 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals: np.ndarray, multi_digit: np.ndarray, batch: int = 128) -> dict[str, float]:
-    """Answer-position metrics under teacher forcing: CE, exact (every answer token argmax), numeral mass
-    (all numeral tokens, and 2–3-digit numeral tokens only) at the first answer position.
+def _categories(texts: list[str]) -> torch.Tensor:
+    from nemo_xtoken.demo.data import CATEGORIES, token_category
 
-    ``side``: ``"student"`` reads ``tokens``/``labels``/``loss_mask``, ``"teacher"`` the teacher fields.
-    Exact under teacher forcing equals exact greedy decoding of the same tokenization.
+    return torch.tensor([CATEGORIES.index(token_category(t)) for t in texts], dtype=torch.long)
+
+
+@torch.no_grad()
+def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, cats: torch.Tensor, batch: int = 100) -> dict[str, float]:
+    """Held-out next-token metrics over every token of ``n`` stories: CE, accuracy per target category, numeral mass.
+
+    ``numeral_mass``: at the positions whose next token is a numeral, the probability the model puts on
+    all numeral tokens together (GOLD and ULD move it elsewhere when numerals fall outside the
+    common set: Proposition 1).  ``side``: ``"student"`` reads ``tokens``/``labels``/``loss_mask``,
+    ``"teacher"`` the teacher fields.
     """
+    from nemo_xtoken.demo.data import CATEGORIES
+
     tk, lb, mk = ("tokens", "labels", "loss_mask") if side == "student" else ("teacher_tokens", "teacher_targets", "teacher_loss_mask")
-    num = torch.as_tensor(numerals, dtype=torch.long)
-    multi = torch.as_tensor(multi_digit, dtype=torch.long)
-    ce_sum = n_tok = exact = mass = mass_multi = 0.0
+    ce_sum, n_tok, mass, n_num = 0.0, 0.0, 0.0, 0.0
+    is_num = cats == CATEGORIES.index("numeral")
+    hit = torch.zeros(len(CATEGORIES))
+    cnt = torch.zeros(len(CATEGORIES))
     for i in range(0, n, batch):
         b = samples.rows(range(i, min(n, i + batch)))
         ids = b[tk]
@@ -152,40 +177,53 @@ def teacher_forced(model, samples: Any, n: int, side: str, vocab: int, numerals:
         nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         ce_sum += float(nll[m].sum())
         n_tok += float(m.sum())
-        ok = (lp.argmax(-1) == tgt) | ~m
-        exact += float(ok.all(-1).sum())
-        first = m.float().argmax(-1)
-        p_first = lp[torch.arange(ids.shape[0]), first].exp()
-        mass += float(p_first[:, num].sum(-1).sum())
-        mass_multi += float(p_first[:, multi].sum(-1).sum())
-    return {"ce": ce_sum / max(n_tok, 1), "exact_tf": exact / n, "numeral_mass": mass / n, "multi_digit_mass": mass_multi / n}
+        ok = (lp.argmax(-1) == tgt)[m].float()
+        c = cats[tgt[m]]
+        hit += torch.zeros(len(CATEGORIES)).index_add(0, c, ok)
+        cnt += torch.zeros(len(CATEGORIES)).index_add(0, c, torch.ones_like(ok))
+        at_num = m & is_num[tgt]
+        mass += float(lp.exp()[..., is_num].sum(-1)[at_num].sum())
+        n_num += float(at_num.sum())
+    out = {"ce": ce_sum / max(n_tok, 1), "numeral_mass": mass / max(n_num, 1)}
+    for k, name in enumerate(CATEGORIES):
+        out[f"acc_{name}"] = float(hit[k] / cnt[k]) if cnt[k] > 0 else float("nan")
+    return out
 
 
 @torch.no_grad()
-def greedy_exact(model, prompts: list[np.ndarray], answers: list[int], texts: list[str], vocab: int, max_new: int = 5, batch: int = 128) -> tuple[float, list[str]]:
-    """Greedy decoding from ``prompt`` (ends with the space before the answer); exact = ``"{answer}."``."""
+def greedy_answers(model, prompts: Any, texts: list[str], vocab: int, n: int | None = None, max_new: int = 4, batch: int = 100) -> dict[str, Any]:
+    """Greedy decoding after each prompt (the text before a held-out answer): exact digits, overall and per kind.
+
+    Exact = the generated text starts with the answer's digits and no further digit follows.
+    """
+    ids_all = prompts.ids[:n] if n else prompts.ids
     outs: list[str] = []
-    for i in range(0, len(prompts), batch):
-        ps = prompts[i : i + batch]
+    for i in range(0, len(ids_all), batch):
+        ps = ids_all[i : i + batch]
         lens = torch.tensor([len(p) for p in ps])
         L = int(lens.max()) + max_new
         buf = torch.zeros(len(ps), L, dtype=torch.long)
         for j, p in enumerate(ps):
             buf[j, : len(p)] = torch.as_tensor(p)
-        gen = [[] for _ in ps]
+        gen: list[list[str]] = [[] for _ in ps]
         cur = lens.clone()
         for _ in range(max_new):
-            n = int(cur.max())
-            x = buf[:, :n]
-            logits = _gather(model(x, torch.arange(n)[None].expand_as(x), _mask(n)), vocab)
+            m = int(cur.max())
+            x = buf[:, :m]
+            logits = _gather(model(x, torch.arange(m)[None].expand_as(x), _mask(m)), vocab)
             nxt = logits[torch.arange(len(ps)), cur - 1].argmax(-1)
             buf[torch.arange(len(ps)), cur] = nxt
             for j, t in enumerate(nxt.tolist()):
                 gen[j].append(texts[t])
             cur = cur + 1
         outs.extend("".join(g) for g in gen)
-    ok = [o.startswith(f"{a}.") for o, a in zip(outs, answers)]
-    return float(np.mean(ok)), outs
+    answers, kinds = prompts.answers[: len(outs)], prompts.kinds[: len(outs)]
+    ok = [o.startswith(a) and not o[len(a) : len(a) + 1].isdigit() for o, a in zip(outs, answers)]
+    res: dict[str, Any] = {"exact": float(np.mean(ok)) if ok else float("nan"), "outputs": outs}
+    for kind in sorted(set(kinds)):
+        sel = [k == kind for k in kinds]
+        res[f"exact_{kind}"] = float(np.mean([o for o, s in zip(ok, sel) if s]))
+    return res
 
 
 # ---- jobs -----------------------------------------------------------------------------------------
@@ -193,119 +231,127 @@ def greedy_exact(model, prompts: list[np.ndarray], answers: list[int], texts: li
 
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job in this (forked) process: init gloo + Megatron, train, evaluate; return curves and metrics."""
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, free_port, init_megatron_cpu, spawn
+    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, destroy_megatron_cpu, free_port, init_megatron_cpu, spawn
 
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     if job.tp == 1:
         init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=job.seed, port=free_port())
         try:
             with cpu_megatron_patches():
                 return _train(job)
         finally:
-            from nemo_xtoken.testing.cpu_megatron import destroy_megatron_cpu
-
             destroy_megatron_cpu()
     return spawn(_rank_entry, job.tp, job, timeout=3600)[0]
 
 
 def _rank_entry(rank: int, world: int, job: Job) -> dict[str, Any]:
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, init_megatron_cpu
 
+    torch.use_deterministic_algorithms(True)
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=job.seed)
     with cpu_megatron_patches():
-        out = _train(job, quiet=rank != 0)
-    return out
+        return _train(job, quiet=rank != 0)
 
 
 def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
+    from nemo_xtoken.megatron_cpu import clip_grad_norm_tp
+    from nemo_xtoken.parallel import vocab_parallel_cross_entropy
+
     data = _SHARED["data"]
-    side = data.sides[job.teacher]
     t0 = time.perf_counter()
-    curves: dict[str, list] = {"step": [], "loss": [], "ce": [], "kd": [], "eval_step": [], "eval_exact": [], "eval_numeral_mass": [], "eval_ce": []}
-    n_curve, n_all = min(job.n_eval_curve, len(side.eval)), len(side.eval)
-    if job.kind == "teacher":
-        model = _build(side.vocab_size, job.size, data.teacher_seq_length, job.seed)
-        params = list(model.parameters())
-        vocab, numerals, sname = side.vocab_size, side.numerals, "teacher"
-        texts = side.token_texts
+    teacher_job = job.kind == "teacher"
+    distill = not teacher_job and bool(job.teachers)
+    if teacher_job:
+        side = data.sides[job.side]
+        train_set, eval_set, sname = side.teacher_train, side.eval, "teacher"
+        vocab, texts, prompts = side.vocab_size, side.token_texts, side.prompts
+        model = _build(vocab, job.size, data.teacher_seq_length, job.seed)
     else:
-        model = _build(data.student_vocab_size, job.size, data.seq_length, job.seed)
-        params = list(model.parameters())
-        vocab, numerals, sname = data.student_vocab_size, data.student_numerals, "student"
-        texts = data.student_texts
-        if job.loss is not None:
-            teacher = _load_teacher(job, side, data)
-            model = _distillation_model(job, model, teacher, side, data)
-            params = [p for p in model.parameters() if p.requires_grad]  # the student's (the teacher is frozen)
-    distill = job.kind == "student" and job.loss is not None
+        sides = [data.sides[t.side] for t in job.teachers] or [next(iter(data.sides.values()))]
+        train_set, eval_set, sname = sides[0].student_train, sides[0].eval, "student"
+        vocab, texts, prompts = data.student_vocab_size, data.student_texts, data.student_prompts
+        model = _build(vocab, job.size, data.seq_length, job.seed)
+    student_params = list(model.parameters())
+    if distill:
+        model = _distillation_model(job, model, data)
     fwd = _StudentOnly(model) if distill else model  # evaluation: the student alone
-    multi = np.asarray([i for i in numerals if len(texts[i].strip()) >= 2], dtype=np.int64)
-    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    cats = _categories(texts)
+    w_params = [p for n, p in model.named_parameters() if p.requires_grad and "_loss_modules" in n] if distill else []
+    groups = [{"params": student_params, "lr": job.lr, "weight_decay": 0.01}]
+    if w_params:
+        groups.append({"params": w_params, "lr": job.w_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    base_lr = [g["lr"] for g in groups]
+    n_curve = min(job.n_eval_curve, len(eval_set))
+    curves: dict[str, list] = {"step": [], "loss": [], "ce": [], "kd": [], "scale": [], "eval_step": [], "eval_ce": [], "eval_exact": []}
+    probe = eval_set.rows(range(min(32, len(eval_set))))  # fixed held-out batch for the gradient diagnostics
 
     def evaluate(step: int) -> None:
         model.eval()
-        m = teacher_forced(fwd, side.eval_m, n_curve, sname, vocab, numerals, multi)
+        m = teacher_forced(fwd, eval_set, n_curve, sname, vocab, cats)
+        g = greedy_answers(fwd, prompts, texts, vocab, n=n_curve)
         model.train()
         curves["eval_step"].append(step)
-        curves["eval_exact"].append(m["exact_tf"])
-        curves["eval_numeral_mass"].append(m["numeral_mass"])
-        curves.setdefault("eval_multi_digit_mass", []).append(m["multi_digit_mass"])
         curves["eval_ce"].append(m["ce"])
-
-    from nemo_xtoken.parallel import vocab_parallel_cross_entropy
+        curves["eval_exact"].append(g["exact"])
+        for k, v in m.items():
+            if k.startswith("acc_"):
+                curves.setdefault(f"eval_{k}", []).append(v)
+        if distill:
+            for k, v in _gradient_probe(model, probe, job, data, vocab, student_params).items():
+                curves.setdefault(k, []).append(v)
 
     model.train()
     for step in range(job.steps):
         if step % job.eval_every == 0:
             evaluate(step)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, job.steps, job.lr)
-        b = side.train_m.batch(step * job.batch, job.batch)
-        if job.kind == "teacher":
+        for g, lr in zip(opt.param_groups, base_lr):
+            g["lr"] = _lr_at(step, job.steps, lr)
+        if teacher_job:
+            b = train_set.batch(step * job.batch, job.batch, job.data_seed)
             ids = b["teacher_tokens"]
             logits = model(ids, b["teacher_position_ids"], _mask(ids.shape[1]))
             ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["teacher_targets"].reshape(-1), vocab_size=vocab, mask=b["teacher_loss_mask"].reshape(-1))
-            loss, kd = ce, torch.zeros(())
+            loss, kd, scale = ce, torch.zeros(()), torch.zeros(())
         elif not distill:
+            b = train_set.batch(step * job.batch, job.batch, job.data_seed)
             ids = b["tokens"]
             logits = model(ids, b["position_ids"], _mask(ids.shape[1]))
             ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
-            loss, kd = ce, torch.zeros(())
+            loss, kd, scale = ce, torch.zeros(()), torch.zeros(())
         else:
-            out = _distill_step(model, b, vocab)
-            loss, ce, kd = out["kd_loss"], out["ce_loss"], out["logits_loss"]
+            bs = [data.sides[t.side].student_train.batch(step * job.batch, job.batch, job.data_seed) for t in job.teachers]
+            out = _distill_step(model, bs, vocab)
+            loss, ce, kd, scale = out["kd_loss"], out["ce_loss"], out["logits_loss"], out["dynamic_scale"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm_tp([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         curves["step"].append(step)
         curves["loss"].append(float(loss.detach()))
         curves["ce"].append(float(ce.detach()))
         curves["kd"].append(float(kd.detach()))
+        curves["scale"].append(float(scale.detach()))
         if not quiet and (step % 10 == 0 or step + 1 == job.steps):
             _report(job.name, step + 1, job.steps, loss=curves["loss"][-1])
     evaluate(job.steps)
     model.eval()
-    final = teacher_forced(fwd, side.eval_m, n_all, sname, vocab, numerals, multi)
-    if job.kind == "teacher":
-        prompts, texts = side.eval_prompts, side.token_texts
-    else:
-        prompts, texts = data.student_eval_prompts, data.student_texts
-    acc, outs = greedy_exact(fwd, prompts, [p.answer for p in data.eval_problems], texts, vocab)
+    final = teacher_forced(fwd, eval_set, len(eval_set), sname, vocab, cats)
+    greedy = greedy_answers(fwd, prompts, texts, vocab)
     result: dict[str, Any] = {
         "job": {k: v for k, v in asdict(job).items() if k not in ("save_to", "teacher_weights")},
         "curves": curves,
-        "exact": acc,
-        "exact_teacher_forced": final["exact_tf"],
-        "numeral_mass": final["numeral_mass"],
-        "multi_digit_mass": final["multi_digit_mass"],
-        "eval_ce": final["ce"],
-        "samples": [{"prompt": p.prompt, "answer": p.answer, "output": o} for p, o in list(zip(data.eval_problems, outs))[:8]],
+        **{k: v for k, v in greedy.items() if k != "outputs"},
+        **{f"eval_{k}": v for k, v in final.items()},
+        "samples": [{"prompt": _decode(prompts.ids[i], texts)[-60:], "answer": prompts.answers[i], "output": greedy["outputs"][i]} for i in range(6)],
         "train_seconds": time.perf_counter() - t0,
     }
     if distill:
-        result["eval_kd"] = _eval_kd(model, side.eval_m, n_all, vocab)
-    if job.kind == "teacher" and job.save_to:
+        result["eval_kd"] = _eval_kd(model, [data.sides[t.side].eval for t in job.teachers], len(eval_set), vocab)
+        if w_params:
+            result["w_drift"] = _w_drift(model)
+    if teacher_job and job.save_to:
         from safetensors.torch import save_file
 
         from megatron.core import parallel_state as ps
@@ -315,32 +361,46 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
     return result
 
 
-def _load_teacher(job: Job, side: Any, data: Any):
+def _decode(ids: Any, texts: list[str]) -> str:
+    return "".join(texts[int(i)] for i in ids)
+
+
+def _load_teacher(path: str, side: Any, size: ModelSize, data: Any, seed: int):
     from safetensors.torch import load_file
 
-    teacher = _build(side.vocab_size, job.teacher_size or job.size, data.teacher_seq_length, job.seed + 1)
-    state = load_file(job.teacher_weights)
+    teacher = _build(side.vocab_size, size, data.teacher_seq_length, seed)
+    state = load_file(path)
     missing, unexpected = teacher.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.endswith("_extra_state")]
     if bad or unexpected:
-        raise RuntimeError(f"teacher weights {job.teacher_weights} do not fit the model: missing {bad[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"teacher weights {path} do not fit the model: missing {bad[:3]}, unexpected {unexpected[:3]}")
     return teacher
 
 
-def _distillation_model(job: Job, student, teacher, side: Any, data: Any):
-    """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss, dynamic scaling."""
+def _distillation_model(job: Job, student, data: Any):
+    """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss(es), dynamic scaling."""
     from nemo_xtoken.demo.data import pad_to
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer, convert_to_xtoken_distillation_model
 
-    needs_w = job.loss in ("p_kl", "gold", "h_kl")
+    teachers, specs = [], []
+    for t in job.teachers:
+        side = data.sides[t.side]
+        teachers.append(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed))
+        proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
+        if job.learnable_w and t.loss == "p_kl":
+            from nemo_xtoken.losses import LearnableProjection
+
+            proj = LearnableProjection(side.projection)  # a submodule of the criterion: ModelOpt trains it with the student
+            proj.initial_weights = proj.weights().detach().clone()  # for the drift report
+        specs.append(TeacherSpec(t.side, t.loss, proj, t.weight, side.vocab_size))
     crit = XTokenLogitsLoss(
-        [TeacherSpec(job.teacher, job.loss, side.projection if needs_w else None, 1.0, side.vocab_size)],
+        specs,
         student_vocab_size=data.student_vocab_size,
         student_padded=pad_to(data.student_vocab_size),
-        teacher_padded=[pad_to(side.vocab_size)],
+        teacher_padded=[pad_to(data.sides[t.side].vocab_size) for t in job.teachers],
         tp=job.tp,
     )
-    return convert_to_xtoken_distillation_model(student, [teacher], crit, XTokenLossBalancer("dynamic"))
+    return convert_to_xtoken_distillation_model(student, teachers, crit, XTokenLossBalancer("dynamic"))
 
 
 class _StudentOnly:
@@ -354,32 +414,82 @@ class _StudentOnly:
             return self.model(*args, **kwargs)
 
 
-def _distill_step(model, b: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
-    """One micro-batch through the ``DistillationModel``: teacher on its own ids, student, CE, ``compute_kd_loss``.
-
-    The CE is the answer-only CE of the CE-only student (``loss_mask``, real ids only: the padded
-    vocabulary columns are left out of the softmax, as for the CE-only student and the teachers);
-    the balancer returns ``kd_loss`` (the differentiable total, dynamic scaling), ``ce_loss``,
-    ``logits_loss`` (the KD term) and ``dynamic_scale``.
-    """
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+def _forward_distill(model, bs: list[dict[str, torch.Tensor]], vocab: int) -> torch.Tensor:
+    """Teachers on their own ids, then the student; returns the student's CE (every token, real ids only)."""
     from nemo_xtoken.parallel import vocab_parallel_cross_entropy
 
-    ids, t_ids = b["tokens"], b["teacher_tokens"]
-    teacher_in = {"input_ids": t_ids, "position_ids": b["teacher_position_ids"], "attention_mask": _mask(t_ids.shape[1])}
-    logits = model(ids, b["position_ids"], _mask(ids.shape[1]), teacher_inputs=[teacher_in])
-    ce = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
-    return model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(b)])
+    b = bs[0]
+    ids = b["tokens"]
+    teacher_in = [{"input_ids": x["teacher_tokens"], "position_ids": x["teacher_position_ids"], "attention_mask": _mask(x["teacher_tokens"].shape[1])} for x in bs]
+    logits = model(ids, b["position_ids"], _mask(ids.shape[1]), teacher_inputs=teacher_in)
+    return vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1), vocab_size=vocab, mask=b["loss_mask"].reshape(-1))
+
+
+def _distill_step(model, bs: list[dict[str, torch.Tensor]], vocab: int) -> dict[str, torch.Tensor]:
+    """One micro-batch through the ``DistillationModel``: ``compute_kd_loss`` with one alignment per teacher.
+
+    ``bs[m]`` is teacher ``m``'s view of the same stories (same student fields).  The balancer returns
+    ``kd_loss`` (the differentiable total, dynamic scaling), ``ce_loss``, ``logits_loss`` (the KD term)
+    and ``dynamic_scale``.
+    """
+    from nemo_xtoken.integration.data import aligned_positions_from_batch
+
+    ce = _forward_distill(model, bs, vocab)
+    return model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(x) for x in bs])
+
+
+def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, vocab: int, params: list) -> dict[str, float]:
+    """On a fixed held-out batch: the CE gradient vs the scaled KD gradient (cosine, norm ratio), and the dynamic scale.
+
+    Measures how the KD term steers the student: ``scale·∇KD`` is what dynamic scaling adds to ``∇CE``.
+    """
+    from nemo_xtoken.integration.data import aligned_positions_from_batch
+
+    bs = [b if t.side == job.teachers[0].side else data.sides[t.side].eval.rows(range(b["tokens"].shape[0])) for t in job.teachers]
+    model.train()
+    ce = _forward_distill(model, bs, vocab)
+    d = model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(x) for x in bs], skip_balancer=True)
+    kd = next(v for k, v in d.items() if "Logits" in k)
+    scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
+    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    g_kd = torch.autograd.grad(kd, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])  # noqa: E731
+    a, k = flat(g_ce), flat(g_kd) * scale
+    cos = float(torch.dot(a, k) / (a.norm() * k.norm()).clamp(min=1e-30))
+    return {"probe_cos": cos, "probe_ratio": float(k.norm() / a.norm().clamp(min=1e-30)), "probe_kd": float(kd.detach()), "probe_ce": float(ce.detach())}
 
 
 @torch.no_grad()
-def _eval_kd(model, samples: Any, n: int, vocab: int, batch: int = 128) -> dict[str, float]:
-    """The method's own KD and the CE on the held-out problems (mean over batches)."""
+def _eval_kd(model, sets: list[Any], n: int, vocab: int, batch: int = 100) -> dict[str, float]:
+    """The method's own KD and the CE on the held-out stories (mean over batches)."""
     model.eval()
     kd, ce, k = 0.0, 0.0, 0
     for i in range(0, n, batch):
-        out = _distill_step(model, samples.rows(range(i, min(n, i + batch))), vocab)
+        out = _distill_step(model, [s.rows(range(i, min(n, i + batch))) for s in sets], vocab)
         kd += float(out["logits_loss"])
         ce += float(out["ce_loss"])
         k += 1
     return {"kd": kd / k, "ce": ce / k}
+
+
+def _w_drift(model) -> dict[str, float]:
+    """How far a learnable W moved from the built one: mean |ΔW| over its non-zeros, rows whose top-1 column changed."""
+    out: dict[str, float] = {}
+    for m in model.modules():
+        w0 = getattr(m, "initial_weights", None)
+        if w0 is None:
+            continue
+        with torch.no_grad():
+            w = m.weights()
+            rows = m.rows
+
+            def top1(v: torch.Tensor) -> torch.Tensor:
+                best = torch.full((m.student_vocab_size,), -1.0).scatter_reduce(0, rows, v, reduce="amax")
+                hit = v == best[rows]
+                return torch.full((m.student_vocab_size,), -1, dtype=torch.long).scatter_reduce(0, rows[hit], m.cols[hit], reduce="amax")
+
+            multi = torch.bincount(rows, minlength=m.student_vocab_size) > 1
+            changed = (top1(w) != top1(w0)) & multi
+        out.update(nnz=float(m.nnz), mean_abs_change=float((w - w0).abs().mean()), max_abs_change=float((w - w0).abs().max()),
+                   multi_rows=float(multi.sum()), top1_changed_rows=float(changed.sum()))
+    return out

@@ -1,0 +1,73 @@
+"""The demo's report on synthetic results: seeds parsing, merging runs of disjoint seeds, the mechanisms table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from nemo_xtoken.cli.demo_cmds import parse_seeds
+from nemo_xtoken.demo.report import direction, mechanisms, merge_results
+from nemo_xtoken.errors import XTokenError
+
+METHODS = [{"key": "ce", "label": "CE only", "teachers": [], "learnable_w": False},
+           {"key": "pkl_qwen3", "label": "P-KL ← Qwen3", "teachers": [{"side": "qwen3", "loss": "p_kl", "weight": 1.0}], "learnable_w": False}]
+
+
+def _student(exact: list[float], probe: bool) -> dict:
+    c = {"step": list(range(8)), "eval_step": [0, 2, 4, 6, 8], "eval_exact": exact, "scale": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}
+    if probe:
+        c.update(probe_cos=[1.0, 0.2, 0.4, 0.6, 0.8], probe_ratio=[1.0, 2.0, 2.0, 4.0, 4.0])
+    return {"exact": exact[-1], "eval_acc_numeral": 0.1, "eval_acc_word": 0.8, "eval_ce": 1.0, "curves": c,
+            **({"eval_kd": {"kd": 0.1, "ce": 1.0}} if probe else {})}
+
+
+def _run(seeds: list[int], pkl_gain: float) -> dict:
+    return {
+        "config": {"seeds": seeds, "workers": 2, "student_steps": 8},
+        "methods": METHODS,
+        "teachers": {"qwen3": {"exact": 0.7}},
+        "students": {str(s): {"CE only": _student([0, 0.1, 0.2, 0.3, 0.3], False),
+                              "P-KL ← Qwen3": _student([0, 0.1, 0.2, 0.3, 0.3 + pkl_gain], True)} for s in seeds},
+        "seconds": {"total": 1.0},
+    }
+
+
+def test_parse_seeds():
+    assert parse_seeds("3") == (1, 2, 3) and parse_seeds("2,3") == (2, 3) and parse_seeds("3,") == (3,)
+    for bad in ("0", "x", "2,2", "0,1", ","):
+        with pytest.raises(XTokenError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_merge_joins_disjoint_seeds_and_the_verdict_needs_every_seed():
+    merged = merge_results([_run([1], 0.1), _run([2, 3], -0.1)])
+    assert list(merged["students"]) == ["1", "2", "3"] and merged["config"]["seeds"] == [1, 2, 3]
+    (claim,) = [d for d in direction(merged) if d["claim"] == "P-KL ← Qwen3 > CE only"]
+    assert claim["seeds_agreeing"] == 1 and claim["verdict"] == "within seed spread"
+    assert direction(merge_results([_run([1], 0.1), _run([2], 0.2)]))[0]["verdict"] == "holds"
+
+
+def test_merge_refuses_what_is_not_comparable():
+    with pytest.raises(XTokenError, match="seed 1 is in two runs"):
+        merge_results([_run([1], 0.0), _run([1, 2], 0.0)])
+    other = _run([2], 0.0)
+    other["config"]["student_steps"] = 9
+    with pytest.raises(XTokenError, match="student_steps"):
+        merge_results([_run([1], 0.0), other])
+    other = _run([2], 0.0)
+    other["teachers"]["qwen3"]["exact"] = 0.5
+    with pytest.raises(XTokenError, match="teacher qwen3"):
+        merge_results([_run([1], 0.0), other])
+
+
+def test_mechanisms_reads_the_curves():
+    m = mechanisms(_run([1, 2], 0.1))
+    ce, pkl = m["CE only"], m["P-KL ← Qwen3"]
+    assert ce["exact@1"] == pytest.approx(0.3) and ce["exact@0.5"] == pytest.approx(0.2) and "cos_early" not in ce
+    assert ce["exact_last_quarter_change"] == pytest.approx(0.0)  # step 8 vs step 6
+    assert pkl["exact_last_quarter_change"] == pytest.approx(0.1)
+    assert pkl["cos_early"] == pytest.approx(0.3) and pkl["cos_late"] == pytest.approx(0.7)  # step 0 left out
+    assert pkl["ratio_early"] == pytest.approx(2.0) and pkl["ratio_late"] == pytest.approx(4.0)
+    assert pkl["scale_late"] == pytest.approx(7.5)  # median of the last quarter (7, 8)
+    assert copy.deepcopy(m) == mechanisms(_run([1, 2], 0.1))  # a pure function of the results
