@@ -117,10 +117,68 @@ def test_runnable_snippets(page: Path, snippet_dir: Path) -> None:
     run_blocks(code_blocks(page))
 
 
-def test_readme_has_runnable_snippets() -> None:
-    """The README's CPU snippets (alignment, losses, Python API) are marked, so they are executed."""
-    runnable = [b for b in code_blocks(ROOT / "README.md") if b.runnable]
-    assert len(runnable) >= 3, [b.line for b in runnable]
+def test_readme_and_topic_pages_have_runnable_snippets() -> None:
+    """The README's short Python tour and the topic pages' snippets (alignment, Python API: W, the
+    audit, a loss) are marked, so they are executed."""
+    runnable = {p.name: [b.line for b in code_blocks(p) if b.runnable] for p in doc_pages()}
+    assert len(runnable["README.md"]) >= 1, runnable
+    assert len(runnable["alignment.md"]) >= 1 and len(runnable["python-api.md"]) >= 2, runnable
+
+
+_LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REF_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.M)
+_INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
+
+
+def relative_links(path: Path) -> list[tuple[int, str]]:
+    """(line, target) of every relative link or image of a Markdown page, outside code blocks and
+    code spans; URLs (``scheme:``) and same-page anchors (``#…``) are left out."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    in_code: set[int] = set()
+    for b in code_blocks(path):  # b.line is the first code line; the fences are the lines around
+        in_code.update(range(b.line - 1, b.line + len(b.code.splitlines()) + 1))
+    links = []
+    for n, line in enumerate(lines, 1):
+        if n in in_code:
+            continue
+        text = _INLINE_CODE.sub("", line)
+        for target in [*_LINK.findall(text), *_REF_LINK.findall(text)]:
+            if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            links.append((n, target))
+    return links
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of a page whose file (the part before ``#``) does not exist."""
+    broken = []
+    for n, target in relative_links(path):
+        file = target.split("#", 1)[0].split("?", 1)[0]
+        if not (path.parent / file).exists():
+            broken.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{n}: {target}")
+    return broken
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files(page: Path) -> None:
+    """Every relative link in README.md and docs/*.md points to a file of the repository (the
+    anchor after ``#`` is not checked here; Sphinx checks the docs' anchors with -W)."""
+    assert not broken_links(page), "links to missing files:\n" + "\n".join(broken_links(page))
+
+
+def test_link_checker_finds_broken_links_and_skips_code(tmp_path: Path) -> None:
+    (tmp_path / "there.md").write_text("# There\n", encoding="utf-8")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n"
+        "[ok](there.md#a-heading), [web](https://example.com/x.md), [top](#page), ![img](missing.png)\n"
+        "`[not a link](inline.md)` and [gone](gone.md \"title\")\n\n"
+        "```markdown\n[in a block](block.md)\n```\n\n"
+        "[ref]: refgone.md\n",
+        encoding="utf-8",
+    )
+    assert [t for _, t in relative_links(page)] == ["there.md#a-heading", "missing.png", "gone.md", "refgone.md"]
+    assert [b.rsplit(": ", 1)[1] for b in broken_links(page)] == ["missing.png", "gone.md", "refgone.md"]
 
 
 def test_snippet_runner_reports_the_failing_line(tmp_path: Path) -> None:
