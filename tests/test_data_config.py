@@ -33,19 +33,26 @@ def sotu(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
+    """W files, and tiny random checkpoints of the configs' architectures (Llama, Qwen3, Phi3): ``--check``
+    reads every model's Hugging Face config to check Megatron-Bridge support, and no model hub is reachable here."""
+    from tests.bridge_tiny import write_tiny
+
     d = tmp_path_factory.mktemp("w")
-    return {"qwen3": str(w_llama3_qwen3.save(d / "q.safetensors")), "o200k": str(w_llama3_o200k.save(d / "o.safetensors"))}
+    models = {k: str(write_tiny(k, d / k, seed=0, with_tokenizer=False)) for k in ("llama", "qwen3", "phi3")}
+    return {"qwen3": str(w_llama3_qwen3.save(d / "q.safetensors")), "o200k": str(w_llama3_o200k.save(d / "o.safetensors")),
+            "models": models}
 
 
 def _local(name: str, llama3_path, qwen3_path, o200k_path, w_files) -> list[str]:
-    """Overrides pointing a shipped config at local tokenizers and W files (no model hub here)."""
-    ov = [f"student.tokenizer={llama3_path}"]
+    """Overrides pointing a shipped config at local tokenizers, W files and models of the same architectures (no model hub here)."""
+    m = w_files["models"]
+    ov = [f"student.tokenizer={llama3_path}", f"student.model={m['llama']}"]
     if "qwen3" in name:
-        ov += [f"teachers.0.tokenizer={qwen3_path}", f"teachers.0.projection={w_files['qwen3']}"]
+        ov += [f"teachers.0.tokenizer={qwen3_path}", f"teachers.0.projection={w_files['qwen3']}", f"teachers.0.model={m['qwen3']}"]
     else:
-        ov += [f"teachers.0.tokenizer={o200k_path}", f"teachers.0.projection={w_files['o200k']}"]
+        ov += [f"teachers.0.tokenizer={o200k_path}", f"teachers.0.projection={w_files['o200k']}", f"teachers.0.model={m['phi3']}"]
     if "llama32_3b" in name:
-        ov += [f"teachers.1.tokenizer={llama3_path}"]
+        ov += [f"teachers.1.tokenizer={llama3_path}", f"teachers.1.model={m['llama']}"]
     return ov
 
 
