@@ -504,6 +504,25 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def read_manifest(path: Path, fmt: str, tool: str, fix: str) -> dict:
+    """The ``manifest.json`` of a finished ``tool`` output folder (``xtoken preprocess``, ``xtoken cache-teacher``), format checked."""
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise XTokenError(f"{path} has no manifest.json: it is not (or not yet completely) an `{tool}` output")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != fmt:
+        raise XTokenError(f"{mf} has format {manifest.get('format')!r}, expected {fmt!r}; {fix}")
+    return manifest
+
+
+def load_shard(d: Path, names: Any, noun: str, tool: str) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of one shard folder, memory-mapped; an unreadable file names the shard and the repair."""
+    try:
+        return {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in names}
+    except (OSError, ValueError) as e:
+        raise XTokenError(f"cannot read {noun} {d} ({e}); re-run `{tool}` on the same output to repair it") from None
+
+
 class PreprocessedCorpus:
     """Read a folder written by :func:`preprocess`: ``corpus[i]`` → (student ids, teacher ids, Alignment).
 
@@ -513,21 +532,13 @@ class PreprocessedCorpus:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.is_file():
-            raise XTokenError(f"{self.path} has no manifest.json: it is not (or not yet completely) an `xtoken preprocess` output")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format") != _FORMAT:
-            raise XTokenError(f"{mf} has format {self.manifest.get('format')!r}, expected {_FORMAT!r}; re-run `xtoken preprocess`")
+        self.manifest = read_manifest(self.path, _FORMAT, "xtoken preprocess", "re-run `xtoken preprocess`")
         self.params = self.manifest["params"]
         self._shards: list[dict[str, np.ndarray]] = []
         counts = []
         for s in self.manifest["shards"]:
             d = self.path / "shards" / f"{s['shard']:05d}"
-            try:
-                arrs = {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in _ARRAYS}
-            except (OSError, ValueError) as e:
-                raise XTokenError(f"cannot read shard {d} ({e}); re-run `xtoken preprocess` on the same output to repair it") from None
+            arrs = load_shard(d, _ARRAYS, "shard", "xtoken preprocess")
             if arrs["n_chunks"].shape[0] != s["documents"] or arrs["student_offsets"][-1] != arrs["student_ids"].shape[0]:
                 raise XTokenError(f"shard {d} does not match manifest.json ({s['documents']} documents): re-run `xtoken preprocess`")
             self._shards.append(arrs)

@@ -422,22 +422,16 @@ class TeacherCache:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from nemo_xtoken.align.preprocess import load_shard, read_manifest
+
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.is_file():
-            raise XTokenError(f"{self.path} has no manifest.json: it is not (or not yet completely) an `xtoken cache-teacher` output")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise XTokenError(f"{mf} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; rebuild the cache")
+        self.manifest = read_manifest(self.path, FORMAT, "xtoken cache-teacher", "rebuild the cache")
         self.params = self.manifest["params"]
         self._shards: list[dict[str, np.ndarray]] = []
         counts = []
         for s in self.manifest["shards"]:
             d = self.path / "shards" / f"{s['shard']:05d}"
-            try:
-                arrs = {k: np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in _ARRAYS}
-            except (OSError, ValueError) as e:
-                raise XTokenError(f"cannot read cache shard {d} ({e}); re-run `xtoken cache-teacher` on the same output to repair it") from None
+            arrs = load_shard(d, _ARRAYS, "cache shard", "xtoken cache-teacher")
             if arrs["ids"].shape != (s["tokens"], self.entries) or arrs["rest_log_mass"].shape != (s["tokens"],):
                 raise XTokenError(f"cache shard {d} does not match manifest.json ({s['tokens']} positions × {self.entries}): rebuild it")
             self._shards.append(arrs)
