@@ -93,14 +93,14 @@ def test_memo_equals_live_teacher_at_any_batch(fast_data):
     assert r["bypassed"] and r["live_memo"] == 0, r
 
 
-def _train_student(cfg, data, weights, live):
+def _train_student(cfg, data, weights, live, kd_weight=None):
     from nemo_xtoken.demo import train
     from nemo_xtoken.demo.train import Job, TeacherUse
 
     train.set_shared(data, None)
     job = Job(name="s", kind="student", teachers=(TeacherUse("qwen3", "p_kl"),), steps=15, batch=8, lr=cfg.student_lr,
               size=cfg.size, seed=1, data_seed=1, eval_every=100, n_eval_curve=4, teacher_weights={"qwen3": weights},
-              teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, live_teachers=live)
+              teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, live_teachers=live, kd_weight=kd_weight)
     return train._train(job)
 
 
@@ -123,3 +123,17 @@ def test_memo_student_trains_as_with_live_teacher(fast_data, tmp_path):
     assert a.shape == (15,) and torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
     assert torch.allclose(torch.tensor(memo["curves"]["kd"]), torch.tensor(live["curves"]["kd"]), rtol=1e-4, atol=1e-7)
     assert memo["exact"] == live["exact"]
+
+
+def test_fixed_kd_weight_student(fast_data, tmp_path):
+    """--kd-weight w: the student's loss is CE + w·KD at every step (not dynamic scaling), and the probe uses w."""
+    cfg, data = fast_data
+    w = str(tmp_path / "teacher.safetensors")
+    _in_megatron(_save_teacher, cfg, data, w)
+    r = _in_megatron(_train_student, cfg, data, w, False, 2.5)
+    c = r["curves"]
+    ce, kd, loss = (torch.tensor(c[k], dtype=torch.float64) for k in ("ce", "kd", "loss"))
+    assert torch.allclose(loss, ce + 2.5 * kd, rtol=1e-5), (loss - ce - 2.5 * kd).abs().max()
+    assert c["scale"] == [2.5] * 15
+    dyn = ce / kd.abs()
+    assert (dyn - 2.5).abs().min() > 0.1  # dynamic scaling would have used another weight

@@ -504,7 +504,8 @@ def _distill_step(model, bs: list[dict[str, torch.Tensor]], vocab: int) -> dict[
 def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, vocab: int, params: list) -> dict[str, float]:
     """On a fixed held-out batch: the CE gradient vs the scaled KD gradient (cosine, norm ratio), and the dynamic scale.
 
-    Measures how the KD term steers the student: ``scale·∇KD`` is what dynamic scaling adds to ``∇CE``.
+    Measures how the KD term steers the student: ``scale·∇KD`` is what the balancer adds to ``∇CE``
+    (``scale`` = ``CE/|KD|`` under dynamic scaling, the job's fixed ``kd_weight`` otherwise).
     """
     from nemo_xtoken.integration.data import aligned_positions_from_batch
 
@@ -513,7 +514,10 @@ def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, voca
     ce = _forward_distill(model, bs, vocab)
     d = model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(x) for x in bs], skip_balancer=True)
     kd = next(v for k, v in d.items() if "Logits" in k)
-    scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
+    if job.kd_weight is not None:  # fixed weighting: the weight the update applies
+        scale = torch.tensor(float(job.kd_weight))
+    else:
+        scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
     g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(kd, params, allow_unused=True)
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])  # noqa: E731
