@@ -71,3 +71,14 @@ def test_mechanisms_reads_the_curves():
     assert pkl["ratio_early"] == pytest.approx(2.0) and pkl["ratio_late"] == pytest.approx(4.0)
     assert pkl["scale_late"] == pytest.approx(7.5)  # median of the last quarter (7, 8)
     assert copy.deepcopy(m) == mechanisms(_run([1, 2], 0.1))  # a pure function of the results
+
+
+@pytest.mark.parametrize("argv, needle", [(["--kd-weight", "0"], "--kd-weight"), (["--kd-weight", "-1"], "--kd-weight"),
+                                          (["--eval-every", "0"], "--eval-every")])
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys, argv, needle):
+    from nemo_xtoken.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["demo", "-o", str(out), *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()  # refused before the audits wrote anything

@@ -70,7 +70,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = FAST if args.fast else FULL
-    over: dict = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp)) if v is not None}
+    over: dict = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps), ("workers", args.workers), ("tp", args.tp),
+                                           ("eval_every", args.eval_every), ("kd_weight", args.kd_weight)) if v is not None}
+    if args.eval_every is not None and args.eval_every < 1:
+        raise XTokenError(f"--eval-every takes N ≥ 1 steps, got {args.eval_every}")
+    if args.kd_weight is not None and not args.kd_weight > 0:
+        raise XTokenError(f"--kd-weight takes a weight > 0 (fixed CE + w·KD), got {args.kd_weight}")
+    if args.live_teachers:
+        over["live_teachers"] = True
     if args.seeds is not None:
         over["seeds"] = parse_seeds(args.seeds)
     if args.methods:
@@ -112,6 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the full or fast setting)")
     p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per model on gloo (default 1; 2 runs jobs one by one)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation (curves, gradient probe) every N steps (default: the full or fast setting)")
+    p.add_argument("--kd-weight", type=float, default=None, help="fixed KD weight w (loss CE + w·KD) instead of dynamic scaling CE + sg(CE/|KD|)·KD")
+    p.add_argument("--live-teachers", action="store_true", help="run the frozen teachers at every student step instead of once per story "
+                   "(same figures up to float rounding, slower; see docs/demo.md)")
     p.add_argument("--audit-only", action="store_true", help="only the coverage audits")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

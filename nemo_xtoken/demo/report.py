@@ -119,7 +119,9 @@ def format_table(results: dict[str, Any], markdown: bool = False) -> str:
         )
     d = results["data"]
     caption = (f"students (Llama-3 tokenizer), {d['eval_answers']} held-out answers in {d['eval_stories']} held-out stories, greedy decoding; "
-               + (f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "one seed"))
+               + (f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "one seed")
+               + (f"; KD at a fixed weight {results['config']['kd_weight']:g} (CE + w·KD), not dynamic scaling"
+                  if results.get("config", {}).get("kd_weight") is not None else ""))
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         out += ["| " + " | ".join(row) + " |" for row in body]

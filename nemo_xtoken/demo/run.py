@@ -69,11 +69,13 @@ class DemoConfig:
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(hidden=128, layers=2, heads=4, ffn=512))
     seeds: tuple[int, ...] = (1,)
     teacher_seed: int = 1000
-    eval_every: int = 100
+    eval_every: int = 200
     n_eval_curve: int = 100
     workers: int = 2
     tp: int = 1
     methods: tuple[str, ...] = ()  # method keys to run (empty: all)
+    kd_weight: float | None = None  # None: dynamic scaling (the paper's); a number w: fixed CE + w·KD
+    live_teachers: bool = False  # recompute the frozen teachers' logits at every student step (default: once per story, MemoTeacher)
 
     def teacher_key(self, teacher: str, fingerprints: dict[str, str]) -> str:
         """Content hash of everything that determines a teacher's weights."""
@@ -264,7 +266,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
                 eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
-                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp,
+                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=cfg.live_teachers,
+                kd_weight=cfg.kd_weight,
             )))
     students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
     for k, j in students_jobs:

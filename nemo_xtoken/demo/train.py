@@ -70,6 +70,8 @@ class Job:
     teacher_seed: int = 1
     save_to: str | None = None  # where a teacher job writes its weights
     tp: int = 1
+    kd_weight: float | None = None  # None: dynamic scaling CE + sg(CE/|KD|)·KD; a number w: fixed CE + w·KD
+    live_teachers: bool = False  # students: recompute the frozen teachers' logits at every step (no MemoTeacher memo)
 
 
 _SHARED: dict[str, Any] = {}
@@ -377,6 +379,64 @@ def _load_teacher(path: str, side: Any, size: ModelSize, data: Any, seed: int):
     return teacher
 
 
+class MemoTeacher(torch.nn.Module):
+    """A frozen teacher whose logits are computed once per distinct sample and then reused.
+
+    The demo's students read the same 500 stories about 25 times; a frozen teacher (eval mode, no
+    dropout) gives the same logits for the same story every epoch, so recomputing them is pure
+    cost.  The memo is exact by construction: logits at position ``p`` of a causal model depend on
+    ids ``0…p`` only, so a row's key is its ids without trailing padding (id 0) and a memo entry
+    computed at width ``T_c`` serves every request of that row at width ``T ≤ T_c`` (a wider request
+    recomputes it).  Rows are computed in the batch they first appear in, so the first epoch is the
+    live teacher's computation itself.  Only the standard inputs (positions ``0…T-1``, the causal
+    mask) are memoized; anything else runs the teacher live.  ``live=True`` disables the memo.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, live: bool = False) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.live = live
+        self._memo: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def config(self):  # ModelOpt / the converter read the teacher's TransformerConfig
+        return self.teacher.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.teacher.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.teacher.max_sequence_length
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        b, t = input_ids.shape
+        standard = (not kw and not torch.is_grad_enabled() and torch.equal(position_ids, torch.arange(t).expand_as(input_ids))
+                    and attention_mask.shape[-2:] == (t, t) and torch.equal(attention_mask.reshape(-1, t, t)[0], _mask(t)[0, 0]))
+        if self.live or not standard:
+            return self.teacher(input_ids, position_ids, attention_mask, **kw)
+        keys = [_row_key(r) for r in input_ids]
+        todo = [i for i, k in enumerate(keys) if k not in self._memo or self._memo[k].shape[0] < t]
+        if todo:
+            idx = torch.tensor(todo)
+            out = self.teacher(input_ids[idx], position_ids[idx], attention_mask)
+            for j, i in enumerate(todo):
+                self._memo[keys[i]] = out[j].clone()
+        self.misses += len(todo)
+        self.hits += b - len(todo)
+        return torch.stack([self._memo[k][:t] for k in keys])
+
+
+def _row_key(row: torch.Tensor) -> bytes:
+    """A row's ids without trailing padding (id 0): equal for one sample at any batch width."""
+    nz = torch.nonzero(row, as_tuple=True)[0]
+    n = int(nz[-1]) + 1 if nz.numel() else 0
+    return row[:n].numpy().tobytes()
+
+
 def _distillation_model(job: Job, student, data: Any):
     """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss(es), dynamic scaling."""
     from nemo_xtoken.demo.data import pad_to
@@ -385,7 +445,8 @@ def _distillation_model(job: Job, student, data: Any):
     teachers, specs = [], []
     for t in job.teachers:
         side = data.sides[t.side]
-        teachers.append(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed))
+        teachers.append(MemoTeacher(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed),
+                                    live=job.live_teachers))
         proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
         if job.learnable_w and t.loss == "p_kl":
             from nemo_xtoken.losses import LearnableProjection
@@ -399,8 +460,10 @@ def _distillation_model(job: Job, student, data: Any):
         student_padded=pad_to(data.student_vocab_size),
         teacher_padded=[pad_to(data.sides[t.side].vocab_size) for t in job.teachers],
         tp=job.tp,
+        block_size=None,  # [768 positions, ≈1k ids]: a few MB unblocked; blocking would only recompute the forward
     )
-    return convert_to_xtoken_distillation_model(student, teachers, crit, XTokenLossBalancer("dynamic"))
+    balancer = XTokenLossBalancer("dynamic") if job.kd_weight is None else XTokenLossBalancer("fixed", kd_weight=job.kd_weight)
+    return convert_to_xtoken_distillation_model(student, teachers, crit, balancer)
 
 
 class _StudentOnly:
@@ -441,7 +504,8 @@ def _distill_step(model, bs: list[dict[str, torch.Tensor]], vocab: int) -> dict[
 def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, vocab: int, params: list) -> dict[str, float]:
     """On a fixed held-out batch: the CE gradient vs the scaled KD gradient (cosine, norm ratio), and the dynamic scale.
 
-    Measures how the KD term steers the student: ``scale·∇KD`` is what dynamic scaling adds to ``∇CE``.
+    Measures how the KD term steers the student: ``scale·∇KD`` is what the balancer adds to ``∇CE``
+    (``scale`` = ``CE/|KD|`` under dynamic scaling, the job's fixed ``kd_weight`` otherwise).
     """
     from nemo_xtoken.integration.data import aligned_positions_from_batch
 
@@ -450,7 +514,10 @@ def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, voca
     ce = _forward_distill(model, bs, vocab)
     d = model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(x) for x in bs], skip_balancer=True)
     kd = next(v for k, v in d.items() if "Logits" in k)
-    scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
+    if job.kd_weight is not None:  # fixed weighting: the weight the update applies
+        scale = torch.tensor(float(job.kd_weight))
+    else:
+        scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
     g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(kd, params, allow_unused=True)
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])  # noqa: E731

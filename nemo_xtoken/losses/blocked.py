@@ -76,12 +76,12 @@ def item_blocks(
     ct = torch.bincount(tid[tid >= 0], minlength=k)[:k] if k else torch.zeros(0, dtype=torch.long)
     bounds = [0]
     ns = nt = 0
-    for c in range(k):  # greedy: close the block before a chunk that would overflow it
-        if (ns + int(cs[c]) > block_size or nt + int(ct[c]) > block_size) and (ns or nt):
+    for c, (n_s, n_t) in enumerate(zip(cs.tolist(), ct.tolist())):  # greedy: close the block before a chunk that would overflow it
+        if (ns + n_s > block_size or nt + n_t > block_size) and (ns or nt):
             bounds.append(c)
             ns = nt = 0
-        ns += int(cs[c])
-        nt += int(ct[c])
+        ns += n_s
+        nt += n_t
     bounds.append(k)
     out = []
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
