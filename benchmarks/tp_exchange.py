@@ -202,7 +202,7 @@ def traffic_rows(bins: int) -> list[dict]:
 
 def print_traffic(rows: list[dict]) -> None:
     print("\nthe run's criterion: bytes sent per token per rank, forward (fp32, scalars included, no teacher permutation)")
-    print("| pair | tp | loss | exact (all-gather) | summary mean / busiest rank | summary / exact |")
+    print("| pair | tp | loss | exact mode (all-gather + scalars) | summary mean / busiest rank | summary / exact |")
     print("|---|---|---|---|---|---|")
     key = {(r["pair"], r["tp"], r["loss"], r["mode"]): r for r in rows}
     for r in rows:

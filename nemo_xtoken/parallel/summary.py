@@ -105,7 +105,7 @@ class SummaryBound:
     """Collects the computed error bound of a low-traffic loss call by call (``bound_out=`` of the losses).
 
     Each call of a low-traffic ULD / GOLD / H-KL (one per token block) adds its counted items'
-    bounds, already weighted as their losses are (|unmatched weight|, temperature²), so
+    bounds, already weighted as their losses are (the absolute unmatched weight, temperature²), so
     ``total("mean")`` bounds ``|exact − value|`` of the loss's ``"mean"`` and ``total("sum")`` of its
     ``"sum"``; with a non-negative unmatched weight (the default, and TRL's adaptive one)
     ``value ≤ exact ≤ value + total``.  A token-blocked loss recomputes its blocks in the
