@@ -150,10 +150,17 @@ def test_one_process_summary_within_the_logged_bound(cases, one_process):
         assert float(cos) > 0.9, case["tag"]
 
 
-def test_blocked_bound_equals_unblocked_bound(cases, one_process):
-    """Token blocks record their items' bounds once each: the blocked run logs the unblocked run's bound."""
+def test_blocked_bound_equals_unblocked_bound(cases, one_process, monkeypatch):
+    """The HybridPlan goes through the token-blocked path (several blocks per teacher, recomputed in the backward),
+    and the blocks record their items' bounds once each: the blocked run logs the unblocked run's bound."""
+    from nemo_xtoken.losses import blocked as blocked_mod
+
+    calls = []
+    real_apply = blocked_mod._Blocked.apply
+    monkeypatch.setattr(blocked_mod._Blocked, "apply", lambda spec, *a: calls.append(len(spec["blocks"])) or real_apply(spec, *a))
     case = dict(cases[0], kw=dict(block_size=3))
     blocked = _run_case(case, "summary", 0, 1)
+    assert len(calls) == 3 and min(calls) > 1, calls  # every teacher, several blocks
     for name in LOSSES:
         torch.testing.assert_close(blocked["metrics"][f"kd_bound/{name}"], one_process[0]["summary"]["metrics"][f"kd_bound/{name}"],
                                    rtol=1e-6, atol=1e-9)
