@@ -59,8 +59,9 @@ def _local(name: str, llama3_path, qwen3_path, o200k_path, w_files) -> list[str]
 @pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
 def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, qwen3_path, o200k_path, w_files, capsys):
     ov = _local(name, llama3_path, qwen3_path, o200k_path, w_files) + [f"data.paths=[{sotu}]"]
-    assert main(["--config", str(CONF / f"{name}.yaml"), "--check", *ov]) == 0, capsys.readouterr().err
-    err = capsys.readouterr().err
+    rc = main(["--config", str(CONF / f"{name}.yaml"), "--check", *ov])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
     m = re.search(r"data: (\d+) documents checked, (\d+) student tokens; packed at seq_length 4096: (\d+) samples, "
                   r"loss-bearing fraction ([0-9.]+), (\d+) documents split", err)
     assert m, err
@@ -68,6 +69,20 @@ def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, q
     assert float(m.group(4)) >= 0.95, err  # the goal, on the shipped settings
     assert re.search(r"data: teacher \w+: \d+ tokens .* one-sided tokens [0-9.]+%", err), err
     assert "warning" not in err
+    # how each teacher's loss crosses the TP ranks (tp 2 in every shipped config), from the run's own criterion
+    rows = json.loads(out)["kd_exchange"]
+    expected = {"llama32_1b__qwen3_4b_pkl": ["plan"], "llama32_1b__phi4mini_hkl": ["summary"],
+                "llama32_1b__phi4mini_llama32_3b": ["summary", "local"]}[name]
+    assert [r["exchange"] for r in rows] == expected and all(r["tp"] == 2 for r in rows)
+    for r in rows:
+        if r["exchange"] == "local":
+            assert r["bytes_per_token_per_rank"]["mean"] == 5 * 4 and r["fraction_of_all_gather"] is None  # scalars only
+            continue
+        assert 0 < r["fraction_of_all_gather"] < 0.2, r
+        line = re.search(rf"kd exchange: teacher {r['teacher']} \({r['loss']}, tp 2\): {r['exchange']}.*; ([0-9,]+) bytes per token per rank", err)
+        assert line and int(line.group(1).replace(",", "")) == round(r["bytes_per_token_per_rank"]["mean"]), err
+    if "summary" in expected:  # Phi-4-mini's output layer: 200,064 columns, read from the model's config
+        assert rows[0]["teacher_padded"] == 200064 and rows[0]["summary_bins"] == 2048 and "kd_bound/phi4_mini" in err
 
 
 def test_check_reports_data_errors(sotu, tmp_path, llama3_path, qwen3_path, o200k_path, w_files, capsys):
@@ -153,6 +168,14 @@ def test_two_cross_tokenizer_teachers_from_text_and_from_preprocessed_folders(so
 def test_check_without_resources_skips_the_data(capsys):
     assert main(["--config", str(CONF / "llama32_1b__qwen3_4b_pkl.yaml"), "--check", "--no-resources"]) == 0
     assert "data:" not in capsys.readouterr().err
+    # the exchange each teacher will use is known from the config alone (no W read: no byte counts)
+    for over, exchange in (([], "summary"), (["distill.tp_exchange=exact"], "all-gather"),
+                           (["parallel.tensor_model_parallel_size=1"], "all-gather")):
+        assert main(["--config", str(CONF / "llama32_1b__phi4mini_hkl.yaml"), "--check", "--no-resources", *over]) == 0
+        out, err = capsys.readouterr()
+        (row,) = json.loads(out)["kd_exchange"]
+        assert row["exchange"] == exchange and "bytes_per_token_per_rank" not in row, over
+        assert f"kd exchange: teacher phi4_mini (h_kl, tp {row['tp']}): {exchange}" in err
 
 
 def test_data_defaults_pack_and_split():

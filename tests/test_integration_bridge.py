@@ -190,6 +190,9 @@ def test_loss_and_report_follow_bridge_reduction_and_report_every_teacher():
     assert report["kd/b"][0].item() == 0.0  # absent teacher terms still reported (equal key sets per micro-batch)
     loss_eval, _, _ = B.loss_and_report(mask, total, logs, teacher_names=["a"], training=False)
     assert loss_eval.item() == pytest.approx(5.0)  # validation: CE only, as Bridge's loss_func_kd
+    assert not any(k.startswith("kd bound/") for k in report)  # exact exchange: no bound to report
+    _, _, report = B.loss_and_report(mask, total, {**logs, "kd_bound/a": torch.tensor(2e-4)}, teacher_names=["a", "b"])
+    assert report["kd bound/a"][0].item() / 5 == pytest.approx(2e-4) and "kd bound/b" not in report
 
 
 def test_forward_step_refuses_a_model_without_distillation():

@@ -117,6 +117,9 @@ def test_overrides_host_style(tmp_path):
         (lambda d: d.update(optimizer={"warmup_fraction": 1.5}), r"warmup_fraction: must be in \[0, 1\)"),
         (lambda d: d["teachers"][0].update(loss="h_kl", learnable_w=True), r"learnable_w: a learnable W is trained through P-KL only"),
         (lambda d: d.update(distill={"block_size": -1}), r"distill.block_size: must be ≥ 0"),
+        (lambda d: d.update(distill={"tp_exchange": "fast"}), r"distill.tp_exchange: 'fast' is not one of \['auto', 'exact', 'summary'\]"),
+        (lambda d: d.update(distill={"summary_bins": 1}), r"distill.summary_bins: must be ≥ 2"),
+        (lambda d: d.update(distill={"summary_bins": "many"}), r"distill.summary_bins must be an integer"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, mutate, pattern):
@@ -124,6 +127,19 @@ def test_bad_values_are_refused(tmp_path, mutate, pattern):
     mutate(d)
     with pytest.raises(ConfigError, match=pattern):
         load_config(_write(tmp_path, d))
+
+
+def test_tp_exchange_defaults_and_overrides(tmp_path):
+    from nemo_xtoken.integration import distill
+    from nemo_xtoken.parallel.summary import DEFAULT_BINS
+
+    cfg = config_from_dict(_base())
+    assert (cfg.distill.tp_exchange, cfg.distill.summary_bins) == ("auto", DEFAULT_BINS)  # the config's default is the code's
+    assert distill.TP_EXCHANGES == ("auto", "exact", "summary")
+    cfg = load_config(_write(tmp_path, _base()), ["distill.tp_exchange=summary", "distill.summary_bins=512"])
+    assert (cfg.distill.tp_exchange, cfg.distill.summary_bins) == ("summary", 512)
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.tp_exchnge' \(did you mean 'distill.tp_exchange'\?\)"):
+        load_config(_write(tmp_path, _base()), ["distill.tp_exchnge=exact"])
 
 
 def test_teacher_parallel_equal_to_student_is_fine():

@@ -372,7 +372,9 @@ def loss_and_report(
     accumulation and data parallelism average exactly as for Bridge's own ``masked_next_token_loss``.
     Validation (``training=False``) uses CE only, as Bridge's ``loss_func_kd``.  Every report entry
     is ``[value·tokens, tokens]``; every teacher gets ``kd/``, ``alpha/`` and ``aligned chunk
-    fraction/`` entries on every micro-batch (Bridge requires equal key sets).
+    fraction/`` entries on every micro-batch (Bridge requires equal key sets), and a teacher on the
+    low-traffic exchange (``distill.tp_exchange``) its error bound ``kd bound/`` (present on every
+    micro-batch of such a run).
     """
     num_tokens = loss_mask.detach().reshape(-1).float().sum().to(torch.int)
     n = num_tokens.to(total.device, total.dtype)
@@ -391,6 +393,8 @@ def loss_and_report(
         report[f"kd/{name}"] = _pair(logs.get(f"kd/{name}", zero), num_tokens)
         report[f"alpha/{name}"] = _pair(logs.get(f"alpha/{name}", zero), num_tokens)
         report[f"aligned chunk fraction/{name}"] = _pair(logs.get(f"aligned_chunk_fraction/{name}", zero), num_tokens)
+        if f"kd_bound/{name}" in logs:  # |exact − kd/<name>| ≤ this (the summary exchange's computed bound)
+            report[f"kd bound/{name}"] = _pair(logs[f"kd_bound/{name}"], num_tokens)
     return loss, num_tokens, report
 
 

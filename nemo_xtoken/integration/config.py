@@ -23,6 +23,8 @@ from nemo_xtoken.errors import XTokenError
 __all__ = [
     "LOSSES",
     "ALPHA_SCHEMES",
+    "TP_EXCHANGES",
+    "exchange_mode",
     "ConfigError",
     "PIPELINE_REFUSAL",
     "CONTEXT_REFUSAL",
@@ -49,6 +51,20 @@ ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
 KD_SCALINGS = ("dynamic", "fixed")
 MERGES = ("chain", "mean", "reference")  # = nemo_xtoken.align.merge.MERGES (not imported: keeps the config import torch-free)
 DATA_FORMATS = ("jsonl", "parquet", "preprocessed")
+#: How H-KL / GOLD / ULD cross tensor-parallel ranks (``distill.tp_exchange``): ``auto`` (summary when tp > 1,
+#: else exact), ``exact`` (all-gather both vocabularies), ``summary`` (low traffic, bounded error).
+TP_EXCHANGES = ("auto", "exact", "summary")
+
+
+def exchange_mode(loss: str, tp_exchange: str, tp: int) -> str:
+    """What one teacher's loss sends across TP ranks: ``plan`` (P-KL), ``local`` (KL), ``summary`` or ``all-gather``."""
+    if tp_exchange not in TP_EXCHANGES:
+        raise XTokenError(f"tp_exchange must be one of {list(TP_EXCHANGES)} (config distill.tp_exchange), got {tp_exchange!r}")
+    if loss == "p_kl":
+        return "plan"
+    if loss == "kl":
+        return "local"
+    return "summary" if tp_exchange == "summary" or (tp_exchange == "auto" and tp > 1) else "all-gather"
 
 
 class ConfigError(XTokenError):
@@ -148,6 +164,11 @@ class DistillConfig:
     scale_by_temperature_squared: bool = False
     audit: bool = True  # run the coverage audit at start-up
     block_size: int = 512  # positions per token block (recomputed in the backward); 0: unblocked
+    # how H-KL/GOLD/ULD teachers cross tensor-parallel ranks: summary (low traffic: the sorted L1 from shard
+    # summaries within a computed bound, docs/tensor-parallel.md), exact (all-gather both vocabularies), auto
+    # (summary when tensor_model_parallel_size > 1, exact on one rank)
+    tp_exchange: str = "auto"
+    summary_bins: int = 2048  # intervals of the summary (= nemo_xtoken.parallel.summary.DEFAULT_BINS): 4·bins values per item
 
 
 @dataclass
@@ -277,13 +298,15 @@ class XTokenDistillConfig:
         if self.distill.alpha == "static" and sum(t.weight for t in self.teachers) <= 0:
             raise bad("teachers.*.weight", "static weights sum to 0: give at least one teacher a positive weight")
         d = self.distill
-        for key, val, allowed in (("distill.merge", d.merge, MERGES), ("distill.alpha", d.alpha, ALPHA_SCHEMES), ("distill.kd_scaling", d.kd_scaling, KD_SCALINGS), ("data.format", self.data.format, DATA_FORMATS), ("data.on_too_long", self.data.on_too_long, ("error", "split"))):
+        for key, val, allowed in (("distill.merge", d.merge, MERGES), ("distill.alpha", d.alpha, ALPHA_SCHEMES), ("distill.kd_scaling", d.kd_scaling, KD_SCALINGS), ("distill.tp_exchange", d.tp_exchange, TP_EXCHANGES), ("data.format", self.data.format, DATA_FORMATS), ("data.on_too_long", self.data.on_too_long, ("error", "split"))):
             if val not in allowed:
                 raise bad(key, f"{val!r} is not one of {list(allowed)}")
         if not d.temperature > 0:
             raise bad("distill.temperature", f"must be > 0, got {d.temperature}")
         if d.block_size < 0:
             raise bad("distill.block_size", f"must be ≥ 0 (0: unblocked), got {d.block_size}")
+        if d.summary_bins < 2:
+            raise bad("distill.summary_bins", f"must be ≥ 2 (intervals of the low-traffic sorted-L1 summary; default 2048), got {d.summary_bins}")
         p = self.parallel
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(p, attr) < 1:

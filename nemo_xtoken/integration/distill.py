@@ -64,6 +64,7 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.integration.config import TP_EXCHANGES, exchange_mode
 
 __all__ = [
     "TeacherSpec",
@@ -76,6 +77,8 @@ __all__ = [
     "teacher_inputs_from_batch",
     "xtoken_loss",
     "LOG_KEYS",
+    "TP_EXCHANGES",
+    "exchange_mode",
 ]
 
 LOG_KEYS = ("kd_loss", "logits_loss", "intermediate_loss", "ce_loss", "dynamic_scale")
@@ -129,6 +132,14 @@ class XTokenLogitsLoss(_Loss):
     plans, built once here (never per step).  ``block_size`` (positions, default 512; None:
     unblocked): every loss runs token-blocked with recomputation in the backward
     (:mod:`nemo_xtoken.losses.blocked`), so its ``[N, V]`` intermediates never exceed one block.
+
+    ``tp_exchange`` (:data:`TP_EXCHANGES`) picks how H-KL / GOLD / ULD teachers cross the TP ranks:
+    ``"exact"`` all-gathers both vocabularies per item; ``"summary"`` is the low-traffic path of
+    :mod:`nemo_xtoken.parallel.summary` (a :class:`~nemo_xtoken.parallel.summary.HybridPlan` built
+    here once per teacher, ``summary_bins`` intervals; the common-set KL exact, the sorted L1 within
+    a computed bound, logged per step as ``kd_bound/<teacher>``); ``"auto"``: summary when
+    ``tp > 1``, exact on one rank (where nothing crosses ranks).  :attr:`exchanges` says what each
+    teacher uses; :meth:`traffic` what it sends.
     """
 
     def __init__(
@@ -147,11 +158,14 @@ class XTokenLogitsLoss(_Loss):
         student_tokenizer: Any = None,
         group: Any = None,
         block_size: int | None = 512,
+        tp_exchange: str = "auto",
+        summary_bins: int | None = None,
     ) -> None:
         super().__init__()
         from nemo_xtoken.losses.learnable import LearnableProjection
         from nemo_xtoken.losses.multi_teacher import Teacher
         from nemo_xtoken.parallel import PKLPlan
+        from nemo_xtoken.parallel.summary import DEFAULT_BINS, HybridPlan, SummaryBound
 
         if not teachers or len(teacher_padded) != len(teachers):
             raise XTokenError(f"XTokenLogitsLoss needs one padded width per teacher: {len(teachers)} teachers, {len(teacher_padded)} widths")
@@ -169,6 +183,15 @@ class XTokenLogitsLoss(_Loss):
         if block_size is not None and int(block_size) < 1:
             raise XTokenError(f"block_size must be ≥ 1 positions (or None: unblocked), got {block_size}")
         self.block_size = None if block_size is None else int(block_size)
+        if tp_exchange not in TP_EXCHANGES:
+            raise XTokenError(f"tp_exchange must be one of {list(TP_EXCHANGES)} (config distill.tp_exchange), got {tp_exchange!r}")
+        self.summary_bins = DEFAULT_BINS if summary_bins is None else int(summary_bins)
+        if self.summary_bins < 2:
+            raise XTokenError(f"summary_bins must be ≥ 2 (config distill.summary_bins), got {summary_bins}")
+        self.tp_exchange = tp_exchange
+        low_traffic = exchange_mode("h_kl", tp_exchange, self.tp) == "summary"
+        self.exchanges: list[str] = []  # per teacher: "plan" (P-KL), "summary", "all-gather" or "local" (KL)
+        self._bounds: list[Any] = []  # per teacher: its SummaryBound in summary mode, else None
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.learnable_w = nn.ModuleDict()  # teacher name → LearnableProjection (parameters, checkpointed)
         self._teachers = []
@@ -203,14 +226,55 @@ class XTokenLogitsLoss(_Loss):
                 opts.setdefault("student_vocab_size", self.student_vocab_size)
                 if vt is not None:
                     opts.setdefault("teacher_vocab_size", vt)
+                if low_traffic:  # built once here, never per step
+                    proj = HybridPlan.build(
+                        proj, self.tp, self.student_padded, tpad, relaxed=spec.loss == "h_kl", bins=self.summary_bins,
+                        student_vocab_size=self.student_vocab_size, teacher_vocab_size=vt,
+                    )
             elif spec.loss in ("kl", "uld"):
                 opts.setdefault("student_vocab_size", self.student_vocab_size)
                 opts.setdefault("teacher_vocab_size", vt if vt is not None else self.student_vocab_size)
+                if spec.loss == "uld" and low_traffic:
+                    opts.setdefault("summary_bins", self.summary_bins)
             else:
                 raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl")
+            self.exchanges.append(exchange_mode(spec.loss, tp_exchange, self.tp))
+            bound = SummaryBound() if self.exchanges[-1] == "summary" else None
+            if bound is not None:
+                opts["bound_out"] = bound
+            self._bounds.append(bound)
             if self.block_size is not None:
                 opts.setdefault("block_size", self.block_size)
             self._teachers.append(Teacher(loss=spec.loss, projection=proj, weight=spec.weight, options=opts))
+
+    def traffic(self) -> list[dict[str, Any]]:
+        """Per teacher: its exchange and the bytes each TP rank sends per item in the forward (fp32, from the plans).
+
+        ``bytes_per_token_per_rank`` (mean and busiest rank, the per-item scalars included;
+        ``bytes_per_rank``: every rank's) against
+        ``all_gather_bytes``, what gathering the vocabulary would send: the student's logits for P-KL
+        (the P-KL table's comparison), both sides' rows for ULD / GOLD / H-KL (their exact path).
+        """
+        from nemo_xtoken.parallel.traffic import BYTES_PER_VALUE, all_gather_values, exchange_values_per_token
+
+        out = []
+        for spec, tch, ex, tpad in zip(self.specs, self._teachers, self.exchanges, self.teacher_padded):
+            plan = tch.projection if ex in ("plan", "summary") and spec.loss != "uld" else None
+            sent = exchange_values_per_token(spec.loss, ex, self.tp, self.student_padded, tpad, plan=plan, bins=self.summary_bins) * BYTES_PER_VALUE
+            width = self.student_padded if spec.loss == "p_kl" else self.student_padded + tpad
+            gather = all_gather_values(width, self.tp) * BYTES_PER_VALUE if spec.loss != "kl" else 0.0
+            row = {
+                "teacher": spec.name, "loss": spec.loss, "exchange": ex, "tp": self.tp,
+                "student_padded": self.student_padded, "teacher_padded": tpad,
+                "bytes_per_token_per_rank": {"mean": float(sent.mean()), "max": float(sent.max())},
+                "bytes_per_rank": [float(x) for x in sent],
+                "all_gather_bytes": float(gather),
+                "fraction_of_all_gather": float(sent.mean() / gather) if gather > 0 else None,
+            }
+            if ex == "summary":
+                row["summary_bins"] = self.summary_bins
+            out.append(row)
+        return out
 
     def forward(self, predictions: Any, targets: Any, *, alignments: Sequence[Any], **_: Any) -> torch.Tensor:
         """The α-weighted KD loss of one micro-batch (see the class doc); extra kwargs are ignored."""
@@ -244,6 +308,9 @@ class XTokenLogitsLoss(_Loss):
                     "the batch's teacher fields belong to another teacher or sequence length"
                 )
             t.append(x.flat() if sparse else x.reshape(-1, x.shape[-1]))
+        for bound in self._bounds:
+            if bound is not None:
+                bound.reset()
         mt = vocab_parallel_multi_teacher(
             s, t, self._teachers, alignments=list(alignments), weighting=self.weighting, merge=self.merge,
             temperature=self.temperature, scale_by_temperature_squared=self.scale_by_temperature_squared, group=self.group,
@@ -252,6 +319,10 @@ class XTokenLogitsLoss(_Loss):
         for k, spec in enumerate(self.specs):
             metrics[f"kd/{spec.name}"] = mt.losses[k].detach()
             metrics[f"alpha/{spec.name}"] = mt.alphas[k].detach()
+            bound = self._bounds[k]
+            if bound is not None:  # the low-traffic term's stated bound: |exact − kd/<teacher>| ≤ kd_bound/<teacher>
+                bound.freeze()  # the backward's recomputed blocks do not count again
+                metrics[f"kd_bound/{spec.name}"] = bound.total("mean").to(device=mt.losses[k].device, dtype=mt.losses[k].dtype)
             a = alignments[k]
             if a is not None and a.n_chunks > 0:
                 metrics[f"aligned_chunk_fraction/{spec.name}"] = a.chunk_mask().float().mean().detach()
@@ -500,7 +571,7 @@ def criterion_from_config(
         specs, student_vocab_size=int(resources.student_tokenizer.vocab_size), student_padded=student_padded,
         teacher_padded=teacher_padded, tp=tp, weighting=d.alpha, merge=d.merge, temperature=d.temperature,
         scale_by_temperature_squared=d.scale_by_temperature_squared, student_tokenizer=resources.student_tokenizer, group=group,
-        block_size=getattr(d, "block_size", 512) or None,
+        block_size=getattr(d, "block_size", 512) or None, tp_exchange=d.tp_exchange, summary_bins=d.summary_bins,
     )
     return crit, XTokenLossBalancer(d.kd_scaling, ce_weight=d.ce_weight, kd_weight=d.kd_weight)
 

@@ -8,8 +8,11 @@ step.  ``--check`` stops after validation: it also reads, aligns and packs the f
 ``data.paths`` at the configured lengths, and asks Megatron-Bridge whether it can convert the
 student and every teacher (their ``config.json`` only; :func:`~nemo_xtoken.integration.bridge.model_support`),
 so a teacher Bridge cannot load (before the plugin's Phi3 bridge: Phi-4-mini) fails here, not after
-the job has started.  On a machine without transformer_engine (a login node, CI) ``--check`` imports
-Bridge through the scoped import hook of :mod:`nemo_xtoken.testing.bridge_te_shim`; training itself
+the job has started.  It also builds the run's criterion at the configured tensor-parallel size
+(:func:`exchange_report`) and reports how each teacher's loss crosses the TP ranks (P-KL plan,
+low-traffic summary or exact all-gather: ``distill.tp_exchange``) and the bytes per token per
+rank.  On a machine without transformer_engine (a login node, CI) ``--check`` imports Bridge
+through the scoped import hook of :mod:`nemo_xtoken.testing.bridge_te_shim`; training itself
 never does.  ``--no-resources`` skips every file: tokenizers, W files, data and model configs.
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from nemo_xtoken.errors import XTokenError
 
-__all__ = ["build_parser", "main", "prepare", "check_models"]
+__all__ = ["build_parser", "main", "prepare", "check_models", "exchange_report", "format_exchange_report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +78,67 @@ def check_models(cfg, base_dir: Path) -> dict:
     return out
 
 
+def _output_width(model: str, base_dir: Path) -> int:
+    """A model's output width as the run builds it: its Hugging Face config's ``vocab_size``.
+
+    Bridge keeps a preset vocabulary size unpadded (``should_pad_vocab`` is off for it), so this is
+    the width of the student's and every live teacher's output layer.
+    """
+    from nemo_xtoken.integration.bridge import _hf_config, _resolve_model
+
+    c = _hf_config(_resolve_model(model, base_dir))
+    v = getattr(c, "vocab_size", None)
+    if v is None and hasattr(c, "get_text_config"):
+        v = getattr(c.get_text_config(), "vocab_size", None)
+    if v is None:
+        raise XTokenError(f"{model}: its Hugging Face config has no vocab_size: cannot size the output layer")
+    return int(v)
+
+
+def exchange_report(cfg, resources, base_dir: Path) -> list[dict]:
+    """Per teacher: how its loss crosses the tensor-parallel ranks and, with resources, the bytes per token per rank.
+
+    Builds the run's criterion (:func:`~nemo_xtoken.integration.distill.criterion_from_config`) at
+    ``parallel.tensor_model_parallel_size`` with the models' output widths read from their Hugging
+    Face configs (a cached teacher: its vocabulary padded as the run pads it) and returns its
+    :meth:`~nemo_xtoken.integration.distill.XTokenLogitsLoss.traffic`.  Without resources (no W
+    read) only the exchange each teacher will use.
+    """
+    from nemo_xtoken.integration.config import exchange_mode
+
+    tp = cfg.parallel.tensor_model_parallel_size
+    if resources is None:
+        return [{"teacher": t.name, "loss": t.loss, "exchange": exchange_mode(t.loss, cfg.distill.tp_exchange, tp), "tp": tp}
+                for t in cfg.teachers]
+    from nemo_xtoken.integration.distill import criterion_from_config
+    from nemo_xtoken.offline import padded_vocab_size
+
+    widths = []
+    for t in cfg.teachers:
+        if t.cache is not None:
+            widths.append(padded_vocab_size(resources.caches[t.name].vocab_size, tp))
+        else:
+            widths.append(_output_width(t.model, base_dir))
+    crit, _ = criterion_from_config(cfg, resources, tp=tp, student_padded=_output_width(cfg.student.model, base_dir), teacher_padded=widths)
+    return crit.traffic()
+
+
+def format_exchange_report(rows: list[dict]) -> str:
+    """One line per teacher: exchange, bytes per token per rank, share of an all-gather."""
+    lines = []
+    for r in rows:
+        head = f"kd exchange: teacher {r['teacher']} ({r['loss']}, tp {r['tp']}): {r['exchange']}"
+        if "summary_bins" in r:
+            head += f" ({r['summary_bins']} bins, bounded error logged as kd_bound/{r['teacher']})"
+        b = r.get("bytes_per_token_per_rank")
+        if b is not None:
+            head += f"; {b['mean']:,.0f} bytes per token per rank (busiest rank {b['max']:,.0f})"
+            if r.get("fraction_of_all_gather") is not None:
+                head += f", {100 * r['fraction_of_all_gather']:.1f} % of an all-gather ({r['all_gather_bytes']:,.0f})"
+        lines.append(head)
+    return "\n".join(lines)
+
+
 def _check_data(cfg, resources, base_dir: Path) -> None:
     """``--check``'s data part (docs/data.md): the paths exist, the first documents read, align and pack.
 
@@ -101,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             report = bridge_config_kwargs(cfg, base_dir=base_dir)
             if not args.no_resources:
                 report = {"models": check_models(cfg, base_dir), **report}
+            exchange = exchange_report(cfg, resources, base_dir)
+            print(format_exchange_report(exchange), file=sys.stderr)
+            report = {"kd_exchange": exchange, **report}
             print(json.dumps(report, indent=2, default=str))
             return 0
         from nemo_xtoken.integration.bridge import build_config_container, run_pretrain

@@ -29,6 +29,7 @@ from nemo_xtoken.parallel.losses import (
 )
 from nemo_xtoken.parallel.plan import PKLPlan
 from nemo_xtoken.parallel.primitives import vocab_parallel_log_softmax
+from nemo_xtoken.parallel.summary import HybridPlan
 
 __all__ = [
     "PARALLEL_LOSSES",
@@ -177,6 +178,8 @@ def vocab_parallel_multi_teacher(
 
     def score(tch: Teacher, logits: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
         plan = tch.projection if isinstance(tch.projection, PKLPlan) else None
+        if isinstance(tch.projection, HybridPlan):  # low-traffic GOLD/H-KL: its common-set plan has the teacher's layout
+            plan = tch.projection.pkl
         valid, vocab = None, tch.options.get("teacher_vocab_size")
         if plan is not None:
             w = logits.shape[-1]

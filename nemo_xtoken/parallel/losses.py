@@ -508,12 +508,14 @@ def vocab_parallel_uld(
     scale_by_temperature_squared: bool = False,
     block_size: int | None = None,
     summary_bins: int | None = None,
+    bound_out: Any = None,
     group: Any = None,
 ) -> torch.Tensor:
     """ULD on vocab shards: exact (the sort on the gathered item rows), or low traffic with ``summary_bins``.
 
     ``summary_bins=G``: the sorted L1 from additive shard summaries (:mod:`nemo_xtoken.parallel.summary`,
-    ``4·G`` values all-reduced per item instead of both vocabularies, error bound stated there).
+    ``4·G`` values all-reduced per item instead of both vocabularies, error bound stated there);
+    ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives that bound.
     """
     _check_reduction(reduction)
     group = resolve_group(group)
@@ -522,7 +524,7 @@ def vocab_parallel_uld(
         return _blocked(vocab_parallel_uld, student_logits, teacher_logits, None, block_size, alignment, mask, reduction, group,
                         student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size, merge=merge,
                         temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        summary_bins=summary_bins)
+                        summary_bins=summary_bins, bound_out=bound_out)
     _, tp = group_rank_size(group)
     vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
@@ -533,8 +535,11 @@ def vocab_parallel_uld(
     if summary_bins is not None:  # low traffic: the sorted L1 from shard summaries (stated error bound)
         from nemo_xtoken.parallel.summary import summary_sorted_l1
 
-        loss, _ = summary_sorted_l1(items.lp_s.exp(), items.lp_t.detach().exp(), bins=int(summary_bins), group=group)
-        return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+        loss, bound = summary_sorted_l1(items.lp_s.exp(), items.lp_t.detach().exp(), bins=int(summary_bins), group=group)
+        scale = temperature**2 if scale_by_temperature_squared else 1.0
+        if bound_out is not None:
+            bound_out.add(bound * scale)
+        return _reduce(loss, items, reduction, scale)
     ls, lt = _gathered_probs(items, vs, vt, group)
     loss = _sorted_l1(ls.exp(), lt.exp())  # replicated: computed once per rank, not summed over ranks
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
@@ -543,7 +548,7 @@ def vocab_parallel_uld(
 def _hybrid(
     student_logits, teacher_logits, projection, relaxed, alignment, merge, mask, temperature, reduction,
     scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
-    block_size=None,
+    block_size=None, bound_out=None,
 ) -> torch.Tensor:
     from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
 
@@ -552,7 +557,8 @@ def _hybrid(
     _check_reduction(reduction)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
-    teacher_logits = shard_teacher(teacher_logits, group)
+    # a cached SparseTeacher → this rank's columns (at a HybridPlan's padded width and permutation)
+    teacher_logits = shard_teacher(teacher_logits, group, plan=projection if isinstance(projection, HybridPlan) else None)
     if isinstance(projection, HybridPlan):
         w = projection
     else:
@@ -561,11 +567,11 @@ def _hybrid(
         fn = vocab_parallel_h_kl if relaxed else vocab_parallel_gold
         return _blocked(fn, student_logits, teacher_logits, w, block_size, alignment, mask, reduction, group,
                         merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, bound_out=bound_out)
     if isinstance(w, HybridPlan):
         return _hybrid_low_traffic(
             student_logits, teacher_logits, w, relaxed, alignment, merge, mask, temperature, reduction,
-            scale_by_temperature_squared, matched_weight, unmatched_weight, group,
+            scale_by_temperature_squared, matched_weight, unmatched_weight, group, bound_out,
         )
     v_s, v_t = w.shape
     s = _flatten(student_logits, "student_logits")
@@ -611,7 +617,7 @@ def _hybrid(
 
 def _hybrid_low_traffic(
     student_logits, teacher_logits, plan, relaxed, alignment, merge, mask, temperature, reduction,
-    scale_by_temperature_squared, matched_weight, unmatched_weight, group,
+    scale_by_temperature_squared, matched_weight, unmatched_weight, group, bound_out=None,
 ) -> torch.Tensor:
     """GOLD / H-KL through a :class:`~nemo_xtoken.parallel.summary.HybridPlan` (:mod:`nemo_xtoken.parallel.summary`)."""
     from nemo_xtoken.parallel.summary import summary_sorted_l1
@@ -653,9 +659,12 @@ def _hybrid_low_traffic(
     matched = sum_partials(_KLPartial.apply(lp_tc, q, True, eps), group)
     ps = items.lp_s.exp().masked_fill(~s_keep, 0.0)
     pt = items.lp_t.detach().exp().masked_fill(~t_keep, 0.0)
-    unmatched, _ = summary_sorted_l1(ps, pt, bins=plan.bins, group=group)
+    unmatched, bound = summary_sorted_l1(ps, pt, bins=plan.bins, group=group)
     loss = float(matched_weight) * matched + float(unmatched_weight) * unmatched
-    return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    if bound_out is not None:  # exact − value ∈ [0, unmatched_weight · bound] per item (unmatched_weight ≥ 0)
+        bound_out.add(abs(float(unmatched_weight)) * scale * bound)
+    return _reduce(loss, items, reduction, scale)
 
 
 def vocab_parallel_gold(
@@ -674,12 +683,17 @@ def vocab_parallel_gold(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
+    bound_out: Any = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
+    """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``.
+
+    ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives the low-traffic path's error bound.
+    """
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
+        bound_out,
     )
 
 
@@ -699,10 +713,15 @@ def vocab_parallel_h_kl(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
+    bound_out: Any = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``."""
+    """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``.
+
+    ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives the low-traffic path's error bound.
+    """
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
+        bound_out,
     )

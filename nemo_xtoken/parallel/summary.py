@@ -36,7 +36,7 @@ from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.parallel.comm import sum_partials
 from nemo_xtoken.parallel.plan import PKLPlan
 
-__all__ = ["HybridPlan", "summary_sorted_l1", "summary_grid", "DEFAULT_BINS", "summary_values_per_token"]
+__all__ = ["HybridPlan", "SummaryBound", "summary_sorted_l1", "summary_grid", "DEFAULT_BINS", "summary_values_per_token"]
 
 DEFAULT_BINS = 2048  # log-spaced intervals on [1e-16, 1] (ratio 1.018 between edges) + [0, 1e-16)
 _LOW = -16.0
@@ -101,6 +101,49 @@ def summary_sorted_l1(
     return value, bound
 
 
+class SummaryBound:
+    """Collects the computed error bound of a low-traffic loss call by call (``bound_out=`` of the losses).
+
+    Each call of a low-traffic ULD / GOLD / H-KL (one per token block) adds its counted items'
+    bounds, already weighted as their losses are (the absolute unmatched weight, temperature²), so
+    ``total("mean")`` bounds ``|exact − value|`` of the loss's ``"mean"`` and ``total("sum")`` of its
+    ``"sum"``; with a non-negative unmatched weight (the default, and TRL's adaptive one)
+    ``value ≤ exact ≤ value + total``.  A token-blocked loss recomputes its blocks in the
+    backward: :meth:`freeze` after reading the forward's bound keeps those calls out.
+    """
+
+    def __init__(self) -> None:
+        self._sums: list[torch.Tensor] = []
+        self._items = 0
+        self._frozen = False
+
+    def reset(self) -> None:
+        """Forget everything recorded and record again (call before the loss's forward)."""
+        self._sums, self._items, self._frozen = [], 0, False
+
+    def freeze(self) -> None:
+        """Ignore further calls (the backward's recomputed blocks) until :meth:`reset`."""
+        self._frozen = True
+
+    def add(self, item_bounds: torch.Tensor) -> None:
+        """Record one call's per-item bounds ``[n]`` (the counted items of that call)."""
+        if not self._frozen:
+            self._sums.append(item_bounds.detach().sum().to(torch.float64))
+            self._items += int(item_bounds.numel())
+
+    @property
+    def items(self) -> int:
+        """Counted items recorded since the last :meth:`reset`."""
+        return self._items
+
+    def total(self, reduction: str = "mean") -> torch.Tensor:
+        """The bound of the loss's ``"mean"`` (per counted item) or ``"sum"`` over the recorded calls."""
+        if reduction not in ("mean", "sum"):
+            raise XTokenError(f"SummaryBound.total: reduction must be 'mean' or 'sum', got {reduction!r}")
+        s = torch.stack(self._sums).sum() if self._sums else torch.zeros((), dtype=torch.float64)
+        return s / max(self._items, 1) if reduction == "mean" else s
+
+
 @dataclass
 class HybridPlan:
     """GOLD / H-KL on vocab shards with low traffic: the common set's exchange plan and column masks.
@@ -128,6 +171,16 @@ class HybridPlan:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.pkl.student_vocab_size, self.pkl.teacher_vocab_size)
+
+    @property
+    def teacher_padded(self) -> int:
+        """The padded teacher width the plan was built for (a cached teacher is materialized to it)."""
+        return self.pkl.teacher_padded
+
+    @property
+    def teacher_perm(self) -> np.ndarray | None:
+        """The teacher permutation the plan was built with (column ``j`` holds teacher id ``teacher_perm[j]``), or None."""
+        return self.pkl.teacher_perm
 
     @staticmethod
     def build(
