@@ -9,7 +9,6 @@ curve with the memo as with the teacher run live at every step.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from dataclasses import replace
 
 import pytest
@@ -34,20 +33,17 @@ def fast_data(llama3, qwen3, o200k):
 
 def _in_megatron(fn, *args):
     """Run ``fn(*args)`` in a fresh forked process with a one-rank CPU Megatron (as the demo's jobs run)."""
-    with mp.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(_entry, (fn, *args))
+    from nemo_xtoken.megatron_cpu import spawn
+
+    return spawn(_entry, 1, fn, *args, timeout=600)[0]
 
 
-def _entry(fn, *args):
-    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, destroy_megatron_cpu, free_port, init_megatron_cpu
+def _entry(rank, world, fn, *args):
+    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, init_megatron_cpu
 
-    torch.set_num_threads(1)
-    init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=3, port=free_port())
-    try:
-        with cpu_megatron_patches():
-            return fn(*args)
-    finally:
-        destroy_megatron_cpu()
+    init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=3)
+    with cpu_megatron_patches():
+        return fn(*args)
 
 
 def _memo_vs_live(cfg, data):

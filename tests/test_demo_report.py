@@ -82,3 +82,22 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys, argv, needl
     assert main(["demo", "-o", str(out), *argv]) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()  # refused before the audits wrote anything
+
+
+def test_demo_stops_when_the_audits_fail(tmp_path, capsys, monkeypatch):
+    """The audits run in a forked process beside the imports: their failure stops the demo (exit 2) with their traceback."""
+    from nemo_xtoken.cli import demo_cmds
+    from nemo_xtoken.cli.main import main
+
+    def broken(out):
+        print("building W …")
+        raise RuntimeError("tokenizer file is damaged")
+
+    monkeypatch.setattr(demo_cmds, "_audits", broken)
+    ran = []
+    monkeypatch.setattr("nemo_xtoken.demo.run.run_demo", lambda *a, **k: ran.append(1))
+    assert main(["demo", "--fast", "--no-progress", "-o", str(tmp_path / "out")]) == 2
+    cap = capsys.readouterr()
+    assert "W audits failed" in cap.err and "tokenizer file is damaged" in cap.err
+    assert "building W" in cap.out  # what the audits printed before failing is shown
+    assert not ran  # nothing trained

@@ -164,7 +164,7 @@ def merge_log_probs(
         first.scatter_reduce_(0, cid, pos, reduce="amin")
         has = first < n
         # (no position: zeros still connected to the graph, so an empty side back-propagates zeros)
-        rows = log_probs[first.clamp(max=max(n - 1, 0))] if n else log_probs.new_zeros(n_chunks, v) + log_probs.sum() * 0
+        rows = log_probs.index_select(0, first.clamp(max=max(n - 1, 0))) if n else log_probs.new_zeros(n_chunks, v) + log_probs.sum() * 0
         if normalize:
             merged = rows
         else:

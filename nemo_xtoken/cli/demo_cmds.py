@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,55 @@ def _audits(out: Path) -> dict:
     (out / "audits.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out / 'audits.json'}")
     return summary
+
+
+def _audit_child(out: Path, conn) -> None:
+    """Run :func:`_audits` in a forked process; send its printed text (or the failure's traceback) back."""
+    import contextlib
+    import io
+    import traceback
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            _audits(out)
+        conn.send(("ok", buf.getvalue()))
+    except BaseException:
+        conn.send(("error", buf.getvalue() + traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _audits_beside_imports(out: Path) -> dict:
+    """The audits in a forked process while this one imports Megatron-core and ModelOpt (one core each).
+
+    Both are start-up work that the training cannot begin without (the audits build and cache W;
+    the training's workers are forked from this process with the imports in place), ~15 s each on
+    a fresh machine, so running them side by side saves about as much wall time.  The audits'
+    output is printed once they end, in the order a serial run prints it.
+    """
+    import multiprocessing as mp
+
+    from nemo_xtoken.demo.run import _preimport
+    from nemo_xtoken.errors import XTokenError
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    sys.stdout.flush()
+    proc = ctx.Process(target=_audit_child, args=(out, send))
+    proc.start()
+    send.close()
+    try:
+        _preimport()
+        status, text = recv.recv() if recv.poll(None) else ("error", "the audit process sent nothing")
+    except EOFError:
+        status, text = "error", "the audit process ended without a result"
+    finally:
+        proc.join()
+    print(text, end="")
+    if status != "ok" or proc.exitcode != 0:
+        raise XTokenError(f"the W audits failed (exit code {proc.exitcode}):\n{text[-2000:]}")
+    return json.loads((out / "audits.json").read_text())
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -89,9 +139,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise XTokenError(f"--methods: {e}") from None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    audits = _audits(out)
     if args.audit_only:
+        _audits(out)
         return 0
+    audits = _audits_beside_imports(out)
     print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps, {cfg.student_steps} student steps, "
           f"batch {cfg.batch}, seeds {list(cfg.seeds)}")
     results = run_demo(cfg, progress=not args.no_progress)

@@ -44,7 +44,7 @@ from nemo_xtoken.parallel.comm import (
     sum_partials,
 )
 from nemo_xtoken.parallel.plan import PKLPlan, projection_csr
-from nemo_xtoken.parallel.primitives import vocab_parallel_gather, vocab_parallel_log_softmax
+from nemo_xtoken.parallel.primitives import prefix_or_mask, vocab_parallel_gather, vocab_parallel_log_softmax
 
 __all__ = [
     "vocab_parallel_kl",
@@ -109,9 +109,11 @@ def _prepare(
     if merge not in MERGES:
         raise XTokenError(f"merge must be one of {MERGES}, got {merge!r}")
     t_valid = None
-    if teacher_valid is not None:
+    if teacher_valid is not None:  # read on the host: a prefix of real columns becomes an int (a slice fill)
         a = rank * t.shape[1]
-        t_valid = torch.from_numpy(np.ascontiguousarray(teacher_valid[a : a + t.shape[1]])).to(t.device)
+        t_valid = prefix_or_mask(teacher_valid[a : a + t.shape[1]])
+        if isinstance(t_valid, torch.Tensor):
+            t_valid = t_valid.to(t.device)
     lp_s = vocab_parallel_log_softmax(s, vocab_size=student_vocab, group=group, temperature=temperature, name="student_logits")
     lp_t = vocab_parallel_log_softmax(
         t, vocab_size=teacher_vocab, valid=t_valid, group=group, temperature=temperature, name="teacher_logits"
@@ -130,7 +132,7 @@ def _prepare(
             if m.shape[0] != s.shape[0]:
                 raise XTokenError(f"mask has {m.shape[0]} entries (shape {tuple(mask.shape)}) but there are {s.shape[0]} positions")
             index = torch.nonzero(m.to(s.device).bool(), as_tuple=True)[0]
-        return _Items(lp_s[index], lp_t[index], index, s.shape[0])
+        return _Items(lp_s.index_select(0, index), lp_t.index_select(0, index), index, s.shape[0])
     al = alignment.to(s.device)
     for side, ids, tg, n in (
         ("student", al.student_chunk_ids, al.student_targets, s.shape[0]),
@@ -162,7 +164,7 @@ def _prepare(
         ct[al.teacher_chunk_ids[al.teacher_chunk_ids >= 0]] = True
         cm = cs & ct
     index = torch.nonzero(cm, as_tuple=True)[0]
-    return _Items(ms[index], mt[index], index, al.n_chunks)
+    return _Items(ms.index_select(0, index), mt.index_select(0, index), index, al.n_chunks)
 
 
 def _reduce(item_loss: torch.Tensor, items: _Items, reduction: str, scale: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,6 +33,46 @@ def local_valid_columns(width: int, rank: int, vocab_size: int | None, device=No
     return torch.arange(a, b, device=device) < vocab_size
 
 
+def real_prefix(width: int, rank: int, vocab_size: int | None) -> int | None:
+    """How many leading columns of this shard are real vocabulary (None: all of them; the rest is padding)."""
+    a, b = shard_range(width, rank)
+    if vocab_size is None or vocab_size >= b:
+        return None
+    return max(vocab_size - a, 0)
+
+
+def prefix_or_mask(valid: Any) -> torch.Tensor | int | None:
+    """A bool column mask as :func:`vocab_parallel_log_softmax` takes it: its length of leading ``True`` when it is a prefix.
+
+    ``valid``: None, or a numpy/CPU bool array (read on the host, so no device sync); a prefix
+    (``True…True False…False``) becomes an int, the cheap form; anything else stays a bool tensor.
+    """
+    if valid is None or isinstance(valid, int):
+        return valid
+    v = valid.cpu().numpy() if isinstance(valid, torch.Tensor) else np.asarray(valid)
+    k = int(v.sum())
+    if bool(v[:k].all()):
+        return None if k == v.shape[0] else k
+    return valid if isinstance(valid, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+
+
+def _fill_invalid(x: torch.Tensor, valid: torch.Tensor | int | None, value: float) -> torch.Tensor:
+    """``x`` with its non-vocabulary columns set to ``value`` (a copy; ``x`` itself is left alone).
+
+    ``valid``: None (every column real), an int ``k`` (the first ``k`` columns real: a slice fill,
+    several times cheaper than a masked fill), or a bool ``[w]`` mask.
+    """
+    if valid is None:
+        return x
+    if isinstance(valid, int):
+        if valid >= x.shape[-1]:
+            return x
+        y = x.clone()
+        y[..., valid:] = value
+        return y
+    return x.masked_fill(~valid, value)
+
+
 class _VocabParallelLogSoftmax(torch.autograd.Function):
     """log-softmax over the full (sharded) vocabulary: all-reduce MAX, then SUM of exp.
 
@@ -40,11 +81,9 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, valid: torch.Tensor | None, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        z = z.float()
-        if valid is not None:
-            z = z.masked_fill(~valid, float("-inf"))
-        m = z.max(dim=-1, keepdim=True).values if z.shape[-1] else z.new_full((z.shape[0], 1), float("-inf"))
+    def forward(ctx, z: torch.Tensor, valid: torch.Tensor | int | None, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        z = _fill_invalid(z.float(), valid, float("-inf"))
+        m = z.amax(dim=-1, keepdim=True) if z.shape[-1] else z.new_full((z.shape[0], 1), float("-inf"))
         tp = group_rank_size(group)[1]
         if tp > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -58,16 +97,14 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         lse = m + log_s
         ctx.mark_non_differentiable(lse)
         ctx.group, ctx.tp = group, tp
-        ctx.save_for_backward(lp, valid if valid is not None else torch.empty(0, dtype=torch.bool))
-        ctx.has_valid = valid is not None
+        ctx.save_for_backward(lp, valid if isinstance(valid, torch.Tensor) else torch.empty(0, dtype=torch.bool))
+        ctx.valid = valid if not isinstance(valid, torch.Tensor) else True  # an int (real prefix) or None is kept here
         return lp, lse
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _g_lse: torch.Tensor | None = None):
         lp, valid = ctx.saved_tensors
-        g = g.float()
-        if ctx.has_valid:
-            g = g.masked_fill(~valid, 0.0)
+        g = _fill_invalid(g.float(), valid if ctx.valid is True else ctx.valid, 0.0)
         gs = g.sum(dim=-1, keepdim=True)
         if ctx.tp > 1:
             dist.all_reduce(gs, op=dist.ReduceOp.SUM, group=ctx.group)
@@ -88,15 +125,16 @@ def vocab_parallel_log_softmax(
     """fp32 log-probabilities of this rank's shard ``[N, w]`` over the whole sharded vocabulary.
 
     ``vocab_size`` = the tokenizer's size (columns at or beyond it are padding, probability 0);
-    or ``valid``, a bool ``[w]`` mask of this shard's real columns (for permuted vocabularies).
+    or ``valid``, a bool ``[w]`` mask of this shard's real columns (for permuted vocabularies), or
+    an int ``k``: the shard's first ``k`` columns are real (see :func:`prefix_or_mask`).
     ``check_finite`` raises on NaN/inf logits, on every rank alike (it reads the all-reduced
     normalizer, so no extra collective), at the cost of one device sync.
     """
     if logits.dim() != 2:
         raise XTokenError(f"vocab_parallel_log_softmax needs {name} [N, V/tp], got shape {tuple(logits.shape)}")
     rank, _ = group_rank_size(group)
-    if valid is None:
-        valid = local_valid_columns(logits.shape[1], rank, vocab_size, device=logits.device)
+    if valid is None:  # padding is a tail of columns: a prefix length (a slice fill), not a mask
+        valid = real_prefix(logits.shape[1], rank, vocab_size)
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
