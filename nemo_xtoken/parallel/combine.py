@@ -28,7 +28,7 @@ from nemo_xtoken.parallel.losses import (
     vocab_parallel_uld,
 )
 from nemo_xtoken.parallel.plan import PKLPlan
-from nemo_xtoken.parallel.primitives import vocab_parallel_log_softmax
+from nemo_xtoken.parallel.primitives import prefix_or_mask, vocab_parallel_log_softmax
 from nemo_xtoken.parallel.summary import HybridPlan
 
 __all__ = [
@@ -95,7 +95,7 @@ def vocab_parallel_teacher_score(
     scheme: str,
     *,
     vocab_size: int | None = None,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | int | None = None,
     positions: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     group: Any = None,
@@ -183,7 +183,8 @@ def vocab_parallel_multi_teacher(
         valid, vocab = None, tch.options.get("teacher_vocab_size")
         if plan is not None:
             w = logits.shape[-1]
-            valid = torch.from_numpy(plan.teacher_valid()[rank * w : (rank + 1) * w]).to(logits.device)
+            valid = prefix_or_mask(plan.teacher_valid()[rank * w : (rank + 1) * w])  # read on the host, as in the losses
+            valid = valid.to(logits.device) if isinstance(valid, torch.Tensor) else valid
             targets = plan.map_teacher_ids(targets) if targets is not None else None
         elif vocab is None and tch.projection is not None:
             from nemo_xtoken.losses.reference import resolve_projection

@@ -17,20 +17,12 @@ import torch.distributed as dist
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.parallel.comm import all_reduce_sum, group_rank_size
 
-__all__ = ["shard_range", "local_valid_columns", "vocab_parallel_log_softmax", "vocab_parallel_gather"]
+__all__ = ["shard_range", "real_prefix", "prefix_or_mask", "vocab_parallel_log_softmax", "vocab_parallel_gather"]
 
 
 def shard_range(width: int, rank: int) -> tuple[int, int]:
     """Global column range ``[start, end)`` of a rank's shard of width ``width``."""
     return rank * width, (rank + 1) * width
-
-
-def local_valid_columns(width: int, rank: int, vocab_size: int | None, device=None) -> torch.Tensor | None:
-    """bool ``[width]``: this shard's columns that are real vocabulary (None = all real)."""
-    a, b = shard_range(width, rank)
-    if vocab_size is None or vocab_size >= b:
-        return None
-    return torch.arange(a, b, device=device) < vocab_size
 
 
 def real_prefix(width: int, rank: int, vocab_size: int | None) -> int | None:
@@ -97,14 +89,15 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         lse = m + log_s
         ctx.mark_non_differentiable(lse)
         ctx.group, ctx.tp = group, tp
-        ctx.save_for_backward(lp, valid if isinstance(valid, torch.Tensor) else torch.empty(0, dtype=torch.bool))
-        ctx.valid = valid if not isinstance(valid, torch.Tensor) else True  # an int (real prefix) or None is kept here
+        ctx.has_mask = isinstance(valid, torch.Tensor)
+        ctx.prefix = None if ctx.has_mask else valid  # an int (real columns first) or None
+        ctx.save_for_backward(lp, valid if ctx.has_mask else torch.empty(0, dtype=torch.bool))
         return lp, lse
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _g_lse: torch.Tensor | None = None):
         lp, valid = ctx.saved_tensors
-        g = _fill_invalid(g.float(), valid if ctx.valid is True else ctx.valid, 0.0)
+        g = _fill_invalid(g.float(), valid if ctx.has_mask else ctx.prefix, 0.0)
         gs = g.sum(dim=-1, keepdim=True)
         if ctx.tp > 1:
             dist.all_reduce(gs, op=dist.ReduceOp.SUM, group=ctx.group)
