@@ -133,3 +133,47 @@ def test_fixed_kd_weight_student(fast_data, tmp_path):
     assert c["scale"] == [2.5] * 15
     dyn = ce / kd.abs()
     assert (dyn - 2.5).abs().min() > 0.1  # dynamic scaling would have used another weight
+
+
+def _greedy_vs_naive(cfg, data):
+    """The demo's batched, length-sorted, early-stopping greedy decode against one prompt at a time, four tokens each."""
+    from dataclasses import replace as dc_replace
+
+    from nemo_xtoken.demo.train import _build, _gather, _mask, greedy_answers
+
+    side = data.sides["qwen3"]  # digits split: answers span several tokens
+    model = _build(side.vocab_size, cfg.teacher_size, data.teacher_seq_length, 11).eval()
+    texts, v = side.token_texts, side.vocab_size
+    naive = []
+    with torch.no_grad():
+        for ids in side.prompts.ids:
+            x = torch.as_tensor(ids)[None]
+            out = ""
+            for _ in range(4):
+                m = x.shape[1]
+                t = int(_gather(model(x, torch.arange(m)[None], _mask(m)), v)[0, -1].argmax())
+                out += texts[t]
+                x = torch.cat([x, torch.tensor([[t]])], 1)
+            naive.append(out)
+    # answers that make `exact` non-trivial: prefixes of the naive output (right, or right but followed by a digit) and wrong ones
+    answers = []
+    for i, o in enumerate(naive):
+        k = 1 + i % max(1, len(o))
+        answers.append(o[:k] if i % 3 else "7" + o[:k])
+    prompts = dc_replace(side.prompts, answers=answers)
+    want = [o.startswith(a) and not o[len(a) : len(a) + 1].isdigit() for o, a in zip(naive, answers)]
+    with torch.no_grad():
+        got = greedy_answers(model, prompts, texts, v, batch=7, full=3)
+    return {"naive": naive, "want": want, "got": got}
+
+
+def test_greedy_decode_equals_one_prompt_at_a_time(fast_data):
+    cfg, data = fast_data
+    r = _in_megatron(_greedy_vs_naive, cfg, data)
+    naive, want, got = r["naive"], r["want"], r["got"]
+    assert 0 < sum(want) < len(want), want  # the answers test both outcomes
+    assert got["exact"] == sum(want) / len(want)
+    outs = got["outputs"]
+    assert outs[:3] == naive[:3]  # the sample rows decode all four tokens
+    assert all(n.startswith(o) and o for o, n in zip(outs, naive))  # the others stop early, on the same tokens
+    assert sum(len(o) < len(n) for o, n in zip(outs, naive)) > 0  # and some did stop early
