@@ -6,15 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_xtoken.losses.reference import _sorted_l1 as _full_sort  # the reference: both sides sorted in full, zero-padded
 from nemo_xtoken.parallel.losses import _sorted_l1
-
-
-def _full_sort(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
-    """The definition: both sides sorted descending, the narrower zero-padded."""
-    width = max(ps.shape[1], pt.shape[1])
-    a = torch.nn.functional.pad(torch.sort(ps, dim=1, descending=True).values, (0, width - ps.shape[1]))
-    b = torch.nn.functional.pad(torch.sort(pt, dim=1, descending=True).values, (0, width - pt.shape[1]))
-    return (a - b).abs().sum(dim=1)
 
 
 def _probs(n: int, w: int, seed: int, scale: float = 3.0) -> torch.Tensor:
