@@ -97,12 +97,28 @@ def input_files(path: str | os.PathLike[str]) -> list[Path]:
                 f"input {p} is a folder without .jsonl or .parquet files (it holds {found or 'nothing'}): "
                 "pass a .jsonl or .parquet file, or a folder of them"
             )
+        for f in files:
+            _refuse_compressed(f)
         return files
     if not p.exists():
         raise XTokenError(f"input {p} does not exist: pass a .jsonl or .parquet file, or a folder of them")
     if not p.is_file():
         raise XTokenError(f"input {p} is not a regular file: pass a .jsonl or .parquet file, or a folder of them")
+    _refuse_compressed(p)
     return [p]
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip (gunzip it)", b"\x28\xb5": "zstd (zstd -d it)", b"BZ": "bzip2 (bunzip2 it)", b"\xfd7": "xz (unxz it)"}
+
+
+def _refuse_compressed(p: Path) -> None:
+    """A compressed .jsonl would be read as lines of binary: name the compression instead."""
+    if p.suffix == ".parquet":
+        return
+    with open(p, "rb") as fh:
+        head = fh.read(2)
+    if head in _COMPRESSED:
+        raise XTokenError(f"input {p} is {_COMPRESSED[head].split(' (')[0]}-compressed: decompress it first ({_COMPRESSED[head].split(' (')[1]}")
 
 
 def iter_documents(
@@ -397,8 +413,8 @@ def _nothing_aligned(report: dict[str, Any], input_path: Any, opts: PreprocessOp
         return f"{msg}{hint}: pass --field with the name of the text field (now --field {opts.field})"
     if any("not a string" in r for r in reasons):
         return f"{msg}: the field {opts.field!r} exists but is not a string; each document's {opts.field!r} must be a JSON string"
-    if any("not JSON" in r for r in reasons) and len(reasons) == 1:
-        return f"{msg}: the input is not JSON Lines (one JSON object per line)"
+    if all("not JSON" in r or "not valid UTF-8" in r for r in reasons):
+        return f"{msg}: the input is not JSON Lines (one JSON object per line, UTF-8)"
     return (
         f"{msg}: the tokenizers {opts.student_tokenizer} (student) and {opts.teacher_tokenizer} (teacher) could not "
         "align them (see the reasons in shards/*/rejected.jsonl)"
