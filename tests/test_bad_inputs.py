@@ -266,8 +266,8 @@ def test_w_files_follow_the_umask(w_llama3_qwen3, tmp_path) -> None:
 def sotu_part(tmp_path_factory) -> Path:
     from nemo_xtoken.assets import text_corpus
 
-    lines = open(text_corpus("sotu"), encoding="utf-8").read().splitlines()[:30]
-    return _jsonl(tmp_path_factory.mktemp("sotu") / "sotu30.jsonl", lines)
+    lines = open(text_corpus("sotu"), encoding="utf-8").read().splitlines()[:20]
+    return _jsonl(tmp_path_factory.mktemp("sotu") / "sotu20.jsonl", lines)
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -302,10 +302,10 @@ def test_interrupted_preprocess_resumes_byte_identical(sig, rc, message, tmp_pat
     assert message in err and "Traceback" not in err, err
     assert not (out / "manifest.json").exists()  # stopped mid-way
     done = len(list((out / "shards").glob("*/DONE.json")))
-    assert 3 <= done < 30
+    assert 3 <= done < 20
     capsys.readouterr()
     assert xtoken(["preprocess", "-s", llama3_path, "-t", qwen3_path, "--input", str(sotu_part), "--output", str(out),
                    "--shard-size", "1", "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["shards_skipped"] == done and report["documents"] + report["rejected"] == 30
+    assert report["shards_skipped"] == done and report["documents"] + report["rejected"] == 20
     assert _tree(out) == reference  # every shard file, byte for byte; no stale temporary folder left
