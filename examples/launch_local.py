@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_xtoken.integration import launch as L
 
     try:
-        env = dict(kv.split("=", 1) for kv in args.env)
+        env = L.parse_env(args.env)
         script = L.distill_script(args.config, args.overrides)
         executor = L.local_executor(args.gpus, env=env)
         if args.dry_run:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_xtoken.integration import launch as L
 
     try:
-        env = dict(kv.split("=", 1) for kv in args.env)
+        env = L.parse_env(args.env)
         script = L.distill_script(args.config, args.overrides, local=args.host is None)
         executor = L.slurm_executor(
             account=args.account, partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

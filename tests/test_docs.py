@@ -2,10 +2,9 @@
 marked runnable in README.md and docs/*.md executes (see docs/contributing.md).
 
 A runnable block is a fenced block whose info string is ``python runnable``. The blocks of one page
-run in order in one namespace, in a fresh temporary directory that holds ``<name>/tokenizer.json``
-(and ``tokenizer_config.json``) for every tokenizer of :mod:`nemo_xtoken.assets` (links into the
-asset cache), so a snippet can say
-``"llama3/tokenizer.json"`` as a user who ran ``make setup`` would.
+run in order in one namespace, from the repository root (where the README says to run them); the
+real tokenizers are ``nemo_xtoken.assets.tokenizer_path(name)``, as a user who ran ``make setup``
+would write.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,20 +93,21 @@ def doc_pages() -> list[Path]:
 
 
 @pytest.fixture
-def snippet_dir(tmp_path, monkeypatch):
-    """A fresh working directory with ``<name>/tokenizer.json`` (+ config) for every real tokenizer."""
-    from nemo_xtoken.assets import DEFAULT_TOKENIZERS, REAL_TOKENIZERS, cache_dir, tokenizer_path
+def snippet_dir(monkeypatch):
+    """The repository root, where a user runs the snippets (README: "from the repository root").
 
-    for name in DEFAULT_TOKENIZERS:  # the ones make setup fetches; the others if already cached
+    The default tokenizers are fetched first (``make setup`` does it); files a snippet writes into
+    the root (``W.safetensors``, ``a.npz``) are removed afterwards, nothing else is touched.
+    """
+    from nemo_xtoken.assets import DEFAULT_TOKENIZERS, tokenizer_path
+
+    for name in DEFAULT_TOKENIZERS:
         tokenizer_path(name)
-    for name in REAL_TOKENIZERS:
-        folder = cache_dir() / "tokenizers" / name
-        if (folder / "tokenizer.json").is_file():  # a missing one fails the snippet naming it, clearly
-            (tmp_path / name).mkdir()
-            for f in folder.glob("*.json"):  # tokenizer.json and tokenizer_config.json (its BOS)
-                (tmp_path / name / f.name).symlink_to(f)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    before = set(ROOT.iterdir())
+    monkeypatch.chdir(ROOT)
+    yield ROOT
+    for p in set(ROOT.iterdir()) - before:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 _PAGES_WITH_SNIPPETS = [p for p in doc_pages() if any(b.runnable for b in code_blocks(p))]
@@ -221,16 +223,27 @@ def _sphinx_build(src: Path, out: Path) -> tuple[int, str]:
 
 
 def test_docs_site_builds_without_warnings(tmp_path: Path) -> None:
-    """`make docs` as CI runs it: warnings are errors; every page and the API reference are in."""
+    """`make docs`'s very command, as a user runs it: a fresh interpreter from the repository root
+    (none of this conftest's in-process import hooks, no PYTHONPATH), warnings are errors; every page
+    and the API reference, ``integration.phi3_bridge`` (which imports Megatron-Bridge) included, are in."""
     pytest.importorskip("myst_parser", reason="the docs extra (sphinx, myst-parser) is installed by make setup")
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "-m sphinx -W --keep-going -b html docs docs/_build/html" in make  # the command below is make docs'
     api = DOCS / "api"
     had_api = api.exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     try:
-        rc, err = _sphinx_build(DOCS, tmp_path / "html")
+        p = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", str(tmp_path / "html")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
     finally:
         if not had_api:  # autosummary writes the API pages into the source tree
             shutil.rmtree(api, ignore_errors=True)
-    assert rc == 0, f"sphinx-build -W failed:\n{err}"
+    assert p.returncode == 0, f"python -m sphinx -W failed (exit {p.returncode}):\n{p.stderr[-6000:]}"
+    assert "phi3_bridge" in (tmp_path / "html" / "api" / "nemo_xtoken.integration.html").read_text(encoding="utf-8")
+    phi3 = (tmp_path / "html" / "api" / "nemo_xtoken.integration.phi3_bridge.html").read_text(encoding="utf-8")
+    assert "Phi3ModelProvider" in phi3 and "LongRoPE" in phi3
     index = (tmp_path / "html" / "index.html").read_text(encoding="utf-8")
     for page in sorted(DOCS.glob("*.md")):
         if page.stem != "index":

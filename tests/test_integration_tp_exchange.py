@@ -319,4 +319,4 @@ def test_adaptive_weights_score_a_teacher_through_its_hybrid_plan(cases):
                                 student_layout="bsv", tp_exchange=mode, weighting="entropy")
         crit(case["s"][None], [case["t"][None]] * 2, alignments=[case["align"]] * 2)
         alphas[mode] = [crit.last_metrics[f"alpha/{n}"] for n in ("h_kl", "gold")]
-    torch.testing.assert_close(alphas["summary"], alphas["exact"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(alphas["summary"], alphas["exact"], rtol=1e-5, atol=1e-7)  # float32, two code paths

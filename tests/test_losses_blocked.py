@@ -82,7 +82,7 @@ def test_blocked_learnable_w_gradient():
     gw = torch.autograd.grad(want, [s, lw.logits])
     got = p_kl(s, t, lw, block_size=2)
     gb = torch.autograd.grad(got, [s, lw.logits])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # float32 sums in another order (blocks)
     for a, b in zip(gb, gw):
         assert b.abs().max() > 1e-4
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -96,7 +96,7 @@ def test_blocked_bf16_inputs_and_gradient_dtype():
     got = p_kl(s, t, make_projection(), block_size=4)
     (gb,) = torch.autograd.grad(got, s)
     assert got.dtype == torch.float32 and gb.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # float32 sums in another order (blocks)
     torch.testing.assert_close(gb.float(), gw.float(), rtol=1e-2, atol=1e-4)
 
 

@@ -44,7 +44,7 @@ def test_preprocess_writes_aligned_documents(tmp_path, corpus_file, llama3_path,
     assert r["input_documents"] == 9 and r["documents"] == 4 and r["rejected"] == 5 and r["shards"] == 3
     reasons = {x["index"]: x["reason"] for x in r["rejected_documents"]}
     assert "no string field 'text'" in reasons[2] and "changes the text" in reasons[4] and "empty" in reasons[5]
-    assert "no string field" in reasons[6] and "not JSON" in reasons[8]
+    assert "field 'text' is a number, not a string" in reasons[6] and "not JSON" in reasons[8]  # the field exists
     c = PreprocessedCorpus(tmp_path / "out")
     assert len(c) == 4 and [c.source_index(i) for i in range(4)] == [0, 1, 3, 7]
     tot_s = tot_t = chunks = 0

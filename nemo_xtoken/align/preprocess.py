@@ -64,6 +64,13 @@ _ARRAYS = (
 )
 
 
+#: Documents larger than this (bytes of the JSON line / UTF-8 bytes of a parquet value) are rejected
+#: and counted, never read whole: aligning a document takes about 180 bytes of memory per character
+#: (a 33.8 M-character one needed 6.1 GB), so the cap bounds a worker's memory (~0.7 GB at 4 MiB).
+#: ``--max-document-bytes`` changes it; split larger texts into documents first.
+MAX_DOCUMENT_BYTES = 4 << 20
+
+
 @dataclass
 class PreprocessOptions:
     """What `xtoken preprocess` does; recorded in ``params.json``."""
@@ -76,6 +83,7 @@ class PreprocessOptions:
     teacher_special_tokens: bool = True
     student_add_bos: bool = False
     teacher_add_bos: bool = False
+    max_document_bytes: int = MAX_DOCUMENT_BYTES
 
 
 def input_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -89,26 +97,49 @@ def input_files(path: str | os.PathLike[str]) -> list[Path]:
                 f"input {p} is a folder without .jsonl or .parquet files (it holds {found or 'nothing'}): "
                 "pass a .jsonl or .parquet file, or a folder of them"
             )
+        for f in files:
+            _refuse_compressed(f)
         return files
     if not p.exists():
         raise XTokenError(f"input {p} does not exist: pass a .jsonl or .parquet file, or a folder of them")
     if not p.is_file():
         raise XTokenError(f"input {p} is not a regular file: pass a .jsonl or .parquet file, or a folder of them")
+    _refuse_compressed(p)
     return [p]
 
 
-def iter_documents(path: str | os.PathLike[str], field: str = "text") -> Iterator[tuple[int, str | None, str | None]]:
+_COMPRESSED = {b"\x1f\x8b": "gzip (gunzip it)", b"\x28\xb5": "zstd (zstd -d it)", b"BZ": "bzip2 (bunzip2 it)", b"\xfd7": "xz (unxz it)"}
+
+
+def _refuse_compressed(p: Path) -> None:
+    """A compressed .jsonl would be read as lines of binary: name the compression instead."""
+    if p.suffix == ".parquet":
+        return
+    with open(p, "rb") as fh:
+        head = fh.read(2)
+    if head in _COMPRESSED:
+        raise XTokenError(f"input {p} is {_COMPRESSED[head].split(' (')[0]}-compressed: decompress it first ({_COMPRESSED[head].split(' (')[1]}")
+
+
+def iter_documents(
+    path: str | os.PathLike[str], field: str = "text", max_bytes: int = MAX_DOCUMENT_BYTES
+) -> Iterator[tuple[int, str | None, str | None]]:
     """Yield ``(index, text, None)`` or ``(index, None, reason)`` for each document of a jsonl/parquet file or folder.
 
     ``index`` counts lines (rows) from 0 over the whole input, blank lines included, so it points at
-    the document's line; blank lines themselves yield nothing.
+    the document's line; blank lines themselves yield nothing.  A line is read at most ``max_bytes``
+    at a time: a longer one is rejected (and skipped in blocks), so memory never follows the file.
+    Rejected with a reason: not JSON, no such field, a field that is not a string, text that is not
+    valid Unicode (a lone surrogate such as ``"\\ud800"``), a document over ``max_bytes``.
     """
+    if max_bytes < 1:
+        raise XTokenError(f"the document size cap must be >= 1 byte, got {max_bytes}")
     files = input_files(path)
     many = len(files) > 1 or Path(path).is_dir()
     base = 0
     for f in files:
         where = f"{f.name} " if many else ""
-        for n, text, reason in _iter_file(f, field, where):
+        for n, text, reason in _iter_file(f, field, where, max_bytes):
             yield base + n, text, reason
         base += _count_records(f) if many else 0
 
@@ -127,7 +158,26 @@ def _count_records(f: Path) -> int:
     return n + (last != b"\n")
 
 
-def _iter_file(p: Path, field: str, where: str) -> Iterator[tuple[int, str | None, str | None]]:
+def _too_big(where: str, what: str, size: int | str, max_bytes: int) -> str:
+    return (
+        f"{where}{what} is {size} bytes, over the {max_bytes}-byte document cap: split it into smaller documents "
+        "or raise --max-document-bytes"
+    )
+
+
+def _not_unicode(where: str, what: str, field: str, text: str) -> str | None:
+    """The reason a text is not valid Unicode (a lone surrogate: tokenizers cannot take it), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"{where}{what}: {field!r} holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}), which "
+            "is not valid Unicode text: fix or drop the document"
+        )
+    return None
+
+
+def _iter_file(p: Path, field: str, where: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[tuple[int, str | None, str | None]]:
     if p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -137,25 +187,55 @@ def _iter_file(p: Path, field: str, where: str) -> Iterator[tuple[int, str | Non
         if field not in f.schema_arrow.names:
             raise XTokenError(f"{p} has no column {field!r} (columns: {f.schema_arrow.names}); pass --field")
         i = 0
-        for batch in f.iter_batches(columns=[field]):
+        for batch in f.iter_batches(columns=[field], batch_size=64):
             for v in batch.column(0).to_pylist():
-                yield (i, v, None) if isinstance(v, str) else (i, None, f"{where}row {i}: {field!r} is {type(v).__name__}, not a string")
+                if not isinstance(v, str):
+                    yield i, None, f"{where}row {i}: {field!r} is {type(v).__name__}, not a string"
+                elif len(v) > max_bytes // 4 and len(v.encode("utf-8")) > max_bytes:
+                    yield i, None, _too_big(where, f"row {i}", len(v.encode("utf-8")), max_bytes)
+                else:
+                    yield i, v, None
                 i += 1
         return
     with open(p, "rb") as fh:
-        for i, line in enumerate(fh):
+        i = -1
+        while True:
+            line = fh.readline(max_bytes + 1)
+            if not line:
+                break
+            i += 1
+            if len(line) > max_bytes and not (len(line) == max_bytes + 1 and line.endswith(b"\n")):
+                size = len(line)
+                while line and not line.endswith(b"\n"):  # skip the rest of the line, a block at a time
+                    line = fh.readline(1 << 20)
+                    size += len(line)
+                yield i, None, _too_big(where, f"line {i + 1}", size - line.endswith(b"\n"), max_bytes)
+                continue
             if not line.strip():
                 continue  # a blank line is no document
             try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except UnicodeDecodeError as e:
+                yield i, None, f"{where}line {i + 1} is not valid UTF-8 (byte {line[e.start]:#04x} at offset {e.start}): re-encode the input as UTF-8"
+                continue
+            except json.JSONDecodeError as e:
                 yield i, None, f"{where}line {i + 1} is not JSON ({e.__class__.__name__})"
                 continue
-            v = obj.get(field) if isinstance(obj, dict) else None
-            if isinstance(v, str):
-                yield i, v, None
-            else:
+            if not isinstance(obj, dict) or field not in obj:
                 yield i, None, f"{where}line {i + 1} has no string field {field!r}"
+                continue
+            v = obj[field]
+            if not isinstance(v, str):
+                yield i, None, f"{where}line {i + 1}: field {field!r} is {_json_type(v)}, not a string"
+            elif (bad := _not_unicode(where, f"line {i + 1}", field, v)) is not None:
+                yield i, None, bad
+            else:
+                yield i, v, None
+
+
+def _json_type(v: Any) -> str:
+    """The JSON name of a decoded value's type (for messages about the input)."""
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(type(v), "null" if v is None else type(v).__name__)
 
 
 def input_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -285,6 +365,7 @@ def _params(opts: PreprocessOptions, input_path: str) -> dict[str, Any]:
         "teacher_special_tokens": opts.teacher_special_tokens,
         "student_add_bos": opts.student_add_bos,
         "teacher_add_bos": opts.teacher_add_bos,
+        "max_document_bytes": opts.max_document_bytes,
     }
 
 
@@ -330,8 +411,10 @@ def _nothing_aligned(report: dict[str, Any], input_path: Any, opts: PreprocessOp
         keys = _first_fields(input_path)
         hint = f"; the first document has the fields {keys}" if keys else ""
         return f"{msg}{hint}: pass --field with the name of the text field (now --field {opts.field})"
-    if any("not JSON" in r for r in reasons) and len(reasons) == 1:
-        return f"{msg}: the input is not JSON Lines (one JSON object per line)"
+    if any("not a string" in r for r in reasons):
+        return f"{msg}: the field {opts.field!r} exists but is not a string; each document's {opts.field!r} must be a JSON string"
+    if all("not JSON" in r or "not valid UTF-8" in r for r in reasons):
+        return f"{msg}: the input is not JSON Lines (one JSON object per line, UTF-8)"
     return (
         f"{msg}: the tokenizers {opts.student_tokenizer} (student) and {opts.teacher_tokenizer} (teacher) could not "
         "align them (see the reasons in shards/*/rejected.jsonl)"
@@ -347,7 +430,7 @@ def _first_fields(input_path: Any) -> list[str] | None:
 
             return list(pq.ParquetFile(f).schema_arrow.names)
         with open(f, "rb") as fh:
-            for line in fh:
+            while line := fh.readline(1 << 20):  # bounded: a huge first line is no hint
                 if line.strip():
                     obj = json.loads(line)
                     return sorted(obj) if isinstance(obj, dict) else None
@@ -388,7 +471,8 @@ def preprocess(
     if pfile.is_file():
         old = json.loads(pfile.read_text())
         fixed = ("input", "input_identity", "student_tokenizer", "teacher_tokenizer")
-        diff = sorted(k for k in params if k not in fixed and old.get(k) != params[k])
+        legacy = {"max_document_bytes": MAX_DOCUMENT_BYTES}  # settings added later: a run without them used the default
+        diff = sorted(k for k in params if k not in fixed and old.get(k, legacy.get(k)) != params[k])
         if diff:
             raise XTokenError(
                 f"{out} holds a preprocessing run with other settings ({', '.join(diff)} differ): "
@@ -415,7 +499,7 @@ def preprocess(
     def jobs() -> Iterator[tuple[int, str, list]]:
         buf: list = []
         shard = 0
-        for doc in iter_documents(input_path, opts.field):
+        for doc in iter_documents(input_path, opts.field, opts.max_document_bytes):
             buf.append(doc)
             if len(buf) == opts.shard_size:
                 yield from emit(shard, buf)

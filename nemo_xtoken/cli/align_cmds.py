@@ -57,7 +57,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from nemo_xtoken.align.preprocess import PreprocessOptions, format_report, preprocess
+    from nemo_xtoken.align.preprocess import MAX_DOCUMENT_BYTES, PreprocessOptions, format_report, preprocess
     from nemo_xtoken.vocab import load_tokenizer
 
     _check_bos(args, load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer))
@@ -65,7 +65,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     opts = PreprocessOptions(
         student_tokenizer=args.student_tokenizer, teacher_tokenizer=args.teacher_tokenizer, field=args.field,
         shard_size=args.shard_size, student_special_tokens=special, teacher_special_tokens=special,
-        student_add_bos=args.student_bos, teacher_add_bos=args.teacher_bos,
+        student_add_bos=args.student_bos, teacher_add_bos=args.teacher_bos, max_document_bytes=args.max_document_bytes or MAX_DOCUMENT_BYTES,
     )
     report = preprocess(args.input, args.output, opts, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
                         overwrite=args.overwrite)
@@ -94,6 +94,9 @@ def register(sub) -> None:
     p.add_argument("--field", default="text", help="the text field / column (default: text)")
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="documents per shard (the unit of resumption)")
+    p.add_argument("--max-document-bytes", type=positive_int, default=None,
+                   help="reject (and count) documents larger than this many bytes (default 4194304 = 4 MiB): memory "
+                        "stays bounded by it, never by the file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_preprocess)

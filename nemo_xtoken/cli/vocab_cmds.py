@@ -66,6 +66,9 @@ def cmd_build_projection(args: argparse.Namespace) -> int:
             "(W[s, τ_i] = β·γ^i / Σ_j β·γ^j = γ^i / Σ_j γ^j), so it never changed W; drop --beta and shape the "
             "weights with --gamma (the weight of each next teacher piece relative to the one before)"
         )
+    from nemo_xtoken.vocab.projection import check_output_file
+
+    check_output_file(args.output)  # before the tokenizers load and W is built
     t0 = time.perf_counter()
     student, teacher = _load_pair(args)
     proj = build_projection(

@@ -402,7 +402,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}'" + _suggest(str(unknown[0]), list(types_), where))
-    kwargs = {k: _convert(v, types_[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
+    # A string whose default is "" means "not given" (e.g. teachers.N.tokenizer: the cache's): null says the same.
+    unset = {f.name for f in dataclasses.fields(cls) if f.default == ""}
+    kwargs = {
+        k: "" if v is None and k in unset else _convert(v, types_[k], f"{prefix}.{k}" if prefix else k, source)
+        for k, v in data.items()
+    }
     return cls(**kwargs)
 
 
@@ -436,7 +441,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: override {ov!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(f"{source}: override {ov!r}: value is not valid YAML ({yaml_error(e)})") from None
         node: Any = out
         cls: Any = XTokenDistillConfig
         for i, part in enumerate(parts):
@@ -470,6 +475,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "<
     return out
 
 
+def yaml_error(e: Exception) -> str:
+    """A YAML parse error in one line: where (line and column, 1-based), what, and what it was inside."""
+    mark, ctx, ctx_mark = getattr(e, "problem_mark", None), getattr(e, "context", None), getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    if mark is None:
+        return what
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if ctx:
+        out += f" ({ctx}" + (f" started at line {ctx_mark.line + 1}, column {ctx_mark.column + 1})" if ctx_mark is not None else ")")
+    return out
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> XTokenDistillConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides, build and validate it strictly."""
     import yaml
@@ -480,7 +497,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> XTokenD
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{p} is not valid YAML: {yaml_error(e)}: fix the file there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
     # Check the file itself first so an error names the file, then the overrides.

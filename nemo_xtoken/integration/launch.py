@@ -33,6 +33,8 @@ __all__ = [
     "BASE_IMAGE",
     "PLUGIN_IMAGE_TAG",
     "check_container_image",
+    "parse_env",
+    "check_slurm_time",
     "require_nemo_run",
     "distill_script",
     "local_executor",
@@ -117,6 +119,46 @@ def check_container_image(image: str | None, env: dict[str, str] | None = None) 
     return image
 
 
+def parse_env(pairs: Sequence[str], option: str = "--env") -> dict[str, str]:
+    """``K=V`` strings (the launchers' repeatable ``--env``) as a dict; anything else is refused, naming it."""
+    env: dict[str, str] = {}
+    for kv in pairs:
+        key, eq, value = kv.partition("=")
+        name_ok = bool(key) and key.replace("_", "a").isascii() and key.replace("_", "a").isalnum() and not key[0].isdigit()
+        if not eq or not name_ok:
+            raise XTokenError(
+                f"{option} {kv!r} is not NAME=VALUE (a variable name of letters, digits and _, then =): "
+                f"write e.g. {option} {key if name_ok else 'NAME'}=VALUE"
+            )
+        env[key] = value
+    return env
+
+
+_SLURM_TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def check_slurm_time(time: str) -> str:
+    """Refuse a time limit sbatch would refuse (its formats: minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds; or UNLIMITED/INFINITE); returns it."""
+    import re
+
+    t = str(time).strip()
+    ok = t.upper() in ("UNLIMITED", "INFINITE")
+    if not ok:
+        m = re.fullmatch(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)", t)
+        if m:
+            days, dh, dm, ds, first, second, third = m.groups()
+            if days is not None:  # D-HH[:MM[:SS]]
+                ok = int(dh) < 24 and all(x is None or int(x) < 60 for x in (dm, ds))
+            elif third is not None:  # HH:MM:SS
+                ok = int(second) < 60 and int(third) < 60
+            else:  # MM or MM:SS
+                ok = second is None or int(second) < 60
+    if not ok:
+        raise XTokenError(f"--time {time!r} is not a Slurm time limit: use {_SLURM_TIME_FORMATS} (e.g. 04:00:00 or 1-00:00:00)")
+    return t
+
+
 def slurm_executor(
     *,
     account: str,
@@ -145,6 +187,7 @@ def slurm_executor(
     if not account:
         raise XTokenError("--account is required for Slurm")
     check_container_image(container_image, env)
+    check_slurm_time(time)
     job_dir = job_dir or os.path.join(os.getcwd(), "nemo_experiments")
     tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host else run.LocalTunnel(job_dir=job_dir)
     return run.SlurmExecutor(

@@ -155,10 +155,15 @@ class Projection:
         return {_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write W atomically (temporary file, then rename); equal W give identical bytes."""
+        """Write W atomically (temporary file, then rename); equal W give identical bytes.
+
+        The file gets the mode of any new file (``0666`` less the process umask), not the private
+        ``0600`` of a temporary file: teammates on a shared file system read it as their umask allows.
+        """
         from safetensors.numpy import save_file
 
         path = Path(path)
+        check_output_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "indptr": np.ascontiguousarray(self.indptr, dtype=np.int64),
@@ -170,11 +175,29 @@ class Projection:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=self._metadata())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 whatever the umask
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--output") -> None:
+    """Refuse an output path that is an existing folder (W is one file), before any work is done."""
+    p = Path(path)
+    if p.is_dir():
+        raise XTokenError(
+            f"{option} {p} is an existing folder, but W is written to one file: pass a file name, e.g. "
+            f"{p / 'W.safetensors'}"
+        )
 
 
 def load_projection(

@@ -179,7 +179,7 @@ def _from_transformers(name_or_path: str, trust_remote_code: bool, local_only: b
         raise TokenizerLoadError(
             f"cannot load tokenizer {name_or_path!r} offline ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
             "pass a tokenizer.json file or a local folder, or download it first "
-            f"(`huggingface-cli download {name_or_path}`)"
+            f"(`hf download {name_or_path}`)"
         ) from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
