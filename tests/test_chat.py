@@ -225,3 +225,27 @@ def test_system_message_order(chat_toks):
 def test_json_roundtrip_rows(chat_toks):
     ca = align_chat(FIXED, chat_toks["gemma3"], chat_toks["deepseek_v3"])
     json.dumps(ca.rows(chat_toks["gemma3"], chat_toks["deepseek_v3"]), ensure_ascii=False)
+
+
+def test_cli_align_chat(tmp_path, capsys):
+    from nemo_xtoken.cli.main import main
+
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text(json.dumps({"messages": FIXED["messages"][:3]}) + "\n" + json.dumps({"text": "no messages"}) + "\n")
+    s, t = str(tokenizer_path("gemma3")), str(tokenizer_path("deepseek_v3"))
+    assert main(["align", "-s", s, "-t", t, "--chat", str(rows)]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"assistant tokens in KD chunks (\d+)/\1\n", out)  # all of them
+    assert "⟦12*7 = 84.\n" in out and "<end_of_turn>⟧" in out and "<｜end▁of▁sentence｜>⟧" in out
+    assert any(line.split()[1:3] == ["assistant", "KD"] for line in out.splitlines() if line[:4].strip().isdigit())
+    assert main(["align", "-s", s, "-t", t, "--chat", str(rows), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert sum(js["student_loss_mask"]) > 0 and any(c["kd"] for c in js["chunks"])
+    # bad input: one line naming the row and what to do, exit 2
+    assert main(["align", "-s", s, "-t", t, "--chat", str(rows), "--row", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{rows} line 2: no 'messages' list" in err
+    assert main(["align", "-s", s, "-t", str(tokenizer_path("mistral")), "--chat", str(rows)]) == 2
+    assert "--teacher-chat-template FILE" in capsys.readouterr().err
