@@ -64,6 +64,7 @@ __all__ = [
     "render_chat",
     "align_chat",
     "read_conversations",
+    "masked_text",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -444,6 +445,23 @@ def align_chat(
     bad[a.teacher_chunk_ids[~ok_t]] = True
     kd = ~bad & ~a.one_sided() & (a.student_chunks[:, 1] > a.student_chunks[:, 0])
     return ChatAlignment(a, st, tt, shared, [m["role"] for m in messages], kd, loss_on, rs.warnings + rt.warnings)
+
+
+def masked_text(side: ChatSide) -> str:
+    """A side's rendering with its loss-bearing tokens between ⟦ and ⟧."""
+    data = side.text.encode("utf-8", "surrogatepass")
+    out, on, pos = [], False, 0
+    for (s, e), loss in zip(side.byte_offsets.tolist(), side.loss.tolist()):
+        if s > pos:  # bytes no token covers (none in practice)
+            out.append(data[pos:s].decode("utf-8", "backslashreplace"))
+        if loss != on:
+            out.append("⟦" if loss else "⟧")
+            on = loss
+        out.append(data[s:e].decode("utf-8", "backslashreplace"))
+        pos = max(pos, e)
+    if on:
+        out.append("⟧")
+    return "".join(out)
 
 
 def read_conversations(path: str | os.PathLike[str], limit: int | None = None):

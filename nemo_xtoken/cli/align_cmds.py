@@ -65,25 +65,8 @@ def _read_chat(path: str, row: int) -> tuple[str, dict]:
     raise XTokenError(f"--chat {p}: has no row {row} (rows count from 0; blank lines are skipped)")
 
 
-def masked_text(side) -> str:
-    """A side's rendering with its loss-bearing tokens between ⟦ and ⟧."""
-    data = side.text.encode("utf-8", "surrogatepass")
-    out, on, pos = [], False, 0
-    for (s, e), loss in zip(side.byte_offsets.tolist(), side.loss.tolist()):
-        if s > pos:  # bytes no token covers (none in practice)
-            out.append(data[pos:s].decode("utf-8", "backslashreplace"))
-        if loss != on:
-            out.append("⟦" if loss else "⟧")
-            on = loss
-        out.append(data[s:e].decode("utf-8", "backslashreplace"))
-        pos = max(pos, e)
-    if on:
-        out.append("⟧")
-    return "".join(out)
-
-
 def cmd_align_chat(args: argparse.Namespace) -> int:
-    from nemo_xtoken.align.chat import align_chat
+    from nemo_xtoken.align.chat import align_chat, masked_text
     from nemo_xtoken.vocab import load_tokenizer
 
     s, t = load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer)
