@@ -27,6 +27,8 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
                    help="chat: the student's chat template (a Jinja file or a tokenizer_config.json) instead of its tokenizer's own")
     p.add_argument("--teacher-chat-template", metavar="FILE",
                    help="chat: the teacher's chat template (a Jinja file or a tokenizer_config.json) instead of its tokenizer's own")
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="chat: render with enable_thinking=True (templates that read it, e.g. Qwen3; default: non-thinking)")
 
 
 def _check_bos(args: argparse.Namespace, student, teacher) -> None:
@@ -72,7 +74,7 @@ def cmd_align_chat(args: argparse.Namespace) -> int:
     s, t = load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer)
     where, rec = _read_chat(args.chat, args.row)
     ca = align_chat(rec, s, t, loss_on=args.loss_on, student_template=args.student_chat_template,
-                    teacher_template=args.teacher_chat_template, where=where)
+                    teacher_template=args.teacher_chat_template, template_kwargs={"enable_thinking": args.enable_thinking}, where=where)
     for w in ca.warnings:
         print(f"warning: {w}", file=sys.stderr)
     rows = ca.rows(s, t)
@@ -145,7 +147,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         student_tokenizer=args.student_tokenizer, teacher_tokenizer=args.teacher_tokenizer, field=args.field,
         shard_size=args.shard_size, student_special_tokens=special, teacher_special_tokens=special,
         student_add_bos=args.student_bos, teacher_add_bos=args.teacher_bos,
+        chat=args.chat, loss_on=args.loss_on, student_chat_template=args.student_chat_template,
+        teacher_chat_template=args.teacher_chat_template, enable_thinking=args.enable_thinking,
     )
+    if args.chat:  # a missing chat template is said before any work
+        from nemo_xtoken.align.chat import chat_template
+
+        chat_template(load_tokenizer(args.student_tokenizer), args.student_chat_template, side="student")
+        chat_template(load_tokenizer(args.teacher_tokenizer), args.teacher_chat_template, side="teacher")
     report = preprocess(args.input, args.output, opts, workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
                         overwrite=args.overwrite)
     if args.json:
@@ -176,6 +185,10 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the shards of an earlier run in --output (needed when the input or settings changed)")
     p.add_argument("--field", default="text", help="the text field / column (default: text)")
+    p.add_argument("--chat", action="store_true",
+                   help="the input is conversations (rows with \"messages\"): each side renders them with its own chat template; "
+                   "writes loss and KD masks too (docs/chat.md)")
+    _add_chat_args(p)
     p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="documents per shard (the unit of resumption)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

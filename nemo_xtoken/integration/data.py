@@ -323,8 +323,12 @@ class PreprocessedDocuments:
     def __len__(self) -> int:
         return len(self.corpus)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    def __getitem__(self, i: int) -> Any:
         s, t, sc, tc, n = self.corpus.arrays(i)
+        if self.corpus.chat:  # `xtoken preprocess --chat`: the loss and KD masks
+            lm, skd, tkd = self.corpus.chat_masks(i)
+            return Document(s.astype(np.int64), [TeacherSide(t.astype(np.int64), _LazyAlignment(sc, tc, n), student_kd_mask=skd,
+                                                             teacher_kd_mask=tkd)], lm)
         return s.astype(np.int64), t.astype(np.int64), _LazyAlignment(sc, tc, n)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
