@@ -1368,7 +1368,8 @@ def format_data_check(r: dict[str, Any]) -> str:
     lines = [
         f"data: {r['documents_checked']} documents checked, {r['student_tokens']} student tokens; "
         f"{'packed' if r['packing'] else 'unpacked'} at seq_length {r['seq_length']}: {r['samples']} samples, "
-        f"loss-bearing fraction {r['loss_fraction']:.3f}, {r['split_documents']} documents split",
+        + (f"positions filled {r['loss_fraction']:.3f} (loss-bearing: below)" if r.get("chat") else f"loss-bearing fraction {r['loss_fraction']:.3f}")
+        + f", {r['split_documents']} documents split",
     ]
     for t in r["teachers"]:
         lines.append(
