@@ -89,6 +89,12 @@ def test_nothing_aligned_is_an_error(tmp_path, llama3_path, qwen3_path, capsys):
     bad.write_text('{"text": "x"}\n{"messages": [{"role": "bot", "content": "y"}]}\nnot json\n')
     with pytest.raises(XTokenError, match=r"bad.jsonl: no conversation aligned: all 3 rows were skipped \(.*no 'messages' list"):
         ChatDocuments(bad, llama3_path, qwen3_path)
+    from nemo_xtoken.assets import tokenizer_path
+
+    with pytest.raises(XTokenError, match=r"teacher tokenizer .*mistral.* has no chat template"):  # said once, before any row
+        ChatDocuments(bad, llama3_path, str(tokenizer_path("mistral")))
+    with pytest.raises(XTokenError, match=r"chat template .*nope.jinja: no such file"):
+        ChatDocuments(bad, llama3_path, qwen3_path, student_template=str(tmp_path / "nope.jinja"))
     rc = xtoken(["preprocess", "-s", llama3_path, "-t", qwen3_path, "--input", str(bad), "--output", str(tmp_path / "o"), "--chat", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "no document was aligned: all 3 documents were rejected" in err

@@ -46,7 +46,7 @@ class ChatDocuments:
         template_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        from nemo_xtoken.align.chat import align_chat, read_conversations
+        from nemo_xtoken.align.chat import align_chat, chat_template, read_conversations
         from nemo_xtoken.integration.data import Document, TeacherSide
         from nemo_xtoken.vocab import load_tokenizer
 
@@ -57,6 +57,9 @@ class ChatDocuments:
         if len(t_templates) != len(teachers):
             raise XTokenError(f"{len(t_templates)} teacher chat templates for {len(teachers)} teachers")
         S = load_tokenizer(student_tokenizer)
+        # a missing or unreadable chat template is said once, before any row
+        student_template = chat_template(S, student_template, side="student")
+        t_templates = [chat_template(T, tt, side="teacher") for T, tt in zip(teachers, t_templates)]
         self.rows_read = 0
         self.skipped: list[tuple[str, str]] = []
         self.warnings: list[str] = []
