@@ -158,3 +158,26 @@ def test_cache_teacher_on_chat_data(tmp_path, preprocessed, qwen3_path, capsys):
     for k in ("loss_mask", "student_chunk_ids", "teacher_chunk_ids"):
         assert np.array_equal(a[0][k].numpy(), b[0][k].numpy()), k
     assert 0 < float(a[0]["loss_mask"].sum()) < 256
+
+
+def test_two_teachers_pack_in_lock_step(chat_file, llama3_path, qwen3_path):
+    """Qwen3 and Gemma-3 teachers of one student: each side's masks and alignment per teacher, packed together."""
+    from nemo_xtoken.assets import tokenizer_path
+    from nemo_xtoken.integration.chat_data import ChatDocuments
+    from nemo_xtoken.integration.data import DualTokenizedDataset, aligned_positions_from_batch, collate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        docs = ChatDocuments(chat_file, llama3_path, [qwen3_path, str(tokenizer_path("gemma3"))], limit=12)
+    assert len(docs) == 10 and len(docs.skipped) == 2 and [c[0] == c[1] > 0 for c in docs.coverage] == [True, True]
+    d = docs[0]
+    assert len(d.teachers) == 2 and d.student_loss_mask is not None
+    ds = DualTokenizedDataset(docs, seq_length=256, teacher_seq_length=[256, 256], packing=True, shuffle=False)
+    b = collate([ds[i] for i in range(len(ds))])
+    q = aligned_positions_from_batch(b)
+    g = aligned_positions_from_batch({k[:-2] if k.endswith("@1") else k: v for k, v in b.items() if k.endswith("@1") or k not in
+                                      {x[:-2] for x in b if x.endswith("@1")}})
+    # KD chunks: as many as the documents' KD chunks (minus those a cut leaves without a predicting position), per teacher
+    assert int(q.chunk_mask().sum()) > 0 and int(g.chunk_mask().sum()) > 0
+    assert int(b["loss_mask"].sum()) == sum(int(docs[i].student_loss_mask[1:].sum()) for i in range(len(docs))) - sum(
+        int(docs[sg.doc].student_loss_mask[sg.s0]) for i in range(len(ds)) for sg in ds.segments(i) if sg.s0 > 0)
