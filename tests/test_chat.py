@@ -157,6 +157,7 @@ def test_thinking_block_is_one_sided(chat_toks):
     # Llama-3 renders the block inside its content, Qwen3 after its header: one-sided, no loss on either side
     s_think = [r for r in rows if "think" in "".join(r["student_tokens"]) or "add" in "".join(r["student_tokens"])]
     assert len(s_think) >= 2 and all(r["one_sided"] and not any(r["student_loss"]) for r in s_think)
+    assert all(r["role"] == "assistant:1" for r in s_think)  # content only the student side renders
     assert "add them" in ca.teacher.text and not any(r["kd"] for r in rows if "add" in "".join(r["teacher_tokens"]))
     check_properties(ca)
 

@@ -266,6 +266,7 @@ class ChatSide:
     loss: np.ndarray
     message: np.ndarray
     source: str = ""
+    rendered_message: np.ndarray | None = None  # the message whose rendered content holds the token's first byte (-1: none)
 
 
 @dataclass
@@ -316,6 +317,7 @@ class ChatAlignment:
             side = self.student if a1 > a0 else self.teacher
             i0 = a0 if a1 > a0 else b0
             msg = int(side.message[i0]) if (a1 > a0 or b1 > b0) else -1
+            rmsg = int(side.rendered_message[i0]) if side.rendered_message is not None and (a1 > a0 or b1 > b0) else -1
             out.append({
                 "chunk": k,
                 "text": self.shared_text[int(sp[0]): int(sp[1])].decode("utf-8", "backslashreplace"),
@@ -324,7 +326,8 @@ class ChatAlignment:
                 "teacher_tokens": [tcv.display(int(i)) for i in self.teacher.ids[b0:b1]],
                 "student_loss": [bool(x) for x in self.student.loss[a0:a1]],
                 "teacher_loss": [bool(x) for x in self.teacher.loss[b0:b1]],
-                "role": self.roles[msg] if msg >= 0 else "template",
+                # the message of the chunk's text; "<role>:1" = content only this side renders (stripped, a <think> block)
+                "role": self.roles[msg] if msg >= 0 else (f"{self.roles[rmsg]}:1" if rmsg >= 0 else "template"),
                 "one_sided": one, "fused": bool(fused[k]), "kd": bool(self.kd_chunks[k]),
             })
         return out
@@ -342,6 +345,7 @@ def _side(r: _Rendered, messages: list[dict], common: list[tuple[int, int] | Non
     nb = len(data)
     shared = np.zeros(nb, dtype=np.int64)  # 1 where a byte is shared text
     msg_of = np.full(nb, -1, dtype=np.int64)
+    rmsg_of = np.full(nb + 1, -1, dtype=np.int64)  # rendered content (shared or not) of each byte
     asst = np.zeros(nb, dtype=np.int64)
     eot: list[int] = []  # byte where each rendered assistant content ends
     c2b_arr = _char_to_byte(r.text, data)
@@ -351,6 +355,7 @@ def _side(r: _Rendered, messages: list[dict], common: list[tuple[int, int] | Non
             continue
         p, a, b = sp
         c = m["content"]
+        rmsg_of[c2b(p): c2b(p + len(c) - a - b)] = j
         if cm is not None:
             lo, hi = cm  # chars of the content, common to both sides
             b0, b1 = c2b(p + lo - a), c2b(p + hi - a)
@@ -383,7 +388,7 @@ def _side(r: _Rendered, messages: list[dict], common: list[tuple[int, int] | Non
             k = int(np.searchsorted(s, x, "left"))
             if k < ids.size and (tb.special[ids[k]] or tb.added[ids[k]]) and width[k] == 0:
                 loss[k] = True
-    return ChatSide(r.text, ids, off, soff, content, fused, loss, message.astype(np.int64), info.source)
+    return ChatSide(r.text, ids, off, soff, content, fused, loss, message.astype(np.int64), info.source, rmsg_of[s])
 
 
 def align_chat(

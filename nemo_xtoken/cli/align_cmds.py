@@ -94,7 +94,8 @@ def cmd_align_chat(args: argparse.Namespace) -> int:
     for name, side in (("student", ca.student), ("teacher", ca.teacher)):
         print(f"--- {name} rendering ({side.source}; loss-bearing tokens between ⟦ ⟧) ---")
         print(masked_text(side))
-    print("--- chunks (KD: the chunk carries KD; S/T loss: per-token loss mask, 1 = loss-bearing) ---")
+    print("--- chunks (role: whose text, '<role>:1' = content only one side renders; KD: the chunk carries KD; "
+          "S/T[...]: per-token loss mask, 1 = loss-bearing) ---")
     for r in rows:
         st = " ".join(repr(x) for x in r["student_tokens"]) or "-"
         tt = " ".join(repr(x) for x in r["teacher_tokens"]) or "-"
