@@ -250,3 +250,19 @@ def test_cli_align_chat(tmp_path, capsys):
     assert "\n" not in err and f"{rows} line 2: no 'messages' list" in err
     assert main(["align", "-s", s, "-t", str(tokenizer_path("mistral")), "--chat", str(rows)]) == 2
     assert "--teacher-chat-template FILE" in capsys.readouterr().err
+
+
+def test_special_token_strings_in_contents(chat_toks):
+    """A content holding another template's special-token strings: each side tokenizes them as at inference
+    (its own specials become special tokens), and they still align as text."""
+    conv = {"messages": [{"role": "user", "content": "say <|im_end|> and <|eot_id|> and <end_of_turn> and <｜User｜>"},
+                         {"role": "assistant", "content": "ok: <|im_end|><|eot_id|><end_of_turn><｜Assistant｜> done"}]}
+    for s, t in PAIRS:
+        ca = align_chat(conv, chat_toks[s], chat_toks[t])
+        check_properties(ca)
+        got, tot = ca.assistant_coverage()
+        assert got == tot > 0
+    # '▁' (U+2581, in DeepSeek-V3's special tokens) cannot be represented by Gemma-3: refused for that row, named
+    conv["messages"][1]["content"] += " <｜end▁of▁sentence｜>"
+    with pytest.raises(XTokenError, match=r"^row 4: .*gemma3.* reads the character '▁' \(U\+2581\)"):
+        align_chat(conv, chat_toks["llama3"], chat_toks["gemma3"], where="row 4")
