@@ -60,6 +60,9 @@ def f(tmp_path_factory, llama3_path, qwen3_path, w_llama3_qwen3) -> dict[str, st
     _jsonl(d / "surrogate.jsonl", [good[0], '{"text": "a lone \\ud800 surrogate"}', good[1]])
     (d / "not_utf8.jsonl").write_bytes(good[0].encode() + b"\n" + b'{"text": "caf\xe9"}\n' + good[1].encode() + b"\n")
     _jsonl(d / "huge.jsonl", [good[0], json.dumps({"text": "word " * 20_000}), good[1]])
+    chat = [json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": t}]}) for t in GOOD]
+    _jsonl(d / "chat_surrogate.jsonl", [chat[0], '{"messages": [{"role": "user", "content": "a lone \\ud800"}]}', chat[1]])
+    _jsonl(d / "chat_huge.jsonl", [chat[0], json.dumps({"messages": [{"role": "user", "content": "word " * 20_000}]}), chat[1]])
     (d / "no_data_files").mkdir()
     (d / "no_data_files" / "notes.txt").write_text("not data")
     (d / "a_folder").mkdir()
@@ -144,6 +147,10 @@ CASES = [
          "rejected document 1: line 2 is not valid UTF-8 (byte 0xe9 at offset 13)"),
     Case("document-over-the-cap", "xtoken", _pre("--input", "{huge}", "--output", "{dir}/o_huge", "--max-document-bytes", "65536"), 0,
          "rejected document 1: line 2 is 100012 bytes, over the 65536-byte document cap"),
+    Case("chat-lone-surrogate", "xtoken", _pre("--chat", "--input", "{chat_surrogate}", "--output", "{dir}/o_chat_surrogate"), 0,
+         "rejected document 1: line 2 holds a lone surrogate, which is not valid Unicode text"),
+    Case("chat-row-over-the-cap", "xtoken", _pre("--chat", "--input", "{chat_huge}", "--output", "{dir}/o_chat_huge", "--max-document-bytes", "65536"), 0,
+         "rejected document 1: line 2 is 100047 bytes, over the 65536-byte document cap"),
     Case("output-unfinished-without-params", "xtoken", _pre("--input", "{good}", "--output", "{unfinished}"), 2,
          "has shards but no params.json: it was not written by `xtoken preprocess`"),
     # ---- run configs (xtoken distill --check) ----

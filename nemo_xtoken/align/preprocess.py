@@ -84,6 +84,15 @@ class PreprocessOptions:
     student_add_bos: bool = False
     teacher_add_bos: bool = False
     max_document_bytes: int = MAX_DOCUMENT_BYTES
+    # conversations (`--chat`, docs/chat.md): rows with "messages", each side rendered with its own chat template
+    chat: bool = False
+    loss_on: str = "assistant"
+    student_chat_template: str | None = None
+    teacher_chat_template: str | None = None
+    enable_thinking: bool = False
+
+
+_CHAT_ARRAYS = ("student_loss_mask", "student_kd_mask", "teacher_kd_mask")
 
 
 def input_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -119,6 +128,51 @@ def _refuse_compressed(p: Path) -> None:
         head = fh.read(2)
     if head in _COMPRESSED:
         raise XTokenError(f"input {p} is {_COMPRESSED[head].split(' (')[0]}-compressed: decompress it first ({_COMPRESSED[head].split(' (')[1]}")
+
+
+def iter_chat_rows(
+    path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BYTES
+) -> Iterator[tuple[int, str | None, str | None]]:
+    """``--chat``: ``(index, row as JSON text, None)`` or ``(index, None, reason)`` per row (indices as :func:`iter_documents`).
+
+    Lines are read through the same bounded reader as raw text: a row over ``max_bytes`` is rejected and
+    counted, and a row that is not UTF-8 or not JSON is rejected with its line number.
+    """
+    files = input_files(path)
+    many = len(files) > 1 or Path(path).is_dir()
+    base = 0
+    for f in files:
+        where = f"{f.name} " if many else ""
+        if f.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise XTokenError(f"reading {f} needs pyarrow: `pip install pyarrow`, or convert the input to jsonl") from None
+            for i, row in enumerate(pq.read_table(f).to_pylist()):
+                yield base + i, json.dumps(row, ensure_ascii=False, default=str), None
+        else:
+            with open(f, "rb") as fh:
+                for i, line, reason in _bounded_lines(fh, where, max_bytes):
+                    if reason is not None:
+                        yield base + i, None, reason
+                        continue
+                    if not line.strip():
+                        continue  # a blank line is no conversation
+                    try:
+                        text = line.decode("utf-8")
+                        obj = json.loads(text)
+                        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is not text
+                    except UnicodeEncodeError:
+                        yield base + i, None, f"{where}line {i + 1} holds a lone surrogate, which is not valid Unicode text: fix or drop the row"
+                        continue
+                    except UnicodeDecodeError as e:
+                        yield base + i, None, f"{where}line {i + 1} is not valid UTF-8 (byte {line[e.start]:#04x} at offset {e.start}): re-encode the input as UTF-8"
+                        continue
+                    except json.JSONDecodeError as e:
+                        yield base + i, None, f"{where}line {i + 1} is not JSON ({e.__class__.__name__})"
+                        continue
+                    yield base + i, text, None
+        base += _count_records(f) if many else 0
 
 
 def iter_documents(
@@ -177,6 +231,28 @@ def _not_unicode(where: str, what: str, field: str, text: str) -> str | None:
     return None
 
 
+def _bounded_lines(fh: Any, where: str, max_bytes: int) -> Iterator[tuple[int, bytes, str | None]]:
+    """``(index, line, None)`` per line of a binary file, or ``(index, b"", reason)`` for a line over ``max_bytes``.
+
+    A line is read at most ``max_bytes`` at a time and a longer one is skipped in 1 MiB blocks, so memory
+    follows the cap, never the file.  Blank lines are yielded (the callers skip them; indices count them).
+    """
+    i = -1
+    while True:
+        line = fh.readline(max_bytes + 1)
+        if not line:
+            return
+        i += 1
+        if len(line) > max_bytes and not (len(line) == max_bytes + 1 and line.endswith(b"\n")):
+            size = len(line)
+            while line and not line.endswith(b"\n"):  # skip the rest of the line, a block at a time
+                line = fh.readline(1 << 20)
+                size += len(line)
+            yield i, b"", _too_big(where, f"line {i + 1}", size - line.endswith(b"\n"), max_bytes)
+            continue
+        yield i, line, None
+
+
 def _iter_file(p: Path, field: str, where: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[tuple[int, str | None, str | None]]:
     if p.suffix == ".parquet":
         try:
@@ -198,18 +274,9 @@ def _iter_file(p: Path, field: str, where: str, max_bytes: int = MAX_DOCUMENT_BY
                 i += 1
         return
     with open(p, "rb") as fh:
-        i = -1
-        while True:
-            line = fh.readline(max_bytes + 1)
-            if not line:
-                break
-            i += 1
-            if len(line) > max_bytes and not (len(line) == max_bytes + 1 and line.endswith(b"\n")):
-                size = len(line)
-                while line and not line.endswith(b"\n"):  # skip the rest of the line, a block at a time
-                    line = fh.readline(1 << 20)
-                    size += len(line)
-                yield i, None, _too_big(where, f"line {i + 1}", size - line.endswith(b"\n"), max_bytes)
+        for i, line, reason in _bounded_lines(fh, where, max_bytes):
+            if reason is not None:
+                yield i, None, reason
                 continue
             if not line.strip():
                 continue  # a blank line is no document
@@ -298,6 +365,8 @@ def _process_shard(job: tuple[int, str, list[tuple[int, str | None, str | None]]
     if "init_error" in _W:
         raise XTokenError(f"preprocess worker could not start: {_W['init_error']}")
     opts: PreprocessOptions = _W["opts"]
+    if opts.chat:
+        return _process_chat_shard(shard, out_dir, docs, opts)
     rejected = [{"index": i, "reason": reason} for i, text, reason in docs if text is None]
     rejected += [{"index": i, "reason": "empty text"} for i, text, _ in docs if text == ""]
     keep = [(i, text) for i, text, _ in docs if text]
@@ -331,6 +400,75 @@ def _process_shard(job: tuple[int, str, list[tuple[int, str | None, str | None]]
         "one_sided_teacher_tokens": one_t,
         "rejected": len(rejected),
     }
+    return _write_shard(shard, out_dir, arrays, rejected, stats)
+
+
+def _process_chat_shard(shard: int, out_dir: str, docs: list, opts: PreprocessOptions) -> dict[str, Any]:
+    """``--chat``: render, tokenize and align each conversation (:func:`nemo_xtoken.align.chat.align_chat`) into one shard."""
+    from nemo_xtoken.align.chat import align_chat
+
+    rejected = [{"index": i, "reason": reason} for i, raw, reason in docs if raw is None]
+    keep, cas = [], []
+    asst = [0, 0]
+    for i, raw, _ in docs:
+        if raw is None:
+            continue
+        try:
+            ca = align_chat(json.loads(raw), _W["s"], _W["t"], loss_on=opts.loss_on, student_template=opts.student_chat_template,
+                            teacher_template=opts.teacher_chat_template, template_kwargs={"enable_thinking": opts.enable_thinking},
+                            where=f"row {i}")
+        except XTokenError as e:
+            rejected.append({"index": i, "reason": str(e)})
+            continue
+        keep.append(i)
+        cas.append(ca)
+        got, tot = ca.assistant_coverage()
+        asst[0] += got
+        asst[1] += tot
+    rejected.sort(key=lambda r: r["index"])
+
+    def cat(xs: list, dtype: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(x, dtype=dtype) for x in xs] + [np.zeros(0, dtype)])
+
+    def offs(xs: list) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(x) for x in xs], dtype=np.int64)]).astype(np.int64)
+
+    s_ids = [ca.student.ids for ca in cas]
+    t_ids = [ca.teacher.ids for ca in cas]
+    arrays = {
+        "student_ids": cat(s_ids, np.int32),
+        "teacher_ids": cat(t_ids, np.int32),
+        "student_chunk_ids": cat([ca.alignment.student_chunk_ids for ca in cas], np.int32),
+        "teacher_chunk_ids": cat([ca.alignment.teacher_chunk_ids for ca in cas], np.int32),
+        "student_offsets": offs(s_ids),
+        "teacher_offsets": offs(t_ids),
+        "n_chunks": np.asarray([ca.alignment.n_chunks for ca in cas], dtype=np.int64),
+        "source_index": np.asarray(keep, dtype=np.int64),
+        "student_loss_mask": cat([ca.student.loss for ca in cas], np.uint8),
+        "student_kd_mask": cat([ca.student_kd_mask() for ca in cas], np.uint8),
+        "teacher_kd_mask": cat([ca.teacher_kd_mask() for ca in cas], np.uint8),
+    }
+    one_s = sum(int((np.diff(ca.alignment.student_chunks, axis=1)[:, 0] * ca.alignment.one_sided()).sum()) for ca in cas)
+    one_t = sum(int((np.diff(ca.alignment.teacher_chunks, axis=1)[:, 0] * ca.alignment.one_sided()).sum()) for ca in cas)
+    stats = {
+        "shard": shard,
+        "input_documents": len(docs),
+        "documents": len(keep),
+        "student_tokens": int(arrays["student_ids"].size),
+        "teacher_tokens": int(arrays["teacher_ids"].size),
+        "chunks": int(arrays["n_chunks"].sum()),
+        "one_sided_student_tokens": one_s,
+        "one_sided_teacher_tokens": one_t,
+        "rejected": len(rejected),
+        "loss_tokens": int(arrays["student_loss_mask"].sum()),
+        "assistant_tokens": asst[1],
+        "assistant_tokens_in_kd_chunks": asst[0],
+    }
+    return _write_shard(shard, out_dir, arrays, rejected, stats)
+
+
+def _write_shard(shard: int, out_dir: str, arrays: dict[str, np.ndarray], rejected: list, stats: dict[str, Any]) -> dict[str, Any]:
+    """Write one shard's arrays, rejected list and DONE.json under a temporary name, then rename it into place."""
     final = Path(out_dir) / "shards" / f"{shard:05d}"
     tmp = Path(out_dir) / "shards" / f".{shard:05d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -352,7 +490,16 @@ def _params(opts: PreprocessOptions, input_path: str) -> dict[str, Any]:
     from nemo_xtoken.vocab import load_tokenizer
 
     s, t = load_tokenizer(opts.student_tokenizer), load_tokenizer(opts.teacher_tokenizer)
-    return {
+    chat = {}
+    if opts.chat:  # only chat runs record these (earlier runs' params stay as they were)
+        from nemo_xtoken.align.chat import chat_template
+
+        chat = {
+            "chat": True, "loss_on": opts.loss_on, "enable_thinking": opts.enable_thinking,
+            "student_chat_template_sha256": hashlib.sha256(chat_template(s, opts.student_chat_template, side="student").encode()).hexdigest(),
+            "teacher_chat_template_sha256": hashlib.sha256(chat_template(t, opts.teacher_chat_template, side="teacher").encode()).hexdigest(),
+        }
+    return {**chat, 
         "format": _FORMAT,
         "input": os.path.abspath(input_path),
         "student_tokenizer": opts.student_tokenizer,
@@ -499,7 +646,9 @@ def preprocess(
     def jobs() -> Iterator[tuple[int, str, list]]:
         buf: list = []
         shard = 0
-        for doc in iter_documents(input_path, opts.field, opts.max_document_bytes):
+        rows = (iter_chat_rows(input_path, opts.max_document_bytes) if opts.chat
+                else iter_documents(input_path, opts.field, opts.max_document_bytes))
+        for doc in rows:
             buf.append(doc)
             if len(buf) == opts.shard_size:
                 yield from emit(shard, buf)
@@ -547,6 +696,8 @@ def preprocess(
     shards = [results[k] for k in sorted(results)]
     keys = ("input_documents", "documents", "student_tokens", "teacher_tokens", "chunks",
             "one_sided_student_tokens", "one_sided_teacher_tokens", "rejected")
+    if opts.chat:
+        keys += ("loss_tokens", "assistant_tokens", "assistant_tokens_in_kd_chunks")
     totals = {k: sum(s[k] for s in shards) for k in keys}
     rejected = [r for s in shards for r in s["rejected_list"]]
     stale = _remove_stale_shards(out, len(shards))
@@ -581,6 +732,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"tokens: student {r['student_tokens']}, teacher {r['teacher_tokens']}; chunks {r['chunks']}",
         f"one-sided tokens: student {r['one_sided_student_tokens']}, teacher {r['one_sided_teacher_tokens']}",
     ]
+    if "assistant_tokens" in r:
+        frac = r["assistant_tokens_in_kd_chunks"] / r["assistant_tokens"] if r["assistant_tokens"] else 0.0
+        lines.append(f"chat: {r['loss_tokens']} loss-bearing student tokens; assistant tokens in aligned (KD) chunks "
+                     f"{r['assistant_tokens_in_kd_chunks']}/{r['assistant_tokens']} ({frac:.1%})")
     for x in r["rejected_documents"][:20]:
         lines.append(f"  rejected document {x['index']}: {x['reason']}")
     if r["rejected"] > 20:
@@ -622,7 +777,7 @@ class PreprocessedCorpus:
         counts = []
         for s in self.manifest["shards"]:
             d = self.path / "shards" / f"{s['shard']:05d}"
-            arrs = load_shard(d, _ARRAYS, "shard", "xtoken preprocess")
+            arrs = load_shard(d, _ARRAYS + (_CHAT_ARRAYS if self.params.get("chat") else ()), "shard", "xtoken preprocess")
             if arrs["n_chunks"].shape[0] != s["documents"] or arrs["student_offsets"][-1] != arrs["student_ids"].shape[0]:
                 raise XTokenError(f"shard {d} does not match manifest.json ({s['documents']} documents): re-run `xtoken preprocess`")
             self._shards.append(arrs)
@@ -655,6 +810,21 @@ class PreprocessedCorpus:
         """The input line/row of document ``i``."""
         a, j = self._locate(int(i))
         return int(a["source_index"][j])
+
+    @property
+    def chat(self) -> bool:
+        """Written by ``xtoken preprocess --chat`` (documents carry loss and KD masks)."""
+        return bool(self.params.get("chat"))
+
+    def chat_masks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``--chat`` output: document ``i``'s student loss mask, student and teacher KD masks (bool per token)."""
+        if not self.chat:
+            raise XTokenError(f"{self.path} was not preprocessed with --chat: it has no loss masks")
+        a, j = self._locate(int(i))
+        s0, s1 = int(a["student_offsets"][j]), int(a["student_offsets"][j + 1])
+        t0, t1 = int(a["teacher_offsets"][j]), int(a["teacher_offsets"][j + 1])
+        return (np.asarray(a["student_loss_mask"][s0:s1], dtype=bool), np.asarray(a["student_kd_mask"][s0:s1], dtype=bool),
+                np.asarray(a["teacher_kd_mask"][t0:t1], dtype=bool))
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-document student and teacher token counts (for packing and sampling)."""

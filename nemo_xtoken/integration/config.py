@@ -50,7 +50,8 @@ LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl")
 ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
 KD_SCALINGS = ("dynamic", "fixed")
 MERGES = ("chain", "mean", "reference")  # = nemo_xtoken.align.merge.MERGES (not imported: keeps the config import torch-free)
-DATA_FORMATS = ("jsonl", "parquet", "preprocessed")
+DATA_FORMATS = ("jsonl", "parquet", "preprocessed", "chat")
+CHAT_LOSS_ON = ("assistant", "all")  # = nemo_xtoken.align.chat.LOSS_ON
 #: How H-KL / GOLD / ULD cross tensor-parallel ranks (``distill.tp_exchange``): ``auto`` (summary when tp > 1,
 #: else exact), ``exact`` (all-gather both vocabularies), ``summary`` (low traffic, bounded error).
 TP_EXCHANGES = ("auto", "exact", "summary")
@@ -128,6 +129,7 @@ class ModelConfig:
     model: str | None = None  # Hugging Face id/folder (Megatron-Bridge AutoBridge)
     checkpoint: str | None = None  # Megatron torch_dist checkpoint to start from (Bridge's pretrained_checkpoint)
     seq_length: int = 4096
+    chat_template: str | None = None  # data.format chat: a Jinja file replacing the tokenizer's own chat template
 
 
 @dataclass
@@ -149,6 +151,7 @@ class TeacherConfig:
     parallel: ParallelConfig | None = None  # if given, must equal the run's
     learnable_w: bool = False  # p_kl only: train W's weights with the student (its sparsity pattern fixed)
     cache: str | None = None  # `xtoken cache-teacher` output: an offline teacher instead of model/checkpoint
+    chat_template: str | None = None  # data.format chat: a Jinja file replacing the tokenizer's own chat template
 
 
 @dataclass
@@ -172,15 +175,24 @@ class DistillConfig:
 
 
 @dataclass
+class ChatConfig:
+    """Conversations (``data.format: chat``; docs/chat.md): which tokens carry the loss, how templates render."""
+
+    loss_on: str = "assistant"  # assistant: assistant contents + end-of-turn tokens; all: every token
+    enable_thinking: bool = False  # passed to the chat templates (Qwen3's thinking switch)
+
+
+@dataclass
 class DataConfig:
     """Training text and how it is dual-tokenized and packed (see docs/data.md)."""
 
     paths: list[str] = field(default_factory=list)  # files, folders of them, or `xtoken preprocess` folders
-    format: str = "jsonl"  # jsonl | parquet | preprocessed
+    format: str = "jsonl"  # jsonl | parquet | preprocessed | chat (jsonl/parquet rows with "messages")
     text_key: str = "text"
     seed: int = 1234
     packing: bool = True  # documents concatenated into full samples in lock-step with every teacher
     on_too_long: str = "split"  # without packing: split | error for a piece whose teacher side exceeds its length
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 @dataclass
@@ -298,7 +310,7 @@ class XTokenDistillConfig:
         if self.distill.alpha == "static" and sum(t.weight for t in self.teachers) <= 0:
             raise bad("teachers.*.weight", "static weights sum to 0: give at least one teacher a positive weight")
         d = self.distill
-        for key, val, allowed in (("distill.merge", d.merge, MERGES), ("distill.alpha", d.alpha, ALPHA_SCHEMES), ("distill.kd_scaling", d.kd_scaling, KD_SCALINGS), ("distill.tp_exchange", d.tp_exchange, TP_EXCHANGES), ("data.format", self.data.format, DATA_FORMATS), ("data.on_too_long", self.data.on_too_long, ("error", "split"))):
+        for key, val, allowed in (("distill.merge", d.merge, MERGES), ("distill.alpha", d.alpha, ALPHA_SCHEMES), ("distill.kd_scaling", d.kd_scaling, KD_SCALINGS), ("distill.tp_exchange", d.tp_exchange, TP_EXCHANGES), ("data.format", self.data.format, DATA_FORMATS), ("data.on_too_long", self.data.on_too_long, ("error", "split")), ("data.chat.loss_on", self.data.chat.loss_on, CHAT_LOSS_ON)):
             if val not in allowed:
                 raise bad(key, f"{val!r} is not one of {list(allowed)}")
         if not d.temperature > 0:

@@ -127,6 +127,9 @@ class TeacherSide:
     ids: np.ndarray
     alignment: Any
     fields: dict[str, np.ndarray] = field(default_factory=dict)
+    # chat (nemo_xtoken.align.chat): bool per token, the token is in a chunk that carries KD (None: every chunk does)
+    student_kd_mask: np.ndarray | None = None
+    teacher_kd_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -135,6 +138,8 @@ class Document:
 
     student_ids: np.ndarray
     teachers: list[TeacherSide]
+    # chat: bool per student token, the token is a loss target (None: every token is)
+    student_loss_mask: np.ndarray | None = None
 
 
 class DocumentSource(Protocol):
@@ -172,11 +177,16 @@ def as_document(item: Any, doc: int | str = "?") -> Document:
                 f"{a.teacher_chunk_ids.shape[0]} teacher tokens but the document has {n_s} and {tv.ids.shape[0]}: "
                 "ids and alignment come from different tokenizations"
             )
+        for name, arr, n in (("student_kd_mask", tv.student_kd_mask, n_s), ("teacher_kd_mask", tv.teacher_kd_mask, tv.ids.shape[0])):
+            if arr is not None and arr.shape != (n,):
+                raise XTokenError(f"document {doc}, teacher {m}: {name} has shape {arr.shape} for {n} tokens")
         for name, arr in tv.fields.items():
             if arr.shape[0] != tv.ids.shape[0]:
                 raise XTokenError(
                     f"document {doc}, teacher {m}: field {name!r} has {arr.shape[0]} rows for {tv.ids.shape[0]} teacher tokens"
                 )
+    if d.student_loss_mask is not None and d.student_loss_mask.shape != (n_s,):
+        raise XTokenError(f"document {doc}: student_loss_mask has shape {d.student_loss_mask.shape} for {n_s} student tokens")
     return d
 
 
@@ -313,8 +323,12 @@ class PreprocessedDocuments:
     def __len__(self) -> int:
         return len(self.corpus)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    def __getitem__(self, i: int) -> Any:
         s, t, sc, tc, n = self.corpus.arrays(i)
+        if self.corpus.chat:  # `xtoken preprocess --chat`: the loss and KD masks
+            lm, skd, tkd = self.corpus.chat_masks(i)
+            return Document(s.astype(np.int64), [TeacherSide(t.astype(np.int64), _LazyAlignment(sc, tc, n), student_kd_mask=skd,
+                                                             teacher_kd_mask=tkd)], lm)
         return s.astype(np.int64), t.astype(np.int64), _LazyAlignment(sc, tc, n)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
@@ -359,7 +373,7 @@ class MultiTeacherDocuments:
                     f"document {i}: the student ids of source {m} differ from source 0's ({d.student_ids.shape[0]} vs "
                     f"{s.shape[0]} tokens): the sources were made from different inputs or student tokenizers"
                 )
-        return Document(s, [t for d in docs for t in d.teachers])
+        return Document(s, [t for d in docs for t in d.teachers], docs[0].student_loss_mask)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Student lengths ``[n]`` and teacher lengths ``[n_teachers, n]``; student lengths must agree."""
@@ -893,6 +907,8 @@ class DualTokenizedDataset:
             tokens[used : used + w] = ids[:w]
             labels[used : used + p] = ids[1 : 1 + p]
             loss_mask[used : used + p] = 1.0
+            if doc.student_loss_mask is not None:  # chat: only the loss-bearing targets
+                loss_mask[used : used + p] = np.asarray(doc.student_loss_mask[sg.s0 + 1 : sg.s0 + 1 + p], dtype=np.float32)
             pos[used : used + w] = np.arange(w)
             seg_ids[used : used + w] = j
             for m, tv in enumerate(doc.teachers):
@@ -907,6 +923,9 @@ class DualTokenizedDataset:
                 k1 = int(max(int(x[-1]) for x in (sc[-1:], tc[-1:]) if x.size)) + 1 if present else 0
                 off = o["n_chunks"] - k0
                 o["student_chunk_ids"][used : used + p] = sc[1 : 1 + p] + off
+                if tv.student_kd_mask is not None:  # chat: positions predicting a token of a chunk without KD
+                    kd = np.asarray(tv.student_kd_mask[sg.s0 + 1 : sg.s0 + 1 + p], dtype=bool)
+                    o["student_chunk_ids"][used : used + p][~kd] = -1
                 o["student_targets"][used : used + p] = ids[1 : 1 + p]
                 tu, nt = o["used"], t_ids.shape[0]
                 tw, tp = min(nt, T - tu), max(min(nt - 1, T - tu), 0)
@@ -914,6 +933,9 @@ class DualTokenizedDataset:
                 o["teacher_position_ids"][tu : tu + tw] = np.arange(tw)
                 o["teacher_segment_ids"][tu : tu + tw] = j
                 o["teacher_chunk_ids"][tu : tu + tp] = tc[1 : 1 + tp] + off
+                if tv.teacher_kd_mask is not None:
+                    kd = np.asarray(tv.teacher_kd_mask[t0 + 1 : t0 + 1 + tp], dtype=bool)
+                    o["teacher_chunk_ids"][tu : tu + tp][~kd] = -1
                 o["teacher_targets"][tu : tu + tp] = t_ids[1 : 1 + tp]
                 for name, arr in tv.fields.items():
                     buf = o["fields"].get(name)
@@ -1141,7 +1163,35 @@ def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = 
     names = [cfg.teachers[m].name for m in cross]
     t_toks = [resources.teacher_tokenizers[n] for n in names]
     caches = {i: resources.caches[n] for i, n in enumerate(names) if n in (getattr(resources, "caches", None) or {})}
-    if d.format in ("jsonl", "parquet"):
+    if d.format == "chat":  # conversations: each side renders them with its own chat template (docs/chat.md)
+        from nemo_xtoken.integration.chat_data import ChatDocuments
+
+        if caches:
+            raise ConfigError(
+                f"teachers {[names[i] for i in caches]}: a cached teacher reads `xtoken preprocess --chat` output: preprocess the "
+                "conversations with --chat, cache the teacher on that folder, and set data.format: preprocessed"
+            )
+        for p in paths:
+            if p.is_file() and p.suffix not in (".jsonl", ".parquet"):
+                raise ConfigError(f"data.paths: {p} is not a .jsonl or .parquet file but data.format is 'chat'")
+
+        def tpl(x: str | None) -> str | None:
+            return None if x is None or "{%" in x or "{{" in x else str(_resolve_path(x, base_dir))
+
+        parts, left = [], limit
+        for p in paths:
+            if left is not None and left <= 0:
+                break
+            part = ChatDocuments(
+                p, resources.student_tokenizer, t_toks if len(t_toks) > 1 else t_toks[0], loss_on=d.chat.loss_on,
+                student_template=tpl(cfg.student.chat_template) if cfg.student.chat_template else None,
+                teacher_templates=[tpl(cfg.teachers[m].chat_template) if cfg.teachers[m].chat_template else None for m in cross],
+                template_kwargs={"enable_thinking": d.chat.enable_thinking}, limit=left,
+            )
+            parts.append(part)
+            left = None if left is None else left - part.rows_read
+        docs = ConcatDocuments(parts)
+    elif d.format in ("jsonl", "parquet"):
         for p in paths:
             if p.is_file() and p.suffix != f".{d.format}":
                 raise ConfigError(f"data.paths: {p} is not a .{d.format} file but data.format is {d.format!r}")
@@ -1259,7 +1309,10 @@ def check_data(cfg: Any, resources: Any, *, base_dir: str | Path | None = None, 
                 f"{r['tokens_per_student_token']:.3f} tokens per student token here; loss-bearing fraction {st.loss_fraction:.3f}): "
                 f"raise teachers.{cross[m]}.seq_length to about {need}"
             )
-    if not ds.packing and st.loss_fraction < 0.5:
+    chat = _chat_check(docs, per, ds, st) if cfg.data.format in ("chat", "preprocessed") else None
+    if chat is not None:
+        warnings += chat.pop("warnings")
+    if not ds.packing and st.loss_fraction < 0.5 and chat is None:
         warnings.append(f"without packing only {st.loss_fraction:.1%} of the student positions carry a loss: set data.packing: true")
     return {
         "documents_checked": n,
@@ -1271,7 +1324,43 @@ def check_data(cfg: Any, resources: Any, *, base_dir: str | Path | None = None, 
         "split_documents": st.split_documents,
         "teachers": per,
         "warnings": warnings,
+        **({"chat": chat} if chat is not None else {}),
     }
+
+
+def _chat_check(docs: Any, per: list[dict[str, Any]], ds: DualTokenizedDataset, st: PackingStats) -> dict[str, Any] | None:
+    """The chat part of the data check: loss-bearing fraction, skipped rows, per teacher the assistant tokens in KD chunks
+    and one rendered example per side with its loss mask (None: the documents are no conversations)."""
+    from nemo_xtoken.align.chat import masked_text
+    from nemo_xtoken.integration.chat_data import chat_sources
+
+    n = len(docs)
+    loss = 0
+    have_mask = False
+    for i in range(n):
+        d = as_document(docs[i], i)
+        if d.student_loss_mask is not None:
+            have_mask = True
+            loss += int(np.asarray(d.student_loss_mask[1:]).sum())
+    if not have_mask:
+        return None
+    srcs = chat_sources(docs)
+    out: dict[str, Any] = {
+        "loss_tokens": loss,
+        "loss_fraction": loss / max(st.samples * ds.seq_length, 1),
+        "rows_read": sum(s.rows_read for s in srcs),
+        "rows_skipped": sum(len(s.skipped) for s in srcs),
+        "skipped": [r for s in srcs for _, r in s.skipped][:5],
+        "warnings": sorted(set(w for s in srcs for w in s.warnings))[:3],
+    }
+    for m, r in enumerate(per):
+        got = sum(s.coverage[m][0] for s in srcs)
+        tot = sum(s.coverage[m][1] for s in srcs)
+        r["assistant_tokens_in_kd_chunks"] = got / tot if tot else None
+        ex = next((s.examples[m] for s in srcs if s.examples[m] is not None), None)
+        if ex is not None:
+            r["example"] = {"student": masked_text(ex.student), "teacher": masked_text(ex.teacher)}
+    return out
 
 
 def format_data_check(r: dict[str, Any]) -> str:
@@ -1279,7 +1368,8 @@ def format_data_check(r: dict[str, Any]) -> str:
     lines = [
         f"data: {r['documents_checked']} documents checked, {r['student_tokens']} student tokens; "
         f"{'packed' if r['packing'] else 'unpacked'} at seq_length {r['seq_length']}: {r['samples']} samples, "
-        f"loss-bearing fraction {r['loss_fraction']:.3f}, {r['split_documents']} documents split",
+        + (f"positions filled {r['loss_fraction']:.3f} (loss-bearing: below)" if r.get("chat") else f"loss-bearing fraction {r['loss_fraction']:.3f}")
+        + f", {r['split_documents']} documents split",
     ]
     for t in r["teachers"]:
         lines.append(
@@ -1287,5 +1377,19 @@ def format_data_check(r: dict[str, Any]) -> str:
             f"seq_length {t['seq_length']} filled {t['fill']:.3f}; one-sided tokens {t['one_sided_fraction']:.2%} "
             f"(student {t['one_sided_student_tokens']}, teacher {t['one_sided_teacher_tokens']})"
         )
+    c = r.get("chat")
+    if c is not None:
+        lines.append(
+            f"data: chat: {c['rows_read']} conversation rows read, {c['rows_skipped']} skipped; loss-bearing (assistant) "
+            f"fraction of the student positions {c['loss_fraction']:.3f}"
+        )
+        lines += [f"data: chat: skipped {x}" for x in c["skipped"]]
+        for t in r["teachers"]:
+            if t.get("assistant_tokens_in_kd_chunks") is not None:
+                lines.append(f"data: chat: teacher {t['teacher']}: {t['assistant_tokens_in_kd_chunks']:.1%} of the assistant tokens in aligned (KD) chunks")
+            if "example" in t:
+                lines.append(f"data: chat: teacher {t['teacher']}: first conversation, loss-bearing tokens between ⟦ ⟧:")
+                lines.append("--- student ---\n" + t["example"]["student"])
+                lines.append("--- teacher ---\n" + t["example"]["teacher"])
     lines += [f"data: warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)

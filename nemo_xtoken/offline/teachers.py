@@ -131,9 +131,14 @@ class CachedTeacherDocuments:
 
         from nemo_xtoken.integration.data import Document, TeacherSide
 
-        s, t, a = self._docs[i]  # the corpus's ids and (lazily built) alignment
+        item = self._docs[i]  # the corpus's ids and (lazily built) alignment
         views = self.cache.views(i)
         fields = {k: _Rows(v, dt) for k, v, dt in zip(CACHED_TEACHER_KEYS, views, (np.int64, np.float32, np.float32))}
+        if isinstance(item, Document):  # `xtoken preprocess --chat`: keep the loss and KD masks
+            tv = item.teachers[0]
+            return Document(item.student_ids, [TeacherSide(tv.ids, tv.alignment, fields, tv.student_kd_mask, tv.teacher_kd_mask)],
+                            item.student_loss_mask)
+        s, t, a = item
         return Document(s, [TeacherSide(t, a, fields)])
 
     def lengths(self) -> tuple[Any, Any]:
