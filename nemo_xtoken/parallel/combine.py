@@ -27,6 +27,7 @@ from nemo_xtoken.parallel.losses import (
     vocab_parallel_p_kl,
     vocab_parallel_uld,
 )
+from nemo_xtoken.parallel.partition import vocab_parallel_partition_kl
 from nemo_xtoken.parallel.plan import PKLPlan
 from nemo_xtoken.parallel.primitives import prefix_or_mask, vocab_parallel_log_softmax
 from nemo_xtoken.parallel.summary import HybridPlan
@@ -46,8 +47,9 @@ PARALLEL_LOSSES = {
     "uld": vocab_parallel_uld,
     "gold": vocab_parallel_gold,
     "h_kl": vocab_parallel_h_kl,
+    "partition_kl": vocab_parallel_partition_kl,  # its third argument: a PartitionTPPlan (or the Spellings)
 }
-_NEEDS_W = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True}
+_NEEDS_W = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True, "partition_kl": True}
 
 
 def _pick_local(lp: torch.Tensor, targets: torch.Tensor, rank: int) -> torch.Tensor:
