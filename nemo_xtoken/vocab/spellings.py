@@ -153,6 +153,19 @@ class Spellings:
         self._cache["level1"] = (rep_s, rep_t, n_s, n_t)
         return self._cache["level1"]
 
+    def summary(self) -> dict[str, int]:
+        """The partition's size (``xtoken distill --check``): level-1 buckets, how many merge several tokens, what falls nowhere."""
+        rep_s, rep_t, n_s, n_t = self.level1()
+        lens = np.diff(self.s_indptr)
+        return {
+            "level1_buckets": int((n_t > 0).sum()),
+            "buckets_with_several_teacher_tokens": int((n_t > 1).sum()),
+            "buckets_with_several_student_tokens": int((n_s > 1).sum()),
+            "student_tokens_in_no_bucket": int((rep_s < 0).sum()),
+            "student_tokens_spelled_by_several_teacher_tokens": int((lens > 1).sum()),
+            "longest_student_spelling": int(lens.max()) if lens.size else 0,
+        }
+
     def level1_csr(self, which: str) -> "_FirstPieceCSR":
         """0/1 map of ``which``'s tokens onto their level-1 bucket (named by a teacher id), as a CSR."""
         key = ("level1_csr", which)
