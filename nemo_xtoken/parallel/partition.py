@@ -164,16 +164,10 @@ def vocab_parallel_partition_kl(
             keep = np.flatnonzero(m)
             pp.counted, pp.l1_chunk, pp.l1_s_pos, pp.l1_t_pos = m, keep, keep, keep.copy()
     lp_s = vocab_parallel_log_softmax(s, vocab_size=v_s, group=group, temperature=temperature, name="student_logits")
-    lp_t = vocab_parallel_log_softmax(t, vocab_size=v_t, group=group, temperature=temperature, name="teacher_logits").detach()
+    with torch.no_grad():  # the teacher is frozen; its log-probabilities are reused in place for its level-1 buckets
+        lp_t = vocab_parallel_log_softmax(t, vocab_size=v_t, group=group, temperature=temperature, name="teacher_logits")
     T = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev)  # noqa: E731
     partial = lp_s.new_zeros(pp.n_chunks)
-    if pp.l1_chunk.size:
-        from nemo_xtoken.parallel.losses import _ExchangeProject, _KLPartial
-
-        q_s = _ExchangeProject.apply(lp_s.index_select(0, T(pp.l1_s_pos)), plan.student_plan.rank_plan(rank, dev), group)
-        q_t = _ExchangeProject.apply(lp_t.index_select(0, T(pp.l1_t_pos)), plan.teacher_plan.rank_plan(rank, dev), group)
-        log_qt = torch.where(q_t > 0, torch.log(torch.where(q_t > 0, q_t, torch.ones_like(q_t))), torch.full_like(q_t, float("-inf")))
-        partial = partial.index_add(0, T(pp.l1_chunk), _KLPartial.apply(log_qt, q_s, True, P_EPS))
     # deeper levels and M:N chunks: per-rank partial sums, one all-reduce
     n_cells, n_mn = int(pp.cell_tok.size), int(pp.mn_chunk.size)
     if n_cells or n_mn:
@@ -214,6 +208,20 @@ def vocab_parallel_partition_kl(
         mn_s, mn_t = full[2 * n_cells : 2 * n_cells + n_mn], full[2 * n_cells + n_mn :]
         deeper = partition_terms(pp, f_prob, c_mass, mn_s, mn_t, dev)
         partial = partial + (deeper if rank == 0 else deeper * 0.0)  # identical on every rank: enters once
+    if pp.l1_chunk.size:  # after the deeper levels: the teacher's log-probabilities are overwritten here
+        from nemo_xtoken.parallel.losses import _ExchangeProject, _KLPartial
+
+        def rows(lp: torch.Tensor, pos: np.ndarray) -> torch.Tensor:  # every position in order (no alignment): no copy
+            same = pos.size == lp.shape[0] and bool((pos == np.arange(pos.size)).all())
+            return lp if same else lp.index_select(0, T(pos))
+
+        with torch.no_grad():  # the teacher's bucket masses first (before the student's exist), in log space, in place
+            lt_rows = rows(lp_t, pp.l1_t_pos)
+            q_t = _ExchangeProject.apply(lt_rows, plan.teacher_plan.rank_plan(rank, dev), group)
+            log_qt = lt_rows.copy_(q_t).log_() if lt_rows.shape == q_t.shape else q_t.log_()  # log 0 = -inf: an empty bucket
+            del q_t
+        q_s = _ExchangeProject.apply(rows(lp_s, pp.l1_s_pos), plan.student_plan.rank_plan(rank, dev), group)
+        partial = partial.index_add(0, T(pp.l1_chunk), _KLPartial.apply(log_qt, q_s, True, P_EPS))
     loss = sum_partials(partial, group)
     counted = T(pp.counted)
     return _reduce(loss, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
