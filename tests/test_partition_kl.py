@@ -141,3 +141,18 @@ def test_143_partition_kl_prefers_the_true_token_where_pkl_prefers_the_first_dig
     assert top_pkl in ("1", "11", "111"), top_pkl
     p143 = float(torch.softmax(x_part, 1)[0, s143])
     assert p143 > 0.5 and v_part < 0.5, (p143, v_part)
+
+
+def test_cached_teacher_with_every_id_equals_the_live_teacher():
+    """A cached (top-k) teacher enters through its dense rows; with k = V it is the live teacher exactly."""
+    from nemo_xtoken.offline.sparse import sparse_from_logits
+
+    w, (s, t, al) = _world_batch(WORLDS["1:N, 3 levels"], seed=6)
+    sp = w.spellings()
+    g = torch.Generator().manual_seed(7)
+    x = s.clamp(min=-30) + 0.3 * torch.randn(s.shape, generator=g, dtype=torch.float64)
+    live = partition_kl(x, t, sp, alignment=al)
+    cached = partition_kl(x, sparse_from_logits(t, t.shape[1], vocab_size=t.shape[1]), sp, alignment=al)
+    assert torch.allclose(live, cached, rtol=1e-9)
+    top2 = partition_kl(x, sparse_from_logits(t, 2, vocab_size=t.shape[1]), sp, alignment=al)
+    assert not torch.allclose(live, top2, rtol=1e-3)  # a small k changes it (benchmarks/partition_cached.py measures how much)
