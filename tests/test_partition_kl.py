@@ -156,3 +156,24 @@ def test_cached_teacher_with_every_id_equals_the_live_teacher():
     assert torch.allclose(live, cached, rtol=1e-9)
     top2 = partition_kl(x, sparse_from_logits(t, 2, vocab_size=t.shape[1]), sp, alignment=al)
     assert not torch.allclose(live, top2, rtol=1e-3)  # a small k changes it (benchmarks/partition_cached.py measures how much)
+
+
+def test_demo_method_is_opt_in_and_its_spellings_are_reduced_consistently():
+    """`partkl_*` only with --methods; reduced spellings are the full ones in the kept ids, cut before a dropped piece."""
+    from nemo_xtoken.demo.run import DemoConfig
+    from nemo_xtoken.demo.vocab_subset import VocabSubset, reduce_spellings
+
+    assert not any(m.key.startswith("partkl") for m in DemoConfig().selected())
+    assert [m.key for m in DemoConfig(methods=("ce", "partkl_qwen3")).selected()] == ["ce", "partkl_qwen3"]
+    w = World.random((2, 2), (1, 1, 1, 1))
+    sp = w.spellings()
+    v_s, v_t = sp.shape
+    ssub = VocabSubset(np.arange(2, v_s, dtype=np.int64))  # student: drop BOS and the extra token
+    drop = int(np.flatnonzero(np.array(w.teacher_vocab) == "b")[0])
+    tsub = VocabSubset(np.array([i for i in range(v_t) if i != drop], dtype=np.int64))  # teacher: drop `b`
+    red = reduce_spellings(sp, ssub, tsub)
+    assert red.shape == (ssub.size, tsub.size)
+    for new, old in enumerate(ssub.kept.tolist()):
+        full = sp.spelling("student", old)
+        cut = full[: full.index(drop)] if drop in full else full
+        assert tuple(tsub.to_old(list(red.spelling("student", new)))) == cut
