@@ -77,3 +77,25 @@ def test_partition_kl_trains_through_the_megatron_criterion_at_tp2_as_at_tp1(run
     row = runs[2][0]["traffic"][0]
     assert row["loss"] == "partition_kl" and row["exchange"] == "plan" and row["partition"]["level1_buckets"] > 0
     assert row["fraction_of_all_gather"] < 1.0
+
+
+def test_config_check_reports_the_partition(llama3_path, qwen3_path):
+    """`loss: partition_kl` needs no W file: the spellings come from the tokenizers; `--check`'s exchange
+    report names the partition's size (real Llama-3 → Qwen3)."""
+    from nemo_xtoken.integration.config import config_from_dict, validate_resources
+    from nemo_xtoken.integration.distill import criterion_from_config
+    from nemo_xtoken.integration.train import format_exchange_report
+
+    cfg = config_from_dict({
+        "student": {"tokenizer": llama3_path, "seq_length": 32},
+        "teachers": [{"name": "q", "tokenizer": qwen3_path, "loss": "partition_kl", "seq_length": 48}],
+        "train": {"train_iters": 20, "global_batch_size": 4, "micro_batch_size": 2},
+    })
+    rep = validate_resources(cfg)
+    assert rep.projections == {} and rep.spellings["q"].shape == (128256, 151669)
+    crit, _ = criterion_from_config(cfg, rep, tp=2, student_padded=128256, teacher_padded=[151936])
+    rows = crit.traffic()
+    assert rows[0]["exchange"] == "plan" and rows[0]["partition"]["level1_buckets"] > 100_000
+    assert 0 < rows[0]["fraction_of_all_gather"] < 1
+    text = format_exchange_report(rows)
+    assert "partition_kl" in text and "level-1 buckets" in text and "in no bucket" in text
