@@ -177,3 +177,18 @@ def test_demo_method_is_opt_in_and_its_spellings_are_reduced_consistently():
         full = sp.spelling("student", old)
         cut = full[: full.index(drop)] if drop in full else full
         assert tuple(tsub.to_old(list(red.spelling("student", new)))) == cut
+
+
+@pytest.mark.parametrize("path", ["reference", "parallel tp 1"])
+def test_nothing_counted_is_exactly_zero_with_zero_gradients(path):
+    from nemo_xtoken.parallel import vocab_parallel_partition_kl
+
+    fn = partition_kl if path == "reference" else vocab_parallel_partition_kl
+    w = World.random((2, 2), (1, 1, 1, 1))
+    sp = w.spellings()
+    v_s, v_t = sp.shape
+    for n, mask in ((0, None), (4, torch.zeros(4, dtype=torch.bool))):
+        x = torch.randn(n, v_s, requires_grad=True)
+        loss = fn(x, torch.randn(n, v_t), sp, mask=mask)
+        loss.backward()
+        assert float(loss) == 0.0 and float(x.grad.abs().sum()) == 0.0

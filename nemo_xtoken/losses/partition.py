@@ -309,7 +309,7 @@ def partition_kl(
             plan.l1_chunk, plan.l1_s_pos, plan.l1_t_pos = keep, keep, keep.copy()
     ls = _log_probs(s, v_s, temperature, dt)
     lt = _log_probs(t, v_t, temperature, dt).detach()
-    out = torch.zeros(plan.n_chunks, dtype=dt, device=dev)
+    out = torch.zeros(plan.n_chunks, dtype=dt, device=dev) + ls[:, :0].sum()  # on the graph even when nothing counts
     # level 1: KL over the buckets both first positions can measure (Spellings.level1)
     if plan.l1_chunk.size:
         rep_s, rep_t, _, _ = spellings.level1()

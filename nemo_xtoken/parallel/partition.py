@@ -167,7 +167,7 @@ def vocab_parallel_partition_kl(
     with torch.no_grad():  # the teacher is frozen; its log-probabilities are reused in place for its level-1 buckets
         lp_t = vocab_parallel_log_softmax(t, vocab_size=v_t, group=group, temperature=temperature, name="teacher_logits")
     T = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev)  # noqa: E731
-    partial = lp_s.new_zeros(pp.n_chunks)
+    partial = lp_s.new_zeros(pp.n_chunks) + lp_s[:, :0].sum()  # on the graph even when nothing counts (zero gradients)
     # deeper levels and M:N chunks: per-rank partial sums, one all-reduce
     n_cells, n_mn = int(pp.cell_tok.size), int(pp.mn_chunk.size)
     if n_cells or n_mn:
