@@ -192,3 +192,23 @@ def test_nothing_counted_is_exactly_zero_with_zero_gradients(path):
         loss = fn(x, torch.randn(n, v_t), sp, mask=mask)
         loss.backward()
         assert float(loss) == 0.0 and float(x.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("weighting", ["static", "entropy"])
+def test_multi_teacher_reference_and_parallel_agree(weighting):
+    """partition_kl as a teacher's loss in multi_teacher (Spellings) and on shards (PartitionTPPlan or Spellings)."""
+    from nemo_xtoken.losses import Teacher, multi_teacher
+    from nemo_xtoken.parallel import PartitionTPPlan, vocab_parallel_multi_teacher
+
+    w = World.random((2, 2), (1, 1, 1, 1))
+    sp = w.spellings()
+    s, t, al, _ = w.batch("abca$")
+    g = torch.Generator().manual_seed(8)
+    s = s.clamp(min=-30) + 0.3 * torch.randn(s.shape, generator=g, dtype=s.dtype)
+    t2 = t.clamp(min=-30) + 0.5 * torch.randn(t.shape, generator=g, dtype=t.dtype)
+    a = multi_teacher(s, [t, t2], [Teacher("partition_kl", sp, weight=0.6), Teacher("partition_kl", sp, weight=0.4)],
+                      alignments=[al, al], weighting=weighting)
+    b = vocab_parallel_multi_teacher(s, [t, t2], [Teacher("partition_kl", PartitionTPPlan.build(sp, 1), weight=0.6),
+                                                   Teacher("partition_kl", sp, weight=0.4)], alignments=[al, al], weighting=weighting)
+    assert float(a.loss) > 1e-3
+    assert torch.allclose(a.loss, b.loss.to(a.loss.dtype), rtol=1e-5) and torch.allclose(a.alphas, b.alphas.to(a.alphas.dtype), rtol=1e-5)

@@ -188,8 +188,8 @@ def vocab_parallel_multi_teacher(
             valid = prefix_or_mask(plan.teacher_valid()[rank * w : (rank + 1) * w])  # read on the host, as in the losses
             valid = valid.to(logits.device) if isinstance(valid, torch.Tensor) else valid
             targets = plan.map_teacher_ids(targets) if targets is not None else None
-        elif vocab is None and hasattr(tch.projection, "spellings"):  # partition_kl's PartitionTPPlan
-            vocab = tch.projection.teacher_vocab_size
+        elif vocab is None and (hasattr(tch.projection, "spellings") or hasattr(tch.projection, "level1")):
+            vocab = tch.projection.teacher_vocab_size  # partition_kl: its PartitionTPPlan or the Spellings
         elif vocab is None and tch.projection is not None:
             from nemo_xtoken.losses.reference import resolve_projection
 
