@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LOSSES = ("kl_modelopt", "kl", "p_kl", "h_kl", "gold", "uld")
+LOSSES = ("kl_modelopt", "kl", "p_kl", "h_kl", "gold", "uld", "partition_kl")
 
 
 def _available_bytes() -> int:
@@ -95,11 +95,15 @@ def _run(loss: str, W, s, t, path: str, block_size: int | None):
             out = P.vocab_parallel_uld(s, t, **kw)
         elif loss == "p_kl":
             out = P.vocab_parallel_p_kl(s, t, _run.plan, **kw)
+        elif loss == "partition_kl":  # no alignment: every position a 1:1 chunk (level 1, the V-wide part)
+            out = P.vocab_parallel_partition_kl(s, t, _run.plan, **kw)
         else:
             out = P.PARALLEL_LOSSES[loss](s, t, _run.w, **kw)
     else:
         if loss in ("kl", "uld"):
             out = R.LOSSES[loss](s, t, **kw)
+        elif loss == "partition_kl":
+            out = R.partition_kl(s, t, _run.plan, **kw)
         else:
             out = R.LOSSES[loss](s, t, _run.w, **kw)
     out.backward()
@@ -117,6 +121,14 @@ def _child(loss: str, tokens: int, teacher: str, path: str, block_size: int | No
     W, s, t = _inputs(tokens, teacher, loss)
     _run.w = resolve_projection(W)
     _run.plan = PKLPlan.build(W, 1) if loss == "p_kl" and path == "parallel" else None
+    if loss == "partition_kl":  # the spellings (cached by the tokenizers' fingerprints), a plan built once
+        from nemo_xtoken.assets import tokenizer_path
+        from nemo_xtoken.parallel import PartitionTPPlan
+        from nemo_xtoken.vocab.spellings import cached_spellings
+
+        sp = cached_spellings(tokenizer_path("llama3"), tokenizer_path(teacher))
+        sp.level1()
+        _run.plan = PartitionTPPlan.build(sp, 1) if path == "parallel" else sp
     if loss in ("gold", "h_kl"):  # the common sets are cached on the resolved W, as in training (built once)
         from nemo_xtoken.losses.reference import exact_common_set, top1_common_set
 

@@ -195,6 +195,7 @@ class SideData:
     eval: Samples  # held-out stories
     token_texts: list[str]  # reduced id → text
     prompts: EvalPrompts  # this tokenizer's prompts (the teacher's own evaluation)
+    spellings: Any = None  # partition-KL: both vocabularies' spellings in the reduced ids (set by run_demo when used)
 
     @property
     def vocab_size(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from nemo_xtoken.demo.train import Job, ModelSize, TeacherUse
 
-__all__ = ["DemoConfig", "Method", "METHODS", "TEACHERS", "run_demo", "FAST", "FULL"]
+__all__ = ["DemoConfig", "Method", "METHODS", "EXTRA_METHODS", "TEACHERS", "run_demo", "FAST", "FULL"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ METHODS: list[Method] = [
     Method("gold_o200k", "GOLD ← o200k", (TeacherUse("o200k", "gold"),)),
     Method("hkl_o200k", "H-KL ← o200k", (TeacherUse("o200k", "h_kl"),)),
     Method("two_teachers", "H-KL ← o200k 0.8 + KL ← Llama-3 0.2", (TeacherUse("o200k", "h_kl", 0.8), TeacherUse("llama3", "kl", 0.2))),
+]
+#: selectable with ``--methods`` only (not in the default run, which keeps ``make demo`` within its time budget)
+EXTRA_METHODS: list[Method] = [
+    Method("partkl_qwen3", "partition-KL ← Qwen3", (TeacherUse("qwen3", "partition_kl"),)),
+    Method("partkl_o200k", "partition-KL ← o200k", (TeacherUse("o200k", "partition_kl"),)),
 ]
 #: teacher name → tokenizer (``nemo_xtoken.assets`` name); llama3 is the student's own tokenizer (no W)
 TEACHERS = ("qwen3", "o200k", "llama3")
@@ -91,11 +96,11 @@ class DemoConfig:
         """The methods this run trains."""
         if not self.methods:
             return list(METHODS)
-        known = {m.key: m for m in METHODS}
+        known = {m.key: m for m in METHODS + EXTRA_METHODS}
         bad = [x for x in self.methods if x not in known]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; known: {', '.join(known)}")
-        return [m for m in METHODS if m.key in self.methods]
+        return [m for m in METHODS + EXTRA_METHODS if m.key in self.methods]
 
 
 FULL = DemoConfig()
@@ -230,6 +235,11 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
     teachers = {n: (toks[n], None if n == "llama3" else cached_projection(student, toks[n])) for n in TEACHERS}
     t_corpus, s_corpus, e_corpus = story_splits(cfg.n_teacher_stories, cfg.n_student_stories, cfg.n_eval_stories, seed=cfg.corpus_seed)
     data = build_demo_data(student, teachers, t_corpus, s_corpus, e_corpus, seq_length=cfg.seq_length, teacher_seq_length=cfg.teacher_seq_length)
+    for n in sorted({t.side for m in methods for t in m.teachers if t.loss == "partition_kl"}):  # partition-KL: spellings, reduced
+        from nemo_xtoken.demo.vocab_subset import reduce_spellings
+        from nemo_xtoken.vocab.spellings import cached_spellings
+
+        data.sides[n].spellings = reduce_spellings(cached_spellings(student, toks[n]), data.student_subset, data.sides[n].subset)
     t_data = time.perf_counter() - t_start
     summ = data.summary()
     log(f"corpora: {len(t_corpus)} teacher / {len(s_corpus)} student / {len(e_corpus)} held-out stories "

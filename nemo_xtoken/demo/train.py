@@ -473,6 +473,8 @@ def _distillation_model(job: Job, student, data: Any):
         teachers.append(MemoTeacher(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed),
                                     live=job.live_teachers))
         proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
+        if t.loss == "partition_kl":
+            proj = side.spellings  # reduced spellings of both vocabularies (run_demo attaches them)
         if job.learnable_w and t.loss == "p_kl":
             from nemo_xtoken.losses import LearnableProjection
 

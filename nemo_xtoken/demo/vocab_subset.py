@@ -15,7 +15,7 @@ import numpy as np
 
 from nemo_xtoken.vocab.projection import Projection
 
-__all__ = ["VocabSubset", "reduce_projection"]
+__all__ = ["VocabSubset", "reduce_projection", "reduce_spellings"]
 
 
 @dataclass
@@ -75,3 +75,26 @@ def reduce_projection(proj: Projection, student: VocabSubset, teacher_ids) -> tu
         meta={**proj.meta, "reduced": {"student_ids": student.size, "teacher_ids": tsub.size}},
     )
     return reduced, tsub
+
+
+def reduce_spellings(spellings, student: VocabSubset, teacher: VocabSubset):
+    """The spellings of the kept tokens in the other side's kept ids (partition-KL in the demo).
+
+    A spelling is cut before its first piece outside the other side's subset (a piece the reduced
+    model cannot produce); a token whose first piece is outside has no spelling.  Kept student rows
+    of W point inside the teacher subset, so student spellings of up to 4 pieces are never cut.
+    """
+    from nemo_xtoken.vocab.spellings import Spellings
+
+    def side(which: str, mine: VocabSubset, other: VocabSubset) -> list[list[int]]:
+        indptr, ids = spellings.side(which)
+        out = []
+        for v in mine.kept.tolist():
+            piece = ids[indptr[v] : indptr[v + 1]]
+            pos = np.searchsorted(other.kept, piece)
+            ok = (pos < other.size) & (other.kept[np.minimum(pos, other.size - 1)] == piece)
+            n = int(np.argmin(ok)) if not ok.all() else ok.size
+            out.append(pos[:n].tolist())
+        return out
+
+    return Spellings.from_lists(side("student", student, teacher), side("teacher", teacher, student))

@@ -46,7 +46,7 @@ __all__ = [
     "ResourceReport",
 ]
 
-LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl")
+LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl", "partition_kl")
 ALPHA_SCHEMES = ("static", "ce", "entropy", "max_prob")
 KD_SCALINGS = ("dynamic", "fixed")
 MERGES = ("chain", "mean", "reference")  # = nemo_xtoken.align.merge.MERGES (not imported: keeps the config import torch-free)
@@ -61,7 +61,7 @@ def exchange_mode(loss: str, tp_exchange: str, tp: int) -> str:
     """What one teacher's loss sends across TP ranks: ``plan`` (P-KL), ``local`` (KL), ``summary`` or ``all-gather``."""
     if tp_exchange not in TP_EXCHANGES:
         raise XTokenError(f"tp_exchange must be one of {list(TP_EXCHANGES)} (config distill.tp_exchange), got {tp_exchange!r}")
-    if loss == "p_kl":
+    if loss in ("p_kl", "partition_kl"):
         return "plan"
     if loss == "kl":
         return "local"
@@ -143,7 +143,7 @@ class TeacherConfig:
     name: str = ""
     tokenizer: str = ""
     projection: str | None = None  # W file from `xtoken build-projection`; none for loss "kl"
-    loss: str = "p_kl"  # p_kl | h_kl | gold | uld | kl
+    loss: str = "p_kl"  # p_kl | h_kl | gold | uld | kl | partition_kl (no W: spellings from the tokenizers)
     weight: float = 1.0  # α_m for the static scheme
     model: str | None = None  # Hugging Face id/folder: architecture (and weights unless checkpoint is given)
     checkpoint: str | None = None  # Megatron torch_dist checkpoint (DIR or DIR/iter_N) loaded instead of the HF weights
@@ -532,6 +532,7 @@ class ResourceReport:
     recommendations: dict[str, str]
     warnings: list[str]
     caches: dict[str, Any] = field(default_factory=dict)  # teacher name → TeacherCache (cached teachers)
+    spellings: dict[str, Any] = field(default_factory=dict)  # teacher name → Spellings (partition_kl teachers)
 
 
 def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> ResourceReport:
@@ -548,7 +549,7 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
         return s
 
     student = load_tokenizer(resolve(cfg.student.tokenizer))
-    teachers, projs, recs, warns, caches = {}, {}, {}, [], {}
+    teachers, projs, recs, warns, caches, spellings = {}, {}, {}, [], {}, {}
     for i, t in enumerate(cfg.teachers):
         cache = None
         if t.cache is not None:
@@ -574,7 +575,11 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
                     f"{student.source}: use p_kl or h_kl with a W built by `xtoken build-projection`"
                 )
             continue
-        if t.projection is None:  # uld without W: nothing to load
+        if t.loss == "partition_kl":  # the spellings of both vocabularies, built from the tokenizers (cached by fingerprint)
+            from nemo_xtoken.vocab.spellings import cached_spellings
+
+            spellings[t.name] = cached_spellings(student, tok)
+        if t.projection is None:  # uld / partition_kl without W: nothing to load
             continue
         proj = load_projection(resolve(t.projection), student, tok)
         projs[t.name] = proj
@@ -588,4 +593,4 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
                 )
                 warns.append(msg)
                 warnings.warn(msg, UserWarning, stacklevel=2)
-    return ResourceReport(student, teachers, projs, recs, warns, caches)
+    return ResourceReport(student, teachers, projs, recs, warns, caches, spellings)

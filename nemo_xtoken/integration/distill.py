@@ -220,6 +220,12 @@ class XTokenLogitsLoss(_Loss):
                 if proj is None:
                     raise XTokenError(f"teacher {spec.name}: p_kl needs W")
                 proj = PKLPlan.build(proj, self.tp, self.student_padded, tpad)
+            elif spec.loss == "partition_kl":  # spec.projection: the tokens' Spellings (nemo_xtoken.vocab.spellings)
+                from nemo_xtoken.parallel.partition import PartitionTPPlan
+
+                if proj is None:
+                    raise XTokenError(f"teacher {spec.name}: partition_kl needs the tokens' spellings (nemo_xtoken.vocab.spellings)")
+                proj = PartitionTPPlan.build(proj, self.tp, self.student_padded, tpad)
             elif spec.loss in ("h_kl", "gold"):
                 if proj is None:
                     raise XTokenError(f"teacher {spec.name}: {spec.loss} needs W")
@@ -237,7 +243,7 @@ class XTokenLogitsLoss(_Loss):
                 if spec.loss == "uld" and low_traffic:
                     opts.setdefault("summary_bins", self.summary_bins)
             else:
-                raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl")
+                raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl, partition_kl")
             self.exchanges.append(exchange_mode(spec.loss, tp_exchange, self.tp))
             bound = SummaryBound() if self.exchanges[-1] == "summary" else None
             if bound is not None:
@@ -261,7 +267,7 @@ class XTokenLogitsLoss(_Loss):
         for spec, tch, ex, tpad in zip(self.specs, self._teachers, self.exchanges, self.teacher_padded):
             plan = tch.projection if ex in ("plan", "summary") and spec.loss != "uld" else None
             sent = exchange_values_per_token(spec.loss, ex, self.tp, self.student_padded, tpad, plan=plan, bins=self.summary_bins) * BYTES_PER_VALUE
-            width = self.student_padded if spec.loss == "p_kl" else self.student_padded + tpad
+            width = self.student_padded if spec.loss in ("p_kl", "partition_kl") else self.student_padded + tpad
             gather = all_gather_values(width, self.tp) * BYTES_PER_VALUE if spec.loss != "kl" else 0.0
             row = {
                 "teacher": spec.name, "loss": spec.loss, "exchange": ex, "tp": self.tp,
@@ -273,6 +279,8 @@ class XTokenLogitsLoss(_Loss):
             }
             if ex == "summary":
                 row["summary_bins"] = self.summary_bins
+            if spec.loss == "partition_kl":
+                row["partition"] = tch.projection.spellings.summary()
             out.append(row)
         return out
 
@@ -557,6 +565,8 @@ def criterion_from_config(
     for t in cfg.teachers:
         tok = resources.teacher_tokenizers.get(t.name)
         proj = resources.projections.get(t.name)
+        if t.loss == "partition_kl":
+            proj = getattr(resources, "spellings", {}).get(t.name)
         if getattr(t, "learnable_w", False) and proj is not None:
             if hasattr(proj, "check_tokenizers"):  # the built W's fingerprints, before it becomes a parameter
                 proj.check_tokenizers(resources.student_tokenizer, tok, path=f"teacher {t.name}'s W")

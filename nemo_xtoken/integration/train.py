@@ -135,6 +135,12 @@ def format_exchange_report(rows: list[dict]) -> str:
             head += f"; {b['mean']:,.0f} bytes per token per rank (busiest rank {b['max']:,.0f})"
             if r.get("fraction_of_all_gather") is not None:
                 head += f", {100 * r['fraction_of_all_gather']:.1f} % of an all-gather ({r['all_gather_bytes']:,.0f})"
+        if "partition" in r:
+            p = r["partition"]
+            head += (f"; partition: {p['level1_buckets']:,} level-1 buckets ({p['buckets_with_several_teacher_tokens']:,} join several "
+                     f"teacher tokens, {p['buckets_with_several_student_tokens']:,} several student tokens), "
+                     f"{p['student_tokens_spelled_by_several_teacher_tokens']:,} student tokens spelled by several teacher tokens "
+                     f"(longest {p['longest_student_spelling']}), {p['student_tokens_in_no_bucket']:,} in no bucket")
         lines.append(head)
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Single-device reference losses: the specification every optimized and sharded path is tested against.
 
-``kl``, ``p_kl``, ``uld``, ``gold``, ``h_kl`` (``reference``); ``multi_teacher`` with static or
+``kl``, ``p_kl``, ``uld``, ``gold``, ``h_kl`` (``reference``); ``partition_kl`` (``partition``); ``multi_teacher`` with static or
 adaptive teacher weights; ``total_loss`` (dynamic scaling or fixed weights); ``LearnableProjection``
 (a trainable W for P-KL).  See README.md, section "Losses".
 """
@@ -30,6 +30,7 @@ from nemo_xtoken.losses.reference import (
     top1_common_set,
     uld,
 )
+from nemo_xtoken.losses.partition import PartitionPlan, build_partition_plan, partition_kl
 from nemo_xtoken.losses.total import TOTAL_MODES, dynamic_scale, total_loss
 
 __all__ = [
@@ -52,6 +53,9 @@ __all__ = [
     "kl",
     "multi_teacher",
     "p_kl",
+    "partition_kl",
+    "PartitionPlan",
+    "build_partition_plan",
     "resolve_projection",
     "teacher_score",
     "top1_common_set",

@@ -58,6 +58,8 @@ def _teacher_vocab(teacher: Teacher, logits: torch.Tensor) -> int:
     if "teacher_vocab_size" in teacher.options and teacher.options["teacher_vocab_size"] is not None:
         return int(teacher.options["teacher_vocab_size"])
     if teacher.projection is not None:
+        if hasattr(teacher.projection, "teacher_vocab_size") and not hasattr(teacher.projection, "indptr"):
+            return int(teacher.projection.teacher_vocab_size)  # partition_kl's Spellings or its tensor-parallel plan
         return resolve_projection(teacher.projection).teacher_vocab_size
     return int(logits.shape[-1])
 

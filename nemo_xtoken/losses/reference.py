@@ -767,5 +767,8 @@ def h_kl(
     )
 
 
-LOSSES = {"kl": kl, "p_kl": p_kl, "uld": uld, "gold": gold, "h_kl": h_kl}
-NEEDS_PROJECTION = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True}
+from nemo_xtoken.losses.partition import partition_kl  # noqa: E402 (partition.py imports this module lazily)
+
+LOSSES = {"kl": kl, "p_kl": p_kl, "uld": uld, "gold": gold, "h_kl": h_kl, "partition_kl": partition_kl}
+# partition_kl's third argument is the tokens' Spellings (nemo_xtoken.vocab.spellings), not W
+NEEDS_PROJECTION = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True, "partition_kl": True}

@@ -20,12 +20,15 @@ from nemo_xtoken.parallel.losses import (
     vocab_parallel_p_kl,
     vocab_parallel_uld,
 )
+from nemo_xtoken.parallel.partition import PartitionTPPlan, vocab_parallel_partition_kl
 from nemo_xtoken.parallel.plan import PKLPlan, teacher_permutation
 from nemo_xtoken.parallel.primitives import vocab_parallel_gather, vocab_parallel_log_softmax
 from nemo_xtoken.parallel.summary import HybridPlan
 
 __all__ = [
     "HybridPlan",
+    "PartitionTPPlan",
+    "vocab_parallel_partition_kl",
     "PARALLEL_LOSSES",
     "P_KL_EPS",
     "PKLPlan",

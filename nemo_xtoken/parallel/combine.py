@@ -27,6 +27,7 @@ from nemo_xtoken.parallel.losses import (
     vocab_parallel_p_kl,
     vocab_parallel_uld,
 )
+from nemo_xtoken.parallel.partition import vocab_parallel_partition_kl
 from nemo_xtoken.parallel.plan import PKLPlan
 from nemo_xtoken.parallel.primitives import prefix_or_mask, vocab_parallel_log_softmax
 from nemo_xtoken.parallel.summary import HybridPlan
@@ -46,8 +47,9 @@ PARALLEL_LOSSES = {
     "uld": vocab_parallel_uld,
     "gold": vocab_parallel_gold,
     "h_kl": vocab_parallel_h_kl,
+    "partition_kl": vocab_parallel_partition_kl,  # its third argument: a PartitionTPPlan (or the Spellings)
 }
-_NEEDS_W = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True}
+_NEEDS_W = {"kl": False, "p_kl": True, "uld": False, "gold": True, "h_kl": True, "partition_kl": True}
 
 
 def _pick_local(lp: torch.Tensor, targets: torch.Tensor, rank: int) -> torch.Tensor:
@@ -186,6 +188,8 @@ def vocab_parallel_multi_teacher(
             valid = prefix_or_mask(plan.teacher_valid()[rank * w : (rank + 1) * w])  # read on the host, as in the losses
             valid = valid.to(logits.device) if isinstance(valid, torch.Tensor) else valid
             targets = plan.map_teacher_ids(targets) if targets is not None else None
+        elif vocab is None and (hasattr(tch.projection, "spellings") or hasattr(tch.projection, "level1")):
+            vocab = tch.projection.teacher_vocab_size  # partition_kl: its PartitionTPPlan or the Spellings
         elif vocab is None and tch.projection is not None:
             from nemo_xtoken.losses.reference import resolve_projection
 

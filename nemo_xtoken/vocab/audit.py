@@ -95,6 +95,9 @@ class AuditReport:
         if self.empty_examples:
             lines.append("  e.g. " + ", ".join(self.empty_examples))
         lines.append(f"recommended loss: {self.recommended_loss}  ({self.reason})")
+        if self.recommended_loss == "p_kl":  # where P-KL's W is a heuristic for the split tokens: the string-level alternative
+            lines.append("alternative: partition_kl  (no W weights: compares string probabilities along the text, so a "
+                         "split critical token such as `143` keeps its own target; docs/losses.md, Partition-KL)")
         return "\n".join(lines)
 
 
