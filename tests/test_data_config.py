@@ -242,7 +242,7 @@ def test_check_refuses_what_the_run_refuses_with_the_nearest_valid_value(sotu, t
     assert rc == 2 and "parallel.sequence_parallel: is true but parallel.tensor_model_parallel_size is 1" in last, last
     rc, _, last = check("parallel.tensor_model_parallel_size=8", "teachers.0.seq_length=516")
     assert rc == 2 and "teachers.0.seq_length: 516 is not a multiple of parallel.tensor_model_parallel_size=8" in last, last
-    assert "nearest valid value is 520" in last
+    assert "nearest valid value is 512" in last
 
 
 def test_check_names_hub_ids_missing_from_the_local_cache_at_once(sotu, tmp_path, llama3_path, qwen3_path, w_files, monkeypatch, capsys):

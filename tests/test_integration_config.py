@@ -340,12 +340,12 @@ def test_sequence_parallel_needs_every_sequence_divisible_by_tp(tmp_path):
         load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
     d = _base()
     d["teachers"][0]["seq_length"] = 50
-    with pytest.raises(ConfigError, match=r"teachers\.0\.seq_length: 50 is not a multiple .*=4.*nearest valid value is 52"):
+    with pytest.raises(ConfigError, match=r"teachers\.0\.seq_length: 50 is not a multiple .*=4.*nearest valid value is 48"):
         load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
     d = _base()
     d["teachers"][0].pop("seq_length")
     d["student"]["seq_length"] = 30
-    with pytest.raises(ConfigError, match=r"student\.seq_length: 30 .*nearest valid value is 32"):
+    with pytest.raises(ConfigError, match=r"student\.seq_length: 30 .*nearest valid value is 28"):
         load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
     load_config(_write(tmp_path, {**d, "parallel": {**par, "sequence_parallel": False}})).check_sequence_parallel()
 

@@ -369,7 +369,7 @@ class XTokenDistillConfig:
         ]:
             if seq % tp:
                 lo, hi = seq // tp * tp, -(-seq // tp) * tp
-                near = hi if lo < 2 or hi - seq <= seq - lo else lo
+                near = lo if lo >= 2 and seq - lo <= hi - seq else hi  # a tie: the shorter
                 raise ConfigError(
                     f"{source}: {key}: {seq} is not a multiple of parallel.tensor_model_parallel_size={tp}: with sequence "
                     f"parallelism Megatron splits each model's sequence over the TP ranks; the nearest valid value is {near} "
