@@ -58,7 +58,7 @@ def _local(name: str, llama3_path, qwen3_path, o200k_path, w_files) -> list[str]
 
 @pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
 def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, qwen3_path, o200k_path, w_files, capsys):
-    ov = _local(name, llama3_path, qwen3_path, o200k_path, w_files) + [f"data.paths=[{sotu}]"]
+    ov = _local(name, llama3_path, qwen3_path, o200k_path, w_files) + [f"data.paths=[{sotu}]", "data.format=jsonl"]
     rc = main(["--config", str(CONF / f"{name}.yaml"), "--check", *ov])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -88,8 +88,10 @@ def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, q
 def test_check_reports_data_errors(sotu, tmp_path, llama3_path, qwen3_path, o200k_path, w_files, capsys):
     conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
     ov = _local("qwen3", llama3_path, qwen3_path, o200k_path, w_files)
-    assert main(["--config", conf, "--check", *ov]) == 2  # the shipped data/train.jsonl is not here
-    assert re.search(r"data\.paths: .*data/train\.jsonl does not exist", capsys.readouterr().err)
+    assert main(["--config", conf, "--check", *ov]) == 2  # the shipped ../data/llama3__qwen3 (preprocess output) is not here
+    assert re.search(rf"data\.paths: {CONF}/\.\./data/llama3__qwen3 does not exist \(relative paths in a config resolve against "
+                     r"the config's folder", capsys.readouterr().err)
+    ov += ["data.format=jsonl"]
     assert main(["--config", conf, "--check", *ov, f"data.paths=[{sotu}]", "data.text_key=body"]) == 2
     assert "document 0: line 1 has no string field 'body'" in capsys.readouterr().err
     assert main(["--config", conf, "--check", *ov, f"data.paths=[{sotu}]", "data.format=parquet"]) == 2
@@ -187,6 +189,17 @@ def test_data_defaults_pack_and_split():
         assert load_config(CONF / f"{name}.yaml").data.packing is True
 
 
+@pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
+def test_shipped_configs_read_preprocess_output_relative_to_their_folder(name):
+    """format: jsonl aligned the whole corpus in memory on each of the 128 ranks; the shipped configs read `xtoken
+    preprocess` folders, and their inputs from the repository root's folders as seen from conf/ (where they resolve)."""
+    cfg = load_config(CONF / f"{name}.yaml")
+    assert cfg.data.format == "preprocessed" and all(p.startswith("../data/") for p in cfg.data.paths)
+    assert all(t.projection.startswith("../projections/") for t in cfg.teachers if t.projection)
+    assert (cfg.train.micro_batch_size, cfg.data.packing, cfg.parallel.sequence_parallel) == (1, True, True)
+    cfg.check_sequence_parallel()
+
+
 # ---- issue 24: `--check` refuses what the run would refuse; hub ids not in the local cache ----------------------
 
 
@@ -236,7 +249,9 @@ def test_check_refuses_what_the_run_refuses_with_the_nearest_valid_value(sotu, t
     # micro-batch 2 with packing (docs/data.md: refused; the run refused it at its first step)
     rc, _, last = check("train.micro_batch_size=2")
     assert rc == 2 and "train.micro_batch_size=2 with data.packing=true" in last and "set train.micro_batch_size=1" in last, last
-    assert check("train.micro_batch_size=2", "data.packing=false")[0] == 0
+    from nemo_xtoken.integration.train import check_packed_micro_batch
+
+    check_packed_micro_batch(load_config(conf, ["train.micro_batch_size=2", "data.packing=false"]))  # unpacked: accepted
     # sequence parallelism without TP; a sequence length TP does not divide
     rc, _, last = check("parallel.tensor_model_parallel_size=1")
     assert rc == 2 and "parallel.sequence_parallel: is true but parallel.tensor_model_parallel_size is 1" in last, last
