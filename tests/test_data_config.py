@@ -278,7 +278,7 @@ def test_check_names_hub_ids_missing_from_the_local_cache_at_once(sotu, tmp_path
     assert len(err.splitlines()) == 1, err
     assert f"not in the local Hugging Face cache {tmp_path / 'hf' / 'hub'}" in err
     assert "student.tokenizer=meta-llama/Llama-3.2-1B lacks tokenizer.json" in err
-    assert "student.model=meta-llama/Llama-3.2-1B lacks config.json, weights" in err
+    assert "student.model=meta-llama/Llama-3.2-1B lacks config.json, tokenizer.json (Bridge's tokenizer), weights" in err
     assert "teachers.0.model=Qwen/Qwen3-4B lacks config.json" in err and "teachers.0.tokenizer" not in err  # a local file
     assert "huggingface-cli download" in err and "HF_HUB_OFFLINE" in err and "--hf-home" in err
 
@@ -315,3 +315,10 @@ def test_hub_cache_check_reads_the_cache_layout(tmp_path, llama3_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"\(HF_HUB_OFFLINE=1\): teachers\.0\.model=Qwen/Qwen3-4B lacks model-00002-of-00002"):
         check_hub_cache(cfg, tmp_path)
+    # a teacher loaded from a Megatron checkpoint needs only the architecture (config.json) from the hub
+    cfg.teachers[0].checkpoint = "ckpt"
+    assert missing_from_cache(cfg, tmp_path, cache=cache) == []
+    # the student's model folder also gives Bridge its tokenizer
+    (cache / "models--meta-llama--Llama-3.2-1B" / "snapshots" / rev / "tokenizer.json").unlink()
+    got = {(m.key, tuple(m.missing)) for m in missing_from_cache(cfg, tmp_path, cache=cache)}
+    assert got == {("student.tokenizer", ("tokenizer.json",)), ("student.model", ("tokenizer.json (Bridge's tokenizer)",))}

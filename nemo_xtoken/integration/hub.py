@@ -76,12 +76,15 @@ def hub_inputs(cfg: Any, base_dir: str | Path | None) -> list[tuple[str, str, st
     from nemo_xtoken.integration.config import looks_like_hub_id, resolve_input
 
     out = []
-    entries = [("student.tokenizer", cfg.student.tokenizer, "tokenizer"), ("student.model", cfg.student.model, "model")]
+    # kinds: "tokenizer"; "model" (config.json + weights); "config" (a Megatron checkpoint gives the weights);
+    # the student's model also serves Bridge's tokenizer (TokenizerConfig.tokenizer_model): "+tokenizer"
+    student_kind = ("config" if cfg.student.checkpoint else "model") + "+tokenizer"
+    entries = [("student.tokenizer", cfg.student.tokenizer, "tokenizer"), ("student.model", cfg.student.model, student_kind)]
     for i, t in enumerate(cfg.teachers):
         if t.tokenizer:
             entries.append((f"teachers.{i}.tokenizer", t.tokenizer, "tokenizer"))
         if t.cache is None and t.model:
-            entries.append((f"teachers.{i}.model", t.model, "model"))
+            entries.append((f"teachers.{i}.model", t.model, "config" if t.checkpoint else "model"))
     for key, value, kind in entries:
         if not value:
             continue
@@ -105,6 +108,10 @@ def _missing_files(repo: str, kind: str, cache: Path) -> list[str]:
     if kind == "tokenizer":
         return [] if _cached(repo, "tokenizer.json", cache) else ["tokenizer.json"]
     missing = [] if _cached(repo, "config.json", cache) else ["config.json"]
+    if kind.endswith("+tokenizer") and not (_cached(repo, "tokenizer.json", cache) or _cached(repo, "tokenizer_config.json", cache)):
+        missing.append("tokenizer.json (Bridge's tokenizer)")
+    if kind.startswith("config"):
+        return missing
     index = _cached(repo, "model.safetensors.index.json", cache)
     if index is not None:
         try:
