@@ -185,6 +185,9 @@ def test_slurm_ranks_get_the_hf_cache_offline_and_a_resubmission_chain(monkeypat
         L.exit_duration_override("00:20:00", [])
     with pytest.raises(XTokenError, match=r"--hf-home hf: give the absolute path"):
         L.slurm_executor(account="acct", container_image=IMAGE, hf_home="hf")
+    # submitting over SSH without --job-dir would write the script, logs and /nemo_run mount under this machine's path
+    with pytest.raises(XTokenError, match=r"--job-dir is required with --host"):
+        L.slurm_executor(account="acct", container_image=IMAGE, host="login.example.com", user="me")
 
 
 @pytest.mark.parametrize("time,minutes", [("04:00:00", 240), ("90", 90), ("30:00", 30), ("1-00", 1440), ("2-12:30", 3630),

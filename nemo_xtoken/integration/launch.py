@@ -6,7 +6,10 @@ The task is ``run.Script`` running ``python -m nemo_xtoken.integration.train --c
 torchrun launcher (one ``torchrun --nproc-per-node 8`` per node, started by ``srun``).  On Slurm
 the code comes from the container image, so nothing is packaged (NeMo-Run's base ``Packager`` copies
 no code): the image must be the one ``docker/Dockerfile`` builds (NeMo Framework + the plugin),
-pushed to a registry the cluster pulls from.  There is no default image; NVIDIA's stock NeMo image
+pushed to a registry the cluster pulls from.  Every rank runs with the Hugging Face hub offline
+(``HF_HUB_OFFLINE=1``; ``hf_home`` is mounted as ``HF_HOME``: :mod:`nemo_xtoken.integration.hub`),
+and a Slurm run is a chain of jobs (:func:`launch` with ``chain``), each ending at
+``train.exit_duration_in_mins`` (:func:`exit_duration_override`).  There is no default image; NVIDIA's stock NeMo image
 is refused (every rank would fail with ``No module named nemo_xtoken``) unless ``env`` sets
 ``PYTHONPATH`` to a mounted copy of the plugin.  The config, W files, data and checkpoints must sit
 on a file system the nodes mount; relative paths in the config resolve against its folder.
@@ -206,6 +209,12 @@ def slurm_executor(
     check_container_image(container_image, env)
     slurm_time_minutes(time)
     hub_env, hub_mounts = launch_env(hf_home, slurm=True, env=env)
+    if host and not job_dir:
+        raise XTokenError(
+            "--job-dir is required with --host: NeMo-Run writes the sbatch script and logs there and mounts it at "
+            "/nemo_run in the container; give a folder on the cluster's shared file system (the default, "
+            f"{os.path.join(os.getcwd(), 'nemo_experiments')}, is this machine's path)"
+        )
     job_dir = job_dir or os.path.join(os.getcwd(), "nemo_experiments")
     tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host else run.LocalTunnel(job_dir=job_dir)
     return run.SlurmExecutor(
