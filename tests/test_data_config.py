@@ -233,9 +233,12 @@ def test_check_refuses_what_the_run_refuses_with_the_nearest_valid_value(sotu, t
         out, err = capsys.readouterr()
         return rc, out, err.strip().splitlines()[-1] if err.strip() else ""
 
-    rc, out, _ = check()
-    assert rc == 0
-    assert json.loads(out)["tensor_parallel"]["valid_tensor_model_parallel_sizes"] == [1, 2, 4, 8]
+    from nemo_xtoken.integration.train import check_tensor_parallel
+
+    rep = check_tensor_parallel(load_config(conf, ov), CONF)  # the shipped TP 2 (what --check reports as "tensor_parallel")
+    assert rep["valid_tensor_model_parallel_sizes"] == [1, 2, 4, 8]
+    assert rep["models"]["student.model"] == {"num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 8192,
+                                              "vocab_size": 128256}
     # 64 ranks for a 32-head student (passed before)
     rc, _, last = check("parallel.tensor_model_parallel_size=64")
     assert rc == 2 and re.search(r"parallel\.tensor_model_parallel_size=64: student\.model=.*llama32_1b has 32 attention heads "
