@@ -14,7 +14,13 @@ Rows, each after a warm-up, ``--repeats`` timed runs (median), inputs ``[N, V]``
   the vocabulary — ModelOpt's ``LogitsKLLoss`` operations, the cost a user pays today;
 * ``kl_modelopt``: the class itself, when ``modelopt`` imports;
 * ``p_kl``, ``h_kl``, ``gold`` (nemo_xtoken's references, token-blocked with ``--block-size``)
-  and ``kl`` (nemo_xtoken's same-tokenizer KL, same blocking).
+  and ``kl`` (nemo_xtoken's same-tokenizer KL, same blocking);
+* ``run_kl``, ``run_p_kl``, ``run_h_kl``, ``run_gold``: **the criterion a run uses**
+  (:class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss` over :mod:`nemo_xtoken.parallel`, one
+  TP rank, ``--block-size`` positions per block), built once before timing as the run builds it,
+  so W's exchange plan / index sets live on the device after the first call (the warm-up) and are
+  never rebuilt per call; one-token chunks (student position k ↔ teacher position k), the chain merge.
+  The goal (P-KL ≤ 1.25x KL's time) is read on these rows: ``run_p_kl`` against ``run_kl``.
 Peak memory is ``torch.cuda.max_memory_allocated`` above the live inputs (CUDA only).  The parity
 check runs a small case on the device and on the CPU in fp64 (values and gradients).
 """
@@ -113,6 +119,41 @@ def loss_fns(w, block_size: int | None) -> dict:
     return fns
 
 
+def run_criterion_fns(w, v_s: int, v_t: int, tokens: int, block_size: int | None, device) -> dict:
+    """name → ``fn(student, teacher)``: the run's criterion (``XTokenLogitsLoss``, tp 1) per loss, built once here.
+
+    Student logits ``[N, V_S]`` enter as Megatron's ``[S, B=1, V]`` output, the teacher's as ``[B=1, T, V]``;
+    the alignment pairs position k with position k (one-token chunks) and lives on ``device``.
+    """
+    import torch
+
+    from nemo_xtoken.align.merge import AlignedPositions
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss
+
+    ids = torch.arange(tokens, device=device)
+    g = torch.Generator().manual_seed(3)
+    align = {
+        side: AlignedPositions(ids, ids, torch.randint(0, v_s, (tokens,), generator=g).to(device),
+                               torch.randint(0, v, (tokens,), generator=g).to(device), tokens)
+        for side, v in (("same", v_s), ("teacher", v_t))
+    }
+    fns = {}
+    for loss in ("kl", "p_kl", "h_kl", "gold"):
+        side = "same" if loss == "kl" else "teacher"
+        width = v_s if loss == "kl" else v_t
+        crit = XTokenLogitsLoss(
+            [TeacherSpec(name="t", loss=loss, projection=None if loss == "kl" else w, weight=1.0, teacher_vocab_size=width)],
+            student_vocab_size=v_s, student_padded=v_s, teacher_padded=[width], tp=1, block_size=block_size,
+            tp_exchange="exact",
+        )
+
+        def run(s, t, crit=crit, a=align[side]):
+            return crit(s[:, None, :], [t[None]], alignments=[a])
+
+        fns[f"run_{loss}"] = (run, side)
+    return fns
+
+
 def time_row(fn, s0, t, device, repeats: int) -> dict:
     """Median fwd+bwd seconds and peak extra bytes of ``fn(s, t).backward()``."""
     import torch
@@ -140,7 +181,10 @@ def time_row(fn, s0, t, device, repeats: int) -> dict:
 
 
 def parity(device, block_size: int | None) -> list[dict]:
-    """A small case on ``device`` (bf16 inputs) against the CPU in fp64: values and student gradients."""
+    """A small case on ``device`` (bf16 inputs) against the CPU in fp64: values and student gradients.
+
+    The references (``p_kl`` …) and the run's criterion (``run_p_kl`` …) both against the fp64 reference.
+    """
     import torch
 
     import nemo_xtoken.losses as L
@@ -150,13 +194,17 @@ def parity(device, block_size: int | None) -> list[dict]:
     s64 = torch.randn(48, 300, generator=g, dtype=torch.float64) * 3
     t64 = torch.randn(48, 400, generator=g, dtype=torch.float64) * 3
     rows = []
-    for name in ("p_kl", "h_kl", "gold"):
-        fn = L.LOSSES[name]
+    crit = run_criterion_fns(w, 300, 400, 48, block_size, device)
+    for name in ("p_kl", "h_kl", "gold", "run_p_kl", "run_h_kl", "run_gold"):
+        fn = L.LOSSES[name.removeprefix("run_")]
         sc = s64.clone().requires_grad_(True)
         ref = fn(sc, t64, w)
         (gref,) = torch.autograd.grad(ref, sc)
         sd = s64.to(device, torch.bfloat16).requires_grad_(True)
-        got = fn(sd, t64.to(device, torch.bfloat16), w, block_size=block_size)
+        if name.startswith("run_"):  # the run's criterion on the device against the reference
+            got = crit[name][0](sd, t64.to(device, torch.bfloat16))
+        else:
+            got = fn(sd, t64.to(device, torch.bfloat16), w, block_size=block_size)
         (gd,) = torch.autograd.grad(got, sd)
         # the reference on the bf16-rounded inputs: what the device computes, in fp64
         sr = s64.to(torch.bfloat16).double().requires_grad_(True)
@@ -180,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=1024, help="positions per block for the nemo_xtoken rows (0: unblocked)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--w-dir", type=Path, default=None, help="folder with W_llama3_qwen3/o200k.safetensors (real W)")
-    ap.add_argument("--losses", nargs="+", default=None, help="subset of kl_plain kl_modelopt kl p_kl h_kl gold")
+    ap.add_argument("--losses", nargs="+", default=None,
+                    help="subset of kl_plain kl_modelopt kl p_kl h_kl gold run_kl run_p_kl run_h_kl run_gold")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     import torch
@@ -204,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         s = (torch.randn(size["tokens"], v_s, generator=g) * 3).to(device, torch.bfloat16)
         t_same = (torch.randn(size["tokens"], v_s, generator=g) * 3).to(device, torch.bfloat16)
         t = (torch.randn(size["tokens"], v_t, generator=g) * 3).to(device, torch.bfloat16)
-        for name, (fn, side) in loss_fns(w, block).items():
+        fns = {**loss_fns(w, block), **run_criterion_fns(w, int(v_s), int(v_t), size["tokens"], block, device)}
+        for name, (fn, side) in fns.items():
             if a.losses and name not in a.losses:
                 continue
             if side == "same" and teacher != "qwen3":
@@ -224,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         pk = "n/a" if r["peak"] is None else f"{r['peak'] / 2**20:,.0f}"
         pr = "n/a" if r["peak"] is None or not base["peak"] else f"{r['peak'] / base['peak']:.2f}"
         print(f"{r['loss']:<12}{r['teacher']:<8}{r['V_T']:>9,}{r['time'] * 1e3:>10.1f}{r['time'] / base['time']:>7.2f}{pk:>11}{pr:>7}")
+    run_kl = next((r for r in results["rows"] if r["loss"] == "run_kl"), None)
+    if run_kl is not None:
+        print(f"\nthe run's criterion (XTokenLogitsLoss, tp 1, W's plan on the device): time against run_kl (goal: run_p_kl ≤ 1.25x)")
+        for r in results["rows"]:
+            if r["loss"].startswith("run_") and r["loss"] != "run_kl":
+                r["x_run_kl"] = r["time"] / run_kl["time"]
+                print(f"  {r['loss']:<10}{r['teacher']:<8}{r['x_run_kl']:>6.2f}x")
     results["parity"] = parity(device, block)
     print("\nparity: small case on the device (bf16) against the CPU in fp64 on the same bf16-rounded inputs")
     for p in results["parity"]:

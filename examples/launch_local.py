@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.train_iters=100")
     p.add_argument("--gpus", type=int, default=8, help="processes (GPUs) on this node (default 8)")
     p.add_argument("--name", default="xtoken-distill", help="NeMo-Run experiment name")
+    p.add_argument("--hf-home", default=None, metavar="DIR",
+                   help="Hugging Face cache for every rank (HF_HOME); the hub is offline (HF_HUB_OFFLINE=1) unless --env HF_HUB_OFFLINE=0")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment variable (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the exact command and environment, run nothing")
     args = p.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = L.parse_env(args.env)
         script = L.distill_script(args.config, args.overrides)
-        executor = L.local_executor(args.gpus, env=env)
+        executor = L.local_executor(args.gpus, env=env, hf_home=args.hf_home)
         if args.dry_run:
             print(L.dry_run(script, executor, args.name).text)
             return 0

@@ -16,8 +16,12 @@ TF32 off, nccl, TP = 1) must reproduce the CPU run's losses step by step (``--rt
 
 Without transformer_engine (the lent H200 has torch and Triton but no TE), Bridge is imported through
 the plugin's scoped import hook (``nemo_xtoken/testing/bridge_te_shim.py``) and uses its local layer
-spec; with TE installed (the NeMo container) the CUDA run uses Bridge's TE spec.  Missing packages
-travel as wheels: ``make gpu-wheels`` downloads them into ``.whl/`` (see docs/megatron-bridge.md).
+spec.  With TE installed (the NeMo container) the CUDA run takes the path a GPU run meets: Bridge's
+TE layer spec, TE's attention reading each packed sample as one THD sequence (``PackedSeqParams``),
+hence one sample per micro-batch (``micro_batch_size: 1``, 4 micro-batches accumulated per step,
+packing on, as in the shipped configs); the CPU reference always builds the local spec
+(:func:`layer_spec`: TE layers need CUDA).  Missing packages travel as wheels: ``make gpu-wheels``
+downloads them into ``.whl/`` (see docs/megatron-bridge.md).
 
 Exit 0 when every loss is finite and (with CUDA) within ``--rtol`` of the CPU reference; 1 otherwise.
 The result is printed as a table and written to ``--out`` (JSON).
@@ -136,7 +140,8 @@ def make_assets(root: Path, steps: int) -> Path:
         "distill": {"audit": False},
         "data": {"paths": ["docs.jsonl"], "on_too_long": "split", "seed": 0},
         "optimizer": {"lr": 3e-3, "min_lr": 0.0, "warmup_fraction": 0.0},
-        "train": {"train_iters": steps, "global_batch_size": 4, "micro_batch_size": 4, "bf16": False, "seed": 1},
+        # one packed sample per micro-batch (what TE's THD attention reads; `xtoken distill --check` refuses more), 4 per step
+        "train": {"train_iters": steps, "global_batch_size": 4, "micro_batch_size": 1, "bf16": False, "seed": 1},
         "parallel": {"tensor_model_parallel_size": 1},
     }
     # one config per cross-tokenizer teacher (the dataset builder aligns the student with one teacher tokenizer)
@@ -146,6 +151,14 @@ def make_assets(root: Path, steps: int) -> Path:
                         "projection": str(root / "W_phi3.safetensors"), "loss": "h_kl", "weight": 1.0, "seq_length": 48}]
     (root / "run_phi3.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root
+
+
+def layer_spec(device: str, te: bool) -> str:
+    """``"te"`` (Bridge's transformer_engine spec) for a CUDA run where TE is installed, else ``"local"``.
+
+    The CPU reference always builds the local spec: TE's layers need CUDA.
+    """
+    return "te" if device == "cuda" and te else "local"
 
 
 def _run(device: str, cfg_path: str) -> dict:
@@ -187,7 +200,8 @@ def _run(device: str, cfg_path: str) -> dict:
     with ctx:
         res = validate_resources(cfg, base_dir=base)
         student, teachers = B.build_providers(cfg, base_dir=base)
-        if not te:
+        spec = layer_spec(device, te)
+        if spec == "local":
             for p in (student, *teachers):
                 bridge_te_shim.without_te(p)
         B.convert_to_xtoken_distillation_provider(student, teachers, cfg, resources=res, base_dir=base)
@@ -195,25 +209,35 @@ def _run(device: str, cfg_path: str) -> dict:
         (model,) = student.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=device == "cpu",
                                                       mixed_precision_wrapper=None)
         build_s = time.time() - t0
-        mb = cfg.train.micro_batch_size
-        ds = B.build_dataset(cfg, cfg.train.train_iters * mb, resources=res, base_dir=base)
+        mb, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
+        ds = B.build_dataset(cfg, cfg.train.train_iters * gbs, resources=res, base_dir=base)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optimizer.lr, weight_decay=0.0)
         model.train()
+        from nemo_xtoken.integration.data import attention_kind
+
+        attention = attention_kind(model)
         steps = []
         for step in range(cfg.train.train_iters):
-            batch = ds.collate_fn([ds[step * mb + j] for j in range(mb)])
-            output, loss_fn = B.forward_step(SimpleNamespace(timers=None), iter([batch]), model)
-            loss, n, report = loss_fn(output)
             opt.zero_grad()
-            (loss / n).backward()
+            sums: dict = {}
+            for m in range(gbs // mb):  # micro-batches accumulated into one step, as Bridge does
+                start = step * gbs + m * mb
+                batch = ds.collate_fn([ds[start + j] for j in range(mb)])
+                output, loss_fn = B.forward_step(SimpleNamespace(timers=None), iter([batch]), model)
+                loss, n, report = loss_fn(output)
+                (loss / n / (gbs // mb)).backward()
+                for k, v in report.items():
+                    a, b = sums.get(k, (0.0, 0.0))
+                    sums[k] = (a + float(v[0]), b + float(v[1]))
             opt.step()
-            steps.append({k: float(v[0] / v[1]) for k, v in report.items()})
+            steps.append({k: a / b for k, (a, b) in sums.items()})
         if device == "cuda":
             torch.cuda.synchronize()
         param_device = str(next(model.parameters()).device)
         teacher_device = str(next(model.teacher_model.parameters()).device)
     return {
         "device": device, "param_device": param_device, "teacher_device": teacher_device, "transformer_engine": te,
+        "layer_spec": spec, "attention": attention, "micro_batch_size": mb, "packing": cfg.data.packing,
         "model_class": type(model).__name__, "steps": steps, "build_s": build_s, "total_s": time.time() - t0,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "torch": torch.__version__,
     }
@@ -320,7 +344,8 @@ def _print(name: str, entry: dict, rtol: float) -> None:
     cpu, dev = entry["cpu"], entry.get("cuda")
     teacher = next(k for k in cpu["steps"][0] if k.startswith("kd/"))
     print(f"\n== teacher {name} ({cpu['model_class']}; CPU build {cpu['build_s']:.1f} s"
-          + (f", CUDA build {dev['build_s']:.1f} s on {dev['gpu']}, TE {dev['transformer_engine']}" if dev else "") + ")")
+          + (f", CUDA build {dev['build_s']:.1f} s on {dev['gpu']}, TE {dev['transformer_engine']}, {dev['layer_spec']} spec, "
+             f"{dev['attention']} attention" if dev else "") + ")")
     head = f"{'step':>4} {'total (cpu)':>12} {'CE (cpu)':>10} {teacher + ' (cpu)':>16}"
     if dev:
         head += f" {'total (cuda)':>13} {'rel diff':>9}"

@@ -69,12 +69,16 @@ def f(tmp_path_factory, llama3_path, qwen3_path, w_llama3_qwen3) -> dict[str, st
     unfinished = d / "unfinished"  # what a killed `xtoken preprocess` leaves before its first run ends
     (unfinished / "shards" / "00000").mkdir(parents=True)
     (d / "broken.yaml").write_text("student:\n  tokenizer: [llama3, qwen3\nteachers: []\n")
-    return {"dir": str(d), "L": llama3_path, "Q": qwen3_path, "W": str(w), **{p.stem.replace(".", "_"): str(p) for p in d.iterdir()}}
+    from tests.bridge_tiny import write_tiny  # --check reads every model's config; no hub here
+
+    models = {k: str(write_tiny(k, d / "models" / k, seed=0, with_tokenizer=False)) for k in ("llama", "qwen3")}
+    return {"dir": str(d), "ML": models["llama"], "MQ": models["qwen3"], "L": llama3_path, "Q": qwen3_path, "W": str(w), **{p.stem.replace(".", "_"): str(p) for p in d.iterdir()}}
 
 
 def _local(f: dict[str, str]) -> list[str]:
-    """Overrides pointing the shipped config at the local tokenizers and W (no model hub here)."""
-    return [f"student.tokenizer={f['L']}", f"teachers.0.tokenizer={f['Q']}", f"teachers.0.projection={f['W']}"]
+    """Overrides pointing the shipped config at the local tokenizers, W and tiny models of its architectures (no model hub here)."""
+    return [f"student.tokenizer={f['L']}", f"teachers.0.tokenizer={f['Q']}", f"teachers.0.projection={f['W']}",
+            f"student.model={f['ML']}", f"teachers.0.model={f['MQ']}"]
 
 
 def _example(name: str) -> Callable[[list[str]], int]:
@@ -166,14 +170,18 @@ CASES = [
          "train.train_iters must be an integer, got 'many'"),
     Case("cached-teacher-tokenizer-null", "xtoken", _check("teachers.0.cache={dir}", "teachers.0.tokenizer=null", "teachers.0.model=null", resources=False), 0,
          '"teacher": "qwen3_4b"'),
-    Case("cache-missing", "xtoken", _check("teachers.0.cache={dir}/no_cache", "teachers.0.model=null", "data.paths=[{good}]"), 2,
-         "no_cache has no manifest.json: it is not (or not yet completely) an `xtoken cache-teacher` output"),
+    Case("cache-missing", "xtoken", _check("teachers.0.cache={dir}/no_cache", "teachers.0.model=null", "data.format=jsonl", "data.paths=[{good}]"), 2,
+         "teachers.0.cache: {dir}/no_cache does not exist (an absolute path: it must exist on every node that runs the job)"),
+    Case("cache-unfinished", "xtoken", _check("teachers.0.cache={a_folder}", "teachers.0.model=null", "data.format=jsonl", "data.paths=[{good}]"), 2,
+         "a_folder has no manifest.json: it is not (or not yet completely) an `xtoken cache-teacher` output"),
     Case("data-missing", "xtoken", _check("data.paths=[{dir}/nope.jsonl]"), 2,
          "nope.jsonl does not exist"),
-    Case("data-lone-surrogate", "xtoken", _check("data.paths=[{surrogate}]"), 2,
+    Case("data-lone-surrogate", "xtoken", _check("data.format=jsonl", "data.paths=[{surrogate}]"), 2,
          "document 1: line 2: 'text' holds a lone surrogate"),
-    Case("data-text-is-a-number", "xtoken", _check("data.paths=[{number_mixed}]"), 2,
+    Case("data-text-is-a-number", "xtoken", _check("data.format=jsonl", "data.paths=[{number_mixed}]"), 2,
          "document 1: line 2: field 'text' is a number, not a string"),
+    Case("data-jsonl-read-as-preprocessed", "xtoken", _check("data.paths=[{good}]"), 2,
+         "good.jsonl is not a finished `xtoken preprocess` output (no manifest.json) but data.format is 'preprocessed'"),
     Case("data-unfinished-preprocess-folder", "xtoken", _check("data.format=preprocessed", "data.paths=[{unfinished}]"), 2,
          "is not a finished `xtoken preprocess` output (no manifest.json)"),
     # ---- launchers (examples/launch_slurm.py, examples/launch_local.py) ----
@@ -203,7 +211,8 @@ def test_bad_input(case: Case, f, capsys) -> None:
     out, err = capsys.readouterr()
     said = err if case.rc else out + err
     assert rc == case.rc, f"exit {rc}, expected {case.rc}:\n{err[-3000:]}"
-    assert case.message in said, f"{case.message!r} not in:\n{said[-3000:]}"
+    message = case.message.format(**f)  # a row may name the table's folder, {dir}
+    assert message in said, f"{message!r} not in:\n{said[-3000:]}"
     if case.rc:
         errors = [line for line in err.splitlines() if "error:" in line]
         assert len(errors) == 1 and "Traceback" not in err, err  # one line, no traceback

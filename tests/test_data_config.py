@@ -58,7 +58,7 @@ def _local(name: str, llama3_path, qwen3_path, o200k_path, w_files) -> list[str]
 
 @pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
 def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, qwen3_path, o200k_path, w_files, capsys):
-    ov = _local(name, llama3_path, qwen3_path, o200k_path, w_files) + [f"data.paths=[{sotu}]"]
+    ov = _local(name, llama3_path, qwen3_path, o200k_path, w_files) + [f"data.paths=[{sotu}]", "data.format=jsonl"]
     rc = main(["--config", str(CONF / f"{name}.yaml"), "--check", *ov])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -88,8 +88,10 @@ def test_shipped_configs_check_and_pack_ordinary_text(name, sotu, llama3_path, q
 def test_check_reports_data_errors(sotu, tmp_path, llama3_path, qwen3_path, o200k_path, w_files, capsys):
     conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
     ov = _local("qwen3", llama3_path, qwen3_path, o200k_path, w_files)
-    assert main(["--config", conf, "--check", *ov]) == 2  # the shipped data/train.jsonl is not here
-    assert re.search(r"data\.paths: .*data/train\.jsonl does not exist", capsys.readouterr().err)
+    assert main(["--config", conf, "--check", *ov]) == 2  # the shipped ../data/llama3__qwen3 (preprocess output) is not here
+    assert re.search(rf"data\.paths: {CONF}/\.\./data/llama3__qwen3 does not exist \(relative paths in a config resolve against "
+                     r"the config's folder", capsys.readouterr().err)
+    ov += ["data.format=jsonl"]
     assert main(["--config", conf, "--check", *ov, f"data.paths=[{sotu}]", "data.text_key=body"]) == 2
     assert "document 0: line 1 has no string field 'body'" in capsys.readouterr().err
     assert main(["--config", conf, "--check", *ov, f"data.paths=[{sotu}]", "data.format=parquet"]) == 2
@@ -170,7 +172,7 @@ def test_check_without_resources_skips_the_data(capsys):
     assert "data:" not in capsys.readouterr().err
     # the exchange each teacher will use is known from the config alone (no W read: no byte counts)
     for over, exchange in (([], "summary"), (["distill.tp_exchange=exact"], "all-gather"),
-                           (["parallel.tensor_model_parallel_size=1"], "all-gather")):
+                           (["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"], "all-gather")):
         assert main(["--config", str(CONF / "llama32_1b__phi4mini_hkl.yaml"), "--check", "--no-resources", *over]) == 0
         out, err = capsys.readouterr()
         (row,) = json.loads(out)["kd_exchange"]
@@ -185,3 +187,141 @@ def test_data_defaults_pack_and_split():
     assert d.packing is True and d.on_too_long == "split"
     for name in ("llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"):
         assert load_config(CONF / f"{name}.yaml").data.packing is True
+
+
+@pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
+def test_shipped_configs_read_preprocess_output_relative_to_their_folder(name):
+    """format: jsonl aligned the whole corpus in memory on each of the 128 ranks; the shipped configs read `xtoken
+    preprocess` folders, and their inputs from the repository root's folders as seen from conf/ (where they resolve)."""
+    cfg = load_config(CONF / f"{name}.yaml")
+    assert cfg.data.format == "preprocessed" and all(p.startswith("../data/") for p in cfg.data.paths)
+    assert all(t.projection.startswith("../projections/") for t in cfg.teachers if t.projection)
+    assert (cfg.train.micro_batch_size, cfg.data.packing, cfg.parallel.sequence_parallel) == (1, True, True)
+    cfg.check_sequence_parallel()
+
+
+# ---- issue 24: `--check` refuses what the run would refuse; hub ids not in the local cache ----------------------
+
+
+@pytest.fixture(scope="module")
+def real_layouts(tmp_path_factory):
+    """The Hugging Face configs of Llama-3.2-1B and Qwen3-4B (their real attention, MLP and vocabulary sizes; config.json
+    only: `--check` reads no weights)."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    d = tmp_path_factory.mktemp("layouts")
+    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                architectures=["LlamaForCausalLM"]).save_pretrained(d / "llama32_1b")
+    Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                architectures=["Qwen3ForCausalLM"]).save_pretrained(d / "qwen3_4b")
+    return {"student": str(d / "llama32_1b"), "teacher": str(d / "qwen3_4b")}
+
+
+def test_check_refuses_what_the_run_refuses_with_the_nearest_valid_value(sotu, tmp_path, llama3_path, qwen3_path, w_files,
+                                                                          real_layouts, capsys):
+    conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
+    small = tmp_path / "two.jsonl"
+    small.write_text("\n".join(sotu.read_text().splitlines()[:2]) + "\n")
+    ov = [f"student.tokenizer={llama3_path}", f"teachers.0.tokenizer={qwen3_path}", f"teachers.0.projection={w_files['qwen3']}",
+          f"student.model={real_layouts['student']}", f"teachers.0.model={real_layouts['teacher']}",
+          f"data.paths=[{small}]", "data.format=jsonl", "student.seq_length=512"]
+
+    def check(*more):
+        rc = main(["--config", conf, "--check", *ov, *more])
+        out, err = capsys.readouterr()
+        return rc, out, err.strip().splitlines()[-1] if err.strip() else ""
+
+    from nemo_xtoken.integration.train import check_tensor_parallel
+
+    rep = check_tensor_parallel(load_config(conf, ov), CONF)  # the shipped TP 2 (what --check reports as "tensor_parallel")
+    assert rep["valid_tensor_model_parallel_sizes"] == [1, 2, 4, 8]
+    assert rep["models"]["student.model"] == {"num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 8192,
+                                              "vocab_size": 128256}
+    # 64 ranks for a 32-head student (passed before)
+    rc, _, last = check("parallel.tensor_model_parallel_size=64")
+    assert rc == 2 and re.search(r"parallel\.tensor_model_parallel_size=64: student\.model=.*llama32_1b has 32 attention heads "
+                                 r"\(num_attention_heads\).*the nearest size valid for every model of this run is 8 \(valid: \[1, 2, 4, 8\]\)", last), last
+    # 3 (a vocabulary-padding message before): the heads, both nearest sizes
+    rc, _, last = check("parallel.tensor_model_parallel_size=3")
+    assert rc == 2 and "32 attention heads" in last and "is 2 or 4" in last and "padd" not in last, last
+    # 16: the student's 8 KV heads
+    rc, _, last = check("parallel.tensor_model_parallel_size=16")
+    assert rc == 2 and "has 8 KV heads (query groups)" in last and "is 8 (valid" in last, last
+    # micro-batch 2 with packing (docs/data.md: refused; the run refused it at its first step)
+    rc, _, last = check("train.micro_batch_size=2")
+    assert rc == 2 and "train.micro_batch_size=2 with data.packing=true" in last and "set train.micro_batch_size=1" in last, last
+    from nemo_xtoken.integration.train import check_packed_micro_batch
+
+    check_packed_micro_batch(load_config(conf, ["train.micro_batch_size=2", "data.packing=false"]))  # unpacked: accepted
+    # sequence parallelism without TP; a sequence length TP does not divide
+    rc, _, last = check("parallel.tensor_model_parallel_size=1")
+    assert rc == 2 and "parallel.sequence_parallel: is true but parallel.tensor_model_parallel_size is 1" in last, last
+    rc, _, last = check("parallel.tensor_model_parallel_size=8", "teachers.0.seq_length=516")
+    assert rc == 2 and "teachers.0.seq_length: 516 is not a multiple of parallel.tensor_model_parallel_size=8" in last, last
+    assert "nearest valid value is 512" in last
+
+
+def test_check_names_hub_ids_missing_from_the_local_cache_at_once(sotu, tmp_path, llama3_path, qwen3_path, w_files, monkeypatch, capsys):
+    """Hub ids on a machine whose cache lacks them: one line naming each key, id and file, in well under a second of
+    network (none is touched), with the hint to download them and HF_HUB_OFFLINE; before, 40 s of retries."""
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    conf = str(CONF / "llama32_1b__qwen3_4b_pkl.yaml")
+    ov = [f"teachers.0.tokenizer={qwen3_path}", f"teachers.0.projection={w_files['qwen3']}", f"data.paths=[{sotu}]", "data.format=jsonl"]
+    t0 = time.perf_counter()
+    assert main(["--config", conf, "--check", *ov]) == 2
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert took < 5, took
+    assert len(err.splitlines()) == 1, err
+    assert f"not in the local Hugging Face cache {tmp_path / 'hf' / 'hub'}" in err
+    assert "student.tokenizer=meta-llama/Llama-3.2-1B lacks tokenizer.json" in err
+    assert "student.model=meta-llama/Llama-3.2-1B lacks config.json, tokenizer.json (Bridge's tokenizer), weights" in err
+    assert "teachers.0.model=Qwen/Qwen3-4B lacks config.json" in err and "teachers.0.tokenizer" not in err  # a local file
+    assert "hf download" in err and "HF_HUB_OFFLINE" in err and "--hf-home" in err
+
+
+def test_hub_cache_check_reads_the_cache_layout(tmp_path, llama3_path, monkeypatch):
+    """A Hugging Face cache filled as `hf download` fills it (refs/main → snapshots/<rev>/…): found; a
+    sharded checkpoint with a shard missing: that shard named."""
+    import shutil
+
+    from nemo_xtoken.integration.config import config_from_dict
+    from nemo_xtoken.integration.hub import check_hub_cache, missing_from_cache
+    from tests.bridge_tiny import write_tiny
+
+    cache = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    for repo in ("meta-llama/Llama-3.2-1B", "Qwen/Qwen3-4B"):
+        root = cache / ("models--" + repo.replace("/", "--"))
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(rev)
+        snap = root / "snapshots" / rev
+        write_tiny("llama" if "llama" in repo else "qwen3", snap, seed=0, with_tokenizer=False)
+        shutil.copy(llama3_path, snap / "tokenizer.json")
+    cfg = config_from_dict({"student": {"tokenizer": "meta-llama/Llama-3.2-1B", "model": "meta-llama/Llama-3.2-1B"},
+                            "teachers": [{"name": "q", "tokenizer": "Qwen/Qwen3-4B", "model": "Qwen/Qwen3-4B", "loss": "uld"}]})
+    assert missing_from_cache(cfg, tmp_path, cache=cache) == []
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert check_hub_cache(cfg, tmp_path) == []
+    snap = cache / "models--Qwen--Qwen3-4B" / "snapshots" / rev
+    (snap / "model.safetensors").rename(snap / "model-00001-of-00002.safetensors")
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (miss,) = missing_from_cache(cfg, tmp_path, cache=cache)
+    assert (miss.key, miss.repo, miss.missing) == ("teachers.0.model", "Qwen/Qwen3-4B", ["model-00002-of-00002.safetensors"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"\(HF_HUB_OFFLINE=1\): teachers\.0\.model=Qwen/Qwen3-4B lacks model-00002-of-00002"):
+        check_hub_cache(cfg, tmp_path)
+    # a teacher loaded from a Megatron checkpoint needs only the architecture (config.json) from the hub
+    cfg.teachers[0].checkpoint = "ckpt"
+    assert missing_from_cache(cfg, tmp_path, cache=cache) == []
+    # the student's model folder also gives Bridge its tokenizer
+    (cache / "models--meta-llama--Llama-3.2-1B" / "snapshots" / rev / "tokenizer.json").unlink()
+    got = {(m.key, tuple(m.missing)) for m in missing_from_cache(cfg, tmp_path, cache=cache)}
+    assert got == {("student.tokenizer", ("tokenizer.json",)), ("student.model", ("tokenizer.json (Bridge's tokenizer)",))}

@@ -253,3 +253,107 @@ def test_check_unknown_override_suggests_the_key(capsys):
     assert _distill("--config", conf, "--check", "--no-resources", "train.train_iter=10") == 2
     err = capsys.readouterr().err
     assert "override 'train.train_iter=10': unknown key 'train.train_iter' (did you mean 'train.train_iters'?)" in err
+
+
+# ---- issue 24: inputs resolve against the config's folder only; sequence parallelism; the job's time limit --------
+
+
+def test_inputs_resolve_against_the_config_folder_not_the_working_directory(tmp_path, monkeypatch, w_files, llama3_path, qwen3_path, capsys):
+    """Under Slurm every rank starts in /nemo_run/code: an input found only from the submitting shell's working
+    directory must fail `--check` (naming the key and both paths), not pass through a fallback the job cannot use."""
+    import shutil
+
+    from nemo_xtoken.integration.train import main
+
+    conf, work = tmp_path / "conf", tmp_path / "work"
+    conf.mkdir()
+    work.mkdir()
+    shutil.copy(w_files[0], work / "w.safetensors")
+    monkeypatch.chdir(work)
+    p = _write(conf, _base(llama3_path, qwen3_path, "w.safetensors"))
+    with pytest.raises(ConfigError, match=r"teachers\.0\.projection: w\.safetensors exists relative to the working directory "
+                       r".*not relative to the config's folder .*/nemo_run/code; write teachers\.0\.projection=\.\./work/w\.safetensors"):
+        validate_resources(load_config(p), base_dir=conf)
+    assert main(["--config", str(p), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "teachers.0.projection" in err and str(conf / "w.safetensors") in err
+    # the same path written relative to the config's folder is what every rank reads, from any working directory
+    p2 = _write(conf, _base(llama3_path, qwen3_path, "../work/w.safetensors"), "ok.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert "t" in validate_resources(load_config(p2), base_dir=conf).projections
+    # missing everywhere: the resolved path and the rule
+    p3 = _write(conf, _base(llama3_path, qwen3_path, "nope.safetensors"), "missing.yaml")
+    with pytest.raises(ConfigError, match=rf"teachers\.0\.projection: {conf}/nope\.safetensors does not exist \(relative paths in a config resolve against the config's folder"):
+        validate_resources(load_config(p3), base_dir=conf)
+
+
+def test_data_and_tokenizer_paths_follow_the_same_rule(tmp_path, monkeypatch, w_files, llama3_path, qwen3_path):
+    import shutil
+
+    from nemo_xtoken.integration.config import resolve_input
+    from nemo_xtoken.integration.data import config_documents
+
+    conf, work = tmp_path / "conf", tmp_path / "work"
+    conf.mkdir()
+    work.mkdir()
+    (work / "docs.jsonl").write_text('{"text": "one"}\n')
+    shutil.copy(llama3_path, work / "student.json")
+    monkeypatch.chdir(work)
+    d = _base(llama3_path, qwen3_path, w_files[0])
+    d["data"] = {"paths": ["docs.jsonl"]}
+    cfg = load_config(_write(conf, d))
+    res = validate_resources(cfg, base_dir=conf)
+    with pytest.raises(ConfigError, match=r"data\.paths: docs\.jsonl exists relative to the working directory .*write data\.paths=\.\./work/docs\.jsonl"):
+        config_documents(cfg, res, base_dir=conf)
+    d["student"]["tokenizer"] = "student.json"
+    with pytest.raises(ConfigError, match=r"student\.tokenizer: student\.json exists relative to the working directory"):
+        validate_resources(load_config(_write(conf, d)), base_dir=conf)
+    # a hub id is not a path: given as is (the hub cache check names it when it is not cached)
+    assert resolve_input("meta-llama/Llama-3.2-1B", conf, "student.model", hub_ok=True) == "meta-llama/Llama-3.2-1B"
+    with pytest.raises(ConfigError, match=r"student\.model: .*/conf/models/tiny/llama does not exist"):
+        resolve_input("models/tiny/llama", conf, "student.model", hub_ok=True)
+
+
+@pytest.mark.parametrize(
+    "over,pattern",
+    [
+        ({"parallel": {"sequence_parallel": True}},
+         r"parallel\.sequence_parallel: is true but parallel\.tensor_model_parallel_size is 1: Megatron refuses .*set parallel\.sequence_parallel=false, or parallel\.tensor_model_parallel_size=2"),
+        ({"train": {"train_iters": 20, "global_batch_size": 4, "micro_batch_size": 2, "exit_duration_in_mins": 0}},
+         r"train\.exit_duration_in_mins: must be ≥ 1 minute"),
+    ],
+)
+def test_settings_megatron_refuses_are_refused_at_load(tmp_path, over, pattern):
+    d = _base()
+    d.update(over)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, d))
+
+
+def test_sequence_parallel_needs_every_sequence_divisible_by_tp(tmp_path):
+    par = {"tensor_model_parallel_size": 4, "sequence_parallel": True}
+    cfg = load_config(_write(tmp_path, {**_base(), "parallel": par}))
+    cfg.check_sequence_parallel()  # 32 and 48: multiples of 4
+    d = _base()
+    d["student"]["seq_length"] = 4097
+    with pytest.raises(ConfigError, match=r"student\.seq_length: 4097 is not a multiple of parallel\.tensor_model_parallel_size=4.*nearest valid value is 4096"):
+        load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
+    d = _base()
+    d["teachers"][0]["seq_length"] = 50
+    with pytest.raises(ConfigError, match=r"teachers\.0\.seq_length: 50 is not a multiple .*=4.*nearest valid value is 48"):
+        load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
+    d = _base()
+    d["teachers"][0].pop("seq_length")
+    d["student"]["seq_length"] = 30
+    with pytest.raises(ConfigError, match=r"student\.seq_length: 30 .*nearest valid value is 28"):
+        load_config(_write(tmp_path, {**d, "parallel": par})).check_sequence_parallel()
+    load_config(_write(tmp_path, {**d, "parallel": {**par, "sequence_parallel": False}})).check_sequence_parallel()
+
+
+def test_exit_duration_reaches_bridge_training_config(tmp_path):
+    from nemo_xtoken.integration.bridge import bridge_config_kwargs
+
+    d = _base()
+    assert bridge_config_kwargs(load_config(_write(tmp_path, d)))["train"]["exit_duration_in_mins"] is None
+    d["train"]["exit_duration_in_mins"] = 225
+    assert bridge_config_kwargs(load_config(_write(tmp_path, d)))["train"]["exit_duration_in_mins"] == 225

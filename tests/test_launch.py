@@ -154,3 +154,91 @@ def test_export_hf_picks_the_latest_iteration_and_refuses_non_empty_output(tmp_p
     (out / "config.json").write_text("{}")
     assert _xtoken("export-hf", "--checkpoint", str(run), "--hf-model", "m", "-o", str(out)) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ---- issue 24: the Hugging Face cache offline on every rank; a 30k-step run as a chain of Slurm jobs ----------------
+
+
+def test_slurm_ranks_get_the_hf_cache_offline_and_a_resubmission_chain(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    overrides = L.exit_duration_override("04:00:00", ["train.train_iters=30000"])
+    assert overrides == ["train.train_iters=30000", "train.exit_duration_in_mins=225"]
+    script = L.distill_script("/lustre/me/conf/run.yaml", overrides, local=False)
+    ex = L.slurm_executor(account="acct", job_dir="/lustre/me/jobs", container_image=IMAGE, hf_home="/lustre/me/hf",
+                          container_mounts=["/lustre:/lustre"])
+    d = L.dry_run(script, ex, name="xt", chain=8)
+    s = d.text
+    for line in ("export HF_HUB_OFFLINE=1", "export HF_HOME=/lustre/me/hf", "export HF_TOKEN=${HF_TOKEN:-}", "#SBATCH --time=04:00:00"):
+        assert line in s, line
+    assert "hf_secret_value" not in s  # the token is read where the job runs, never written into the script
+    srun = next(l for l in s.splitlines() if l.startswith("srun "))
+    assert "/lustre:/lustre,/lustre/me/hf:/lustre/me/hf" in srun
+    assert srun.endswith("--config /lustre/me/conf/run.yaml train.train_iters=30000 train.exit_duration_in_mins=225")
+    assert s.startswith("# resubmission chain: 8 jobs of 04:00:00 (xt-part1 … xt-part8)")
+    assert f"#SBATCH --dependency='afterany:{L.PREVIOUS_JOB}'" in s  # as NeMo-Run renders a later part
+    assert ex.dependency_type == "afterany"
+    # a user's own exit time wins; a limit too short for the margin is refused
+    assert L.exit_duration_override("1-00:00:00", ["train.exit_duration_in_mins=600"]) == ["train.exit_duration_in_mins=600"]
+    from nemo_xtoken.errors import XTokenError
+
+    with pytest.raises(XTokenError, match=r"--time 00:20:00 leaves 5 minutes of training"):
+        L.exit_duration_override("00:20:00", [])
+    with pytest.raises(XTokenError, match=r"--hf-home hf: give the absolute path"):
+        L.slurm_executor(account="acct", container_image=IMAGE, hf_home="hf")
+    # submitting over SSH without --job-dir would write the script, logs and /nemo_run mount under this machine's path
+    with pytest.raises(XTokenError, match=r"--job-dir is required with --host"):
+        L.slurm_executor(account="acct", container_image=IMAGE, host="login.example.com", user="me")
+
+
+@pytest.mark.parametrize("time,minutes", [("04:00:00", 240), ("90", 90), ("30:00", 30), ("1-00", 1440), ("2-12:30", 3630),
+                                          ("1-02:03:04", 1563)])
+def test_slurm_time_limits_in_minutes(time, minutes):
+    assert L.slurm_time_minutes(time) == minutes
+
+
+def test_local_ranks_get_the_hf_cache_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    d = L.dry_run(L.distill_script(CONF), L.local_executor(2, hf_home=str(tmp_path / "hf")))
+    assert d.env["HF_HUB_OFFLINE"] == "1" and d.env["HF_HOME"] == str(tmp_path / "hf")
+    assert d.env["HF_TOKEN"] == "<set>" and "hf_secret_value" not in d.text
+    # --env wins: a node that reaches the hub
+    d = L.dry_run(L.distill_script(CONF), L.local_executor(2, env={"HF_HUB_OFFLINE": "0"}))
+    assert d.env["HF_HUB_OFFLINE"] == "0"
+    with pytest.raises(Exception, match="--chain needs Slurm"):
+        L.launch(L.distill_script(CONF), L.local_executor(2), chain=2)
+
+
+def test_example_slurm_script_chains_by_default():
+    r = subprocess.run(
+        [sys.executable, "examples/launch_slurm.py", "--config", str(CONF), "--account", "acct", "--job-dir", "/tmp/xtoken-jobs",
+         "--container-image", IMAGE, "--hf-home", "/lustre/hf", "--time", "06:00:00", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "# resubmission chain: 8 jobs of 06:00:00" in r.stdout and "train.exit_duration_in_mins=345" in r.stdout
+    assert "export HF_HOME=/lustre/hf" in r.stdout and "#SBATCH --dependency='afterany:" in r.stdout
+
+
+def test_a_run_whose_checkpoint_reached_train_iters_exits_at_once(tmp_path, capsys, llama3_path, qwen3_path):
+    """A later part of a resubmission chain that starts after the last step: exit 0 before building any model."""
+    import yaml
+
+    from nemo_xtoken.integration.train import main
+
+    ck = tmp_path / "checkpoints" / "run"
+    ck.mkdir(parents=True)
+    cfg = {"student": {"tokenizer": llama3_path}, "teachers": [{"name": "t", "tokenizer": qwen3_path, "loss": "uld"}],
+           "train": {"train_iters": 100, "global_batch_size": 1}, "checkpoint": {"save": "checkpoints/run"}}
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    (ck / "latest_checkpointed_iteration.txt").write_text("100")
+    assert main(["--config", str(p)]) == 0
+    assert "the checkpoint holds iteration 100 ≥ train.train_iters=100: nothing left to train" in capsys.readouterr().err
+    from nemo_xtoken.integration.config import load_config
+    from nemo_xtoken.integration.train import finished_iteration
+
+    (ck / "latest_checkpointed_iteration.txt").write_text("60")  # not done: resumed by Bridge from iteration 60
+    assert finished_iteration(load_config(p), tmp_path) == 60
+    (ck / "latest_checkpointed_iteration.txt").unlink()
+    assert finished_iteration(load_config(p), tmp_path) is None

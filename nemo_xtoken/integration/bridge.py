@@ -179,10 +179,11 @@ def model_support(model: str, *, trust_remote_code: bool = False) -> ModelSuppor
     return ModelSupport(model, arch, True, "", bridge)
 
 
-def _resolve_model(model: str, base_dir: str | Path | None) -> str:
-    if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).exists():
-        return str(Path(base_dir) / model)
-    return model
+def _resolve_model(model: str, base_dir: str | Path | None, key: str = "model") -> str:
+    """A model folder relative to the config's folder, or a hub id as given (:func:`~nemo_xtoken.integration.config.resolve_input`)."""
+    from nemo_xtoken.integration.config import resolve_input
+
+    return resolve_input(model, base_dir, key, hub_ok=True)
 
 
 def provider_from_hf(model: str, *, load_weights: bool = True, trust_remote_code: bool = False, key: str = "model") -> Any:
@@ -242,7 +243,7 @@ def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = N
         if not m:
             raise ConfigError(f"{who}.model is required to build Megatron-Bridge models (a Hugging Face id or folder)")
     student = provider_from_hf(
-        _resolve_model(cfg.student.model, base_dir), load_weights=load_weights and not cfg.student.checkpoint, key="student.model",
+        _resolve_model(cfg.student.model, base_dir, "student.model"), load_weights=load_weights and not cfg.student.checkpoint, key="student.model",
     )
     teachers = []
     for i, t in enumerate(cfg.teachers):
@@ -250,7 +251,7 @@ def build_providers(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = N
             teachers.append(None)
             continue
         key = f"teachers.{i} ({t.name})"
-        prov = provider_from_hf(_resolve_model(t.model, base_dir), load_weights=load_weights and not t.checkpoint, key=f"{key}.model")
+        prov = provider_from_hf(_resolve_model(t.model, base_dir, f"teachers.{i}.model"), load_weights=load_weights and not t.checkpoint, key=f"{key}.model")
         if t.checkpoint:
             ckpt = resolve_run_path(t.checkpoint, base_dir)
             resolve_checkpoint(ckpt, key=f"{key}.checkpoint")  # fail now, not after the student is built
@@ -673,6 +674,7 @@ def bridge_config_kwargs(cfg: XTokenDistillConfig, *, base_dir: str | Path | Non
             "train_iters": tr.train_iters,
             "global_batch_size": tr.global_batch_size,
             "micro_batch_size": tr.micro_batch_size,
+            "exit_duration_in_mins": tr.exit_duration_in_mins,  # a checkpoint and a clean exit before Slurm's time limit
         },
         "validation": {"eval_interval": tr.eval_interval, "eval_iters": 0},
         "optimizer": {

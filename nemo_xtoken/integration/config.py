@@ -44,6 +44,9 @@ __all__ = [
     "config_to_dict",
     "validate_resources",
     "ResourceReport",
+    "JOB_WORKDIR",
+    "resolve_input",
+    "looks_like_hub_id",
 ]
 
 LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl", "partition_kl")
@@ -221,6 +224,9 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 1000
     bf16: bool = True
+    # Bridge's exit_duration_in_mins: save a checkpoint and exit cleanly after this many minutes of training (None: never);
+    # examples/launch_slurm.py sets it from --time so each job of a resubmission chain ends before Slurm kills it
+    exit_duration_in_mins: int | None = None
 
 
 @dataclass
@@ -327,6 +333,14 @@ class XTokenDistillConfig:
             raise ConfigError(f"{source}: " + PIPELINE_REFUSAL.format(pp=p.pipeline_model_parallel_size))
         if p.context_parallel_size > 1:
             raise ConfigError(f"{source}: " + CONTEXT_REFUSAL.format(cp=p.context_parallel_size))
+        tp = p.tensor_model_parallel_size
+        if p.sequence_parallel and tp == 1:
+            raise bad(
+                "parallel.sequence_parallel",
+                "is true but parallel.tensor_model_parallel_size is 1: Megatron refuses sequence parallelism without "
+                "tensor parallelism ('Cannot use sequence parallelism without tensor parallelism'); set "
+                "parallel.sequence_parallel=false, or parallel.tensor_model_parallel_size=2 (or more)",
+            )
         o = self.optimizer
         if o.name != "adamw":
             raise bad("optimizer.name", f"{o.name!r}: only 'adamw' is supported")
@@ -346,9 +360,33 @@ class XTokenDistillConfig:
             )
         if tr.global_batch_size % tr.micro_batch_size:
             raise bad("train.global_batch_size", f"{tr.global_batch_size} is not a multiple of micro_batch_size {tr.micro_batch_size}")
+        if tr.exit_duration_in_mins is not None and tr.exit_duration_in_mins < 1:
+            raise bad("train.exit_duration_in_mins", f"must be ≥ 1 minute (or null: no time limit), got {tr.exit_duration_in_mins}")
         if self.checkpoint.ckpt_format != "torch_dist":
             raise bad("checkpoint.ckpt_format", f"{self.checkpoint.ckpt_format!r}: only 'torch_dist' is supported")
         return self
+
+    def check_sequence_parallel(self, source: str = "<config>") -> None:
+        """With sequence parallelism, every model's sequence length must be a multiple of TP (Megatron splits it).
+
+        Not part of :meth:`validate` so that ``xtoken distill --check`` first names a TP that a model's
+        heads or vocabulary cannot take (:func:`nemo_xtoken.integration.train.check_tensor_parallel`).
+        """
+        p, tp = self.parallel, self.parallel.tensor_model_parallel_size
+        if not p.sequence_parallel or tp == 1:
+            return
+        for key, seq in [("student.seq_length", self.student.seq_length)] + [
+            (f"teachers.{i}.seq_length" + ("" if t.seq_length else " (the student's)"), self.teacher_seq_length(t))
+            for i, t in enumerate(self.teachers) if t.cache is None
+        ]:
+            if seq % tp:
+                lo, hi = seq // tp * tp, -(-seq // tp) * tp
+                near = lo if lo >= 2 and seq - lo <= hi - seq else hi  # a tie: the shorter
+                raise ConfigError(
+                    f"{source}: {key}: {seq} is not a multiple of parallel.tensor_model_parallel_size={tp}: with sequence "
+                    f"parallelism Megatron splits each model's sequence over the TP ranks; the nearest valid value is {near} "
+                    "(or set parallel.sequence_parallel=false)"
+                )
 
 
 # ---- strict (de)serialization ------------------------------------------------------------------
@@ -521,6 +559,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> XTokenD
 
 # ---- checks that read files ---------------------------------------------------------------------
 
+#: The working directory of every rank under NeMo-Run on Slurm (NeMo-Run's container ``cd``), not the config's folder.
+JOB_WORKDIR = "/nemo_run/code"
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name`` or ``name``: what a Hugging Face hub id looks like (no ``./``, ``~``, file suffix or deeper path)."""
+    return (
+        bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1
+        and not text.endswith((".json", ".safetensors", ".jsonl", ".parquet", ".yaml"))
+    )
+
+
+def resolve_input(path: str, base_dir: str | Path | None, key: str, *, hub_ok: bool = False) -> str:
+    """Where a run reads an input (tokenizer, W file, data, cache, model) given in the config as ``path``.
+
+    Absolute paths are taken as given; relative ones resolve against ``base_dir`` (the config's folder)
+    and nowhere else: every rank of a NeMo-Run/Slurm job starts in :data:`JOB_WORKDIR`, so a path that
+    exists only relative to this process's working directory would not be found there — refused,
+    naming ``key``.  With ``hub_ok`` (tokenizers, models) a string that is not a local path and looks
+    like a hub id is returned as given (a hub name).  ``base_dir=None`` (no config file): as given.
+    """
+    import os
+
+    p = Path(path).expanduser()
+    if base_dir is None:
+        return str(path)
+    if p.is_absolute():
+        if p.exists() or hub_ok and looks_like_hub_id(str(path)):
+            return str(p)
+        raise ConfigError(f"{key}: {p} does not exist (an absolute path: it must exist on every node that runs the job)")
+    cand = Path(base_dir) / p
+    if cand.exists():
+        return str(cand)
+    here = Path.cwd() / p
+    if here.exists():
+        rel = os.path.relpath(here.resolve(), Path(base_dir).resolve())
+        raise ConfigError(
+            f"{key}: {path} exists relative to the working directory ({here}) but not relative to the config's folder "
+            f"({cand} does not exist): the run resolves relative paths against the config's folder only, since every rank "
+            f"of a NeMo-Run/Slurm job starts in {JOB_WORKDIR}; write {key}={rel} (relative to {base_dir}) or an absolute path"
+        )
+    if hub_ok and looks_like_hub_id(str(path)):
+        return str(path)
+    raise ConfigError(
+        f"{key}: {cand} does not exist (relative paths in a config resolve against the config's folder {base_dir}); "
+        "fix the path, relative to that folder or absolute"
+    )
+
+
 
 @dataclass
 class ResourceReport:
@@ -538,25 +625,24 @@ class ResourceReport:
 def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None = None) -> ResourceReport:
     """Load tokenizers and W files, refuse mismatched fingerprints, run the coverage audit (warns).
 
-    Relative paths resolve against ``base_dir`` (typically the config file's folder) when they
-    exist there.  Same-tokenizer teachers (loss ``kl``) must share the student's tokenizer.
+    Relative paths resolve against ``base_dir`` (the config file's folder) only (:func:`resolve_input`):
+    a path that exists only relative to the working directory is refused, naming the key.
+    Same-tokenizer teachers (loss ``kl``) must share the student's tokenizer.
     """
     from nemo_xtoken.vocab import audit, load_projection, load_tokenizer
 
-    def resolve(s: str) -> str:
-        if base_dir is not None and not Path(s).is_absolute() and (Path(base_dir) / s).exists():
-            return str(Path(base_dir) / s)
-        return s
+    def resolve(s: str, key: str, hub_ok: bool = False) -> str:
+        return resolve_input(s, base_dir, key, hub_ok=hub_ok)
 
-    student = load_tokenizer(resolve(cfg.student.tokenizer))
+    student = load_tokenizer(resolve(cfg.student.tokenizer, "student.tokenizer", hub_ok=True))
     teachers, projs, recs, warns, caches, spellings = {}, {}, {}, [], {}, {}
     for i, t in enumerate(cfg.teachers):
         cache = None
         if t.cache is not None:
             from nemo_xtoken.offline.cache import TeacherCache
 
-            cache = caches[t.name] = TeacherCache(resolve(t.cache))
-        tok = load_tokenizer(resolve(t.tokenizer) if t.tokenizer else cache.tokenizer_path)
+            cache = caches[t.name] = TeacherCache(resolve(t.cache, f"teachers.{i}.cache"))
+        tok = load_tokenizer(resolve(t.tokenizer, f"teachers.{i}.tokenizer", hub_ok=True) if t.tokenizer else cache.tokenizer_path)
         if cache is not None and tok.fingerprint != cache.tokenizer_fingerprint:
             raise ConfigError(
                 f"teachers.{i} ({t.name}): the cache {t.cache} was built with another teacher tokenizer than {tok.source}: "
@@ -581,7 +667,7 @@ def validate_resources(cfg: XTokenDistillConfig, *, base_dir: str | Path | None 
             spellings[t.name] = cached_spellings(student, tok)
         if t.projection is None:  # uld / partition_kl without W: nothing to load
             continue
-        proj = load_projection(resolve(t.projection), student, tok)
+        proj = load_projection(resolve(t.projection, f"teachers.{i}.projection"), student, tok)
         projs[t.name] = proj
         if cfg.distill.audit and t.loss in ("p_kl", "h_kl"):
             rep = audit(proj, student, tok)

@@ -1104,9 +1104,10 @@ def teacher_model_inputs(teacher_batch: dict[str, torch.Tensor], kind: str = "ma
 
 
 def _resolve_path(path: str, base_dir: str | Path | None) -> Path:
-    if base_dir is not None and not Path(path).is_absolute() and (Path(base_dir) / path).exists():
-        return Path(base_dir) / path
-    return Path(path)
+    """A ``data.paths`` entry: relative to the config's folder only (:func:`~nemo_xtoken.integration.config.resolve_input`)."""
+    from nemo_xtoken.integration.config import resolve_input
+
+    return Path(resolve_input(path, base_dir, "data.paths"))
 
 
 def _teacher_plan(cfg: Any) -> tuple[list[int], list[str]]:
@@ -1158,7 +1159,7 @@ def config_documents(cfg: Any, resources: Any, *, base_dir: str | Path | None = 
     paths = [_resolve_path(p, base_dir) for p in d.paths]
     for p in paths:
         if not p.exists():
-            raise ConfigError(f"data.paths: {p} does not exist (paths are relative to the working directory or the config's folder)")
+            raise ConfigError(f"data.paths: {p} does not exist (relative paths resolve against the config's folder)")
     cross, _ = _teacher_plan(cfg)
     names = [cfg.teachers[m].name for m in cross]
     t_toks = [resources.teacher_tokenizers[n] for n in names]

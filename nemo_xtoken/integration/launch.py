@@ -6,7 +6,10 @@ The task is ``run.Script`` running ``python -m nemo_xtoken.integration.train --c
 torchrun launcher (one ``torchrun --nproc-per-node 8`` per node, started by ``srun``).  On Slurm
 the code comes from the container image, so nothing is packaged (NeMo-Run's base ``Packager`` copies
 no code): the image must be the one ``docker/Dockerfile`` builds (NeMo Framework + the plugin),
-pushed to a registry the cluster pulls from.  There is no default image; NVIDIA's stock NeMo image
+pushed to a registry the cluster pulls from.  Every rank runs with the Hugging Face hub offline
+(``HF_HUB_OFFLINE=1``; ``hf_home`` is mounted as ``HF_HOME``: :mod:`nemo_xtoken.integration.hub`),
+and a Slurm run is a chain of jobs (:func:`launch` with ``chain``), each ending at
+``train.exit_duration_in_mins`` (:func:`exit_duration_override`).  There is no default image; NVIDIA's stock NeMo image
 is refused (every rank would fail with ``No module named nemo_xtoken``) unless ``env`` sets
 ``PYTHONPATH`` to a mounted copy of the plugin.  The config, W files, data and checkpoints must sit
 on a file system the nodes mount; relative paths in the config resolve against its folder.
@@ -30,6 +33,11 @@ from nemo_xtoken.errors import XTokenError
 __all__ = [
     "ENTRY_MODULE",
     "DEFAULT_ENV",
+    "DEFAULT_SLURM_TIME",
+    "DEFAULT_CHAIN",
+    "EXIT_MARGIN_MIN",
+    "slurm_time_minutes",
+    "exit_duration_override",
     "BASE_IMAGE",
     "PLUGIN_IMAGE_TAG",
     "check_container_image",
@@ -50,13 +58,56 @@ BASE_IMAGE = "nvcr.io/nvidia/nemo:26.08.01"
 #: The tag ``docker/Dockerfile`` is built with in the docs; push it to your registry and pass that name.
 PLUGIN_IMAGE_TAG = "nemo-xtoken:26.08.01"
 _STOCK_IMAGE_PREFIXES = ("nvcr.io/nvidia/nemo:", "nvcr.io#nvidia/nemo:")
-#: Environment of every rank: Megatron's TP comm overlap wants one CUDA connection.
+#: Environment of every rank: Megatron's TP comm overlap wants one CUDA connection; the Hugging Face hub
+#: offline (compute nodes rarely reach it: models and tokenizers come from the mounted cache, ``--hf-home``;
+#: :func:`nemo_xtoken.integration.hub.launch_env`).
 DEFAULT_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
     "NCCL_NVLS_ENABLE": "0",
     "PYTHONUNBUFFERED": "1",
+    "HF_HUB_OFFLINE": "1",
 }
+#: Slurm time limit of one job (a common partition maximum); a run longer than that is a chain of jobs.
+DEFAULT_SLURM_TIME = "04:00:00"
+#: Jobs in a Slurm resubmission chain by default (8 × 4 h); jobs that start after the last step exit at once.
+DEFAULT_CHAIN = 8
+#: Minutes kept free at the end of each job: start-up before Bridge's clock starts and the final checkpoint save.
+EXIT_MARGIN_MIN = 15
+
+
+def slurm_time_minutes(time: str) -> int | None:
+    """Whole minutes of a Slurm time limit (validated by :func:`check_slurm_time`); None for ``UNLIMITED``."""
+    t = check_slurm_time(time)
+    if t.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = t.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m = (parts + [0])[:2]
+        return int(days) * 1440 + h * 60 + m  # seconds dropped: the exit is planned in whole minutes
+    if len(parts) == 3:  # HH:MM:SS
+        return parts[0] * 60 + parts[1]
+    return parts[0]  # MM or MM:SS
+
+
+def exit_duration_override(time: str, overrides: Sequence[str], margin_min: int = EXIT_MARGIN_MIN) -> list[str]:
+    """``overrides`` plus ``train.exit_duration_in_mins=<time limit − margin>`` unless the user set it.
+
+    Bridge then saves a checkpoint and exits cleanly ``margin_min`` minutes before Slurm's limit, so
+    the next job of the chain resumes from it instead of losing up to ``checkpoint.save_interval`` steps.
+    """
+    if any(o.split("=", 1)[0].strip() == "train.exit_duration_in_mins" for o in overrides):
+        return list(overrides)
+    minutes = slurm_time_minutes(time)
+    if minutes is None:  # no time limit: nothing to exit before
+        return list(overrides)
+    if minutes - margin_min < 15:
+        raise XTokenError(
+            f"--time {time} leaves {minutes - margin_min} minutes of training after the {margin_min}-minute margin for "
+            "start-up and the final checkpoint: give at least 00:30:00"
+        )
+    return [*overrides, f"train.exit_duration_in_mins={minutes - margin_min}"]
 
 
 def require_nemo_run() -> Any:
@@ -95,12 +146,15 @@ def distill_script(config: str | Path, overrides: Sequence[str] = (), *, env: di
     )
 
 
-def local_executor(gpus: int = 8, *, env: dict[str, str] | None = None):
-    """One node, ``torchrun --nproc-per-node gpus``."""
+def local_executor(gpus: int = 8, *, env: dict[str, str] | None = None, hf_home: str | None = None):
+    """One node, ``torchrun --nproc-per-node gpus``; the Hugging Face hub offline, ``HF_HOME`` from ``hf_home``."""
+    from nemo_xtoken.integration.hub import launch_env
+
     run = require_nemo_run()
     if gpus < 1:
         raise XTokenError(f"--gpus must be ≥ 1, got {gpus}")
-    return run.LocalExecutor(ntasks_per_node=gpus, launcher="torchrun", env_vars={**DEFAULT_ENV, **(env or {})})
+    hub_env, _ = launch_env(hf_home, slurm=False, env=env)
+    return run.LocalExecutor(ntasks_per_node=gpus, launcher="torchrun", env_vars={**DEFAULT_ENV, **hub_env})
 
 
 def check_container_image(image: str | None, env: dict[str, str] | None = None) -> str:
@@ -166,8 +220,9 @@ def slurm_executor(
     partition: str | None = None,
     nodes: int = 16,
     gpus_per_node: int = 8,
-    time: str = "04:00:00",
+    time: str = DEFAULT_SLURM_TIME,
     container_mounts: Sequence[str] = (),
+    hf_home: str | None = None,
     job_dir: str = "",
     host: str | None = None,
     user: str | None = None,
@@ -179,8 +234,14 @@ def slurm_executor(
     ``container_image`` is the plugin's image (:func:`check_container_image`).  ``host``/``user``
     submit over SSH (``run.SSHTunnel``); without them, sbatch runs on this machine
     (``run.LocalTunnel``, e.g. from a login node).  ``job_dir`` is where NeMo-Run writes the sbatch
-    script and logs on the cluster.
+    script and logs on the cluster.  ``hf_home`` (the Hugging Face cache on the shared file system)
+    is mounted and set as ``HF_HOME``; every rank runs with ``HF_HUB_OFFLINE=1``
+    (:func:`nemo_xtoken.integration.hub.launch_env`).  ``dependency_type`` is ``afterany``: in a
+    resubmission chain (:func:`launch` with ``chain``) the next job starts whether this one exited
+    at ``train.exit_duration_in_mins`` or was killed at the time limit.
     """
+    from nemo_xtoken.integration.hub import launch_env
+
     run = require_nemo_run()
     if nodes < 1 or gpus_per_node < 1:
         raise XTokenError(f"nodes and gpus_per_node must be ≥ 1, got {nodes}, {gpus_per_node}")
@@ -188,6 +249,13 @@ def slurm_executor(
         raise XTokenError("--account is required for Slurm")
     check_container_image(container_image, env)
     check_slurm_time(time)
+    hub_env, hub_mounts = launch_env(hf_home, slurm=True, env=env)
+    if host and not job_dir:
+        raise XTokenError(
+            "--job-dir is required with --host: NeMo-Run writes the sbatch script and logs there and mounts it at "
+            "/nemo_run in the container; give a folder on the cluster's shared file system (the default, "
+            f"{os.path.join(os.getcwd(), 'nemo_experiments')}, is this machine's path)"
+        )
     job_dir = job_dir or os.path.join(os.getcwd(), "nemo_experiments")
     tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir) if host else run.LocalTunnel(job_dir=job_dir)
     return run.SlurmExecutor(
@@ -198,13 +266,14 @@ def slurm_executor(
         gpus_per_node=gpus_per_node,
         time=time,
         container_image=container_image,
-        container_mounts=list(container_mounts),
+        container_mounts=[*container_mounts, *(m for m in hub_mounts if m not in container_mounts)],
         exclusive=exclusive,
         mem="0",
         tunnel=tunnel,
         packager=run.Packager(),  # the container has the plugin; nothing to copy
         launcher="torchrun",
-        env_vars={**DEFAULT_ENV, **(env or {})},
+        env_vars={**DEFAULT_ENV, **hub_env},
+        dependency_type="afterany",
     )
 
 
@@ -226,11 +295,30 @@ def _dryrun_info(script: Any, executor: Any, name: str, base_dir: str):
         return exp.jobs[0]._dryrun_info
 
 
-def dry_run(script: Any, executor: Any, name: str = "xtoken-distill") -> DryRun:
-    """Render the job without running it (no cluster, no SSH: an SSH tunnel is swapped for a local one)."""
+#: What the dry-run shows in place of the previous job's Slurm id (known only once it is submitted).
+PREVIOUS_JOB = "<job id of the previous part>"
+
+
+def _part_name(name: str, k: int, chain: int) -> str:
+    return name if chain == 1 else f"{name}-part{k}"
+
+
+def _redact(env: dict[str, str]) -> dict[str, str]:
+    """A printable copy of a launch environment: a token's value never reaches the dry-run text."""
+    return {k: ("<set>" if k == "HF_TOKEN" and v and not v.startswith("$") else v) for k, v in env.items()}
+
+
+def dry_run(script: Any, executor: Any, name: str = "xtoken-distill", *, chain: int = 1) -> DryRun:
+    """Render the job without running it (no cluster, no SSH: an SSH tunnel is swapped for a local one).
+
+    Slurm with ``chain`` > 1 (a resubmission chain, :func:`launch`): the first part's sbatch script,
+    then the ``#SBATCH --dependency`` line NeMo-Run renders for every later part.
+    """
     import copy
 
     run = require_nemo_run()
+    if chain < 1:
+        raise XTokenError(f"--chain must be ≥ 1, got {chain}")
     tunnel = getattr(executor, "tunnel", None)
     if isinstance(executor, run.SlurmExecutor) and not isinstance(tunnel, run.LocalTunnel):
         executor.tunnel = run.LocalTunnel(job_dir=tunnel.job_dir)  # an SSH tunnel holds a lock: no deepcopy
@@ -247,24 +335,51 @@ def dry_run(script: Any, executor: Any, name: str = "xtoken-distill") -> DryRun:
                 # put the cluster's job_dir back into the text (nothing is created at job_dir here).
                 real = ex.tunnel.job_dir
                 scratch = os.path.join(tmp, "jobs")
+                ex2 = copy.deepcopy(ex)
                 ex.tunnel = run.LocalTunnel(job_dir=scratch)
-                info = _dryrun_info(script, ex, name, os.path.join(tmp, "exp"))
+                info = _dryrun_info(script, ex, _part_name(name, 1, chain), os.path.join(tmp, "exp"))
                 text = info.request.materialize().replace(scratch, real.rstrip("/"))
-                return DryRun("slurm", text, env=dict(ex.env_vars))
+                if chain > 1:
+                    # a later part as NeMo-Run renders it once the previous part has a Slurm id (torchx handle)
+                    ex2.tunnel = run.LocalTunnel(job_dir=os.path.join(tmp, "jobs2"))
+                    ex2.dependencies = [f"slurm_tunnel://nemo_run/{PREVIOUS_JOB}/master/0"]
+                    info2 = _dryrun_info(script, ex2, _part_name(name, 2, chain), os.path.join(tmp, "exp2"))
+                    (dep,) = [ln for ln in info2.request.materialize().splitlines() if ln.startswith("#SBATCH --dependency")]
+                    head = (
+                        f"# resubmission chain: {chain} jobs of {ex.time} ({name}-part1 … {name}-part{chain}); each trains "
+                        "until train.exit_duration_in_mins, saves a checkpoint and exits, and the next resumes from "
+                        "checkpoint.save; parts that start after the last step exit at once\n"
+                    )
+                    text = head + text + (
+                        f"\n# parts 2 … {chain}: the script above, each submitted at once with\n{dep}\n"
+                    )
+                return DryRun("slurm", text, env=_redact(dict(ex.env_vars)))
             info = _dryrun_info(script, ex, name, tmp)
         finally:
             sys.stdin = stdin
         (param,) = [p for params in info.request.role_params.values() for p in params]
-        env = {k: v for k, v in param.env.items() if k in ex.env_vars or k in script.env}
+        env = _redact({k: v for k, v in param.env.items() if k in ex.env_vars or k in script.env})
         cmd = list(param.args)
         text = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + (" " if env else "") + shlex.join(cmd)
         return DryRun("local", text, command=cmd, env=env)
 
 
-def launch(script: Any, executor: Any, name: str = "xtoken-distill", *, detach: bool = True, tail_logs: bool = False) -> str:
-    """Submit the run in a ``run.Experiment``; returns the experiment id."""
+def launch(script: Any, executor: Any, name: str = "xtoken-distill", *, detach: bool = True, tail_logs: bool = False,
+           chain: int = 1) -> str:
+    """Submit the run in a ``run.Experiment``; returns the experiment id.
+
+    ``chain`` > 1 (Slurm): that many jobs submitted at once, part k+1 depending on part k
+    (``afterany``: it starts when part k ends, whether it exited at ``train.exit_duration_in_mins`` or
+    was killed); each resumes from ``checkpoint.save``, and a part that finds the last step done exits.
+    """
     run = require_nemo_run()
+    if chain < 1:
+        raise XTokenError(f"--chain must be ≥ 1, got {chain}")
+    if chain > 1 and not isinstance(executor, run.SlurmExecutor):
+        raise XTokenError("--chain needs Slurm (job dependencies); a local run resumes when started again")
     with run.Experiment(name, executor=executor) as exp:
-        exp.add(script, tail_logs=tail_logs, name=name)
+        prev = None
+        for k in range(1, chain + 1):
+            prev = exp.add(script, tail_logs=tail_logs, name=_part_name(name, k, chain), dependencies=[prev] if prev else None)
         exp.run(detach=detach and isinstance(executor, run.SlurmExecutor), tail_logs=tail_logs)
         return exp._id

@@ -25,7 +25,10 @@ from pathlib import Path
 
 from nemo_xtoken.errors import XTokenError
 
-__all__ = ["build_parser", "main", "prepare", "check_models", "exchange_report", "format_exchange_report"]
+__all__ = [
+    "build_parser", "main", "prepare", "check_models", "check_tensor_parallel", "check_packed_micro_batch", "finished_iteration",
+    "exchange_report", "format_exchange_report",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +44,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(config: str, overrides: list[str], *, load_resources: bool = True):
-    """Load + validate the config (strict) and, if asked, its tokenizers and W files (audit warnings)."""
+    """Load + validate the config (strict) and, if asked, its tokenizers and W files (audit warnings).
+
+    Before any file is read, hub ids the run needs must be in the local Hugging Face cache when the
+    hub is offline (:func:`~nemo_xtoken.integration.hub.check_hub_cache`: fails at once, naming them).
+    """
     from nemo_xtoken.integration.config import load_config, validate_resources
+    from nemo_xtoken.integration.hub import check_hub_cache
 
     cfg = load_config(config, overrides)
-    resources = validate_resources(cfg, base_dir=Path(config).resolve().parent) if load_resources else None
+    base_dir = Path(config).resolve().parent
+    if load_resources:
+        check_hub_cache(cfg, base_dir)
+    resources = validate_resources(cfg, base_dir=base_dir) if load_resources else None
     return cfg, resources
+
+
+#: Hugging Face config fields Megatron splits over the tensor-parallel ranks (name in the message, attribute).
+_TP_SPLIT = (
+    ("attention heads", "num_attention_heads"),
+    ("KV heads (query groups)", "num_key_value_heads"),
+    ("MLP width", "intermediate_size"),
+    ("vocabulary (output layer, unpadded by Bridge)", "vocab_size"),
+)
+
+
+def check_tensor_parallel(cfg, base_dir: Path) -> dict:
+    """Refuse a ``parallel.tensor_model_parallel_size`` that one of the run's models cannot be split by.
+
+    Megatron divides each model's attention heads, KV heads (query groups), MLP width and (Bridge
+    keeps the Hugging Face size unpadded) vocabulary by TP; the run would stop in model construction.
+    Checked from every live model's ``config.json``; the error names the model, the field and the
+    nearest TP valid for *every* model of the run.  Returns ``{key: {field: size}}`` and the valid sizes.
+    """
+    from nemo_xtoken.integration.bridge import _hf_config, _resolve_model
+    from nemo_xtoken.integration.config import ConfigError
+
+    tp = cfg.parallel.tensor_model_parallel_size
+    sizes = {}
+    for key, model in [("student.model", cfg.student.model)] + [
+        (f"teachers.{i}.model", t.model) for i, t in enumerate(cfg.teachers) if t.cache is None
+    ]:
+        if not model:
+            continue
+        c = _hf_config(_resolve_model(model, base_dir, key))
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
+        row = {}
+        for what, attr in _TP_SPLIT:
+            v = getattr(c, attr, None)
+            if v is None and attr == "num_key_value_heads":
+                v = getattr(c, "num_attention_heads", None)
+            if isinstance(v, int) and v > 0:
+                row[attr] = v
+        sizes[key] = (model, row)
+    limit = min([v for _, row in sizes.values() for v in row.values()] or [max(tp, 1)])
+    valid = [d for d in range(1, limit + 1) if all(v % d == 0 for _, row in sizes.values() for v in row.values())]
+    for key, (model, row) in sizes.items():
+        for what, attr in _TP_SPLIT:
+            if attr in row and row[attr] % tp:
+                best = min(abs(d - tp) for d in valid)
+                near = " or ".join(str(d) for d in valid if abs(d - tp) == best)
+                raise ConfigError(
+                    f"parallel.tensor_model_parallel_size={tp}: {key}={model} has {row[attr]} {what} ({attr}), which "
+                    f"Megatron splits over the TP ranks and {tp} does not divide; the nearest size valid for every model "
+                    f"of this run is {near} (valid: {valid})"
+                )
+    return {"models": {k: row for k, (_, row) in sizes.items()}, "valid_tensor_model_parallel_sizes": valid}
+
+
+def check_packed_micro_batch(cfg) -> None:
+    """Refuse ``train.micro_batch_size`` > 1 with packing, as the GPU run does at its first step (docs/data.md)."""
+    from nemo_xtoken.integration.config import ConfigError
+
+    mb = cfg.train.micro_batch_size
+    if cfg.data.packing and mb > 1:
+        raise ConfigError(
+            f"train.micro_batch_size={mb} with data.packing=true: Transformer Engine's attention (the layer spec of a "
+            "GPU run) reads one packed sequence per micro-batch (THD), so the run would stop at its first step; set "
+            "train.micro_batch_size=1 (the nearest valid value; global_batch_size is reached by gradient accumulation), "
+            "or data.packing=false"
+        )
+
+
+def finished_iteration(cfg, base_dir: Path) -> int | None:
+    """The iteration the run resumes from (``latest_checkpointed_iteration.txt`` of its load folder), or None."""
+    from nemo_xtoken.integration.bridge import bridge_config_kwargs
+
+    load = bridge_config_kwargs(cfg, base_dir=base_dir)["checkpoint"]["load"]
+    f = Path(load) / "latest_checkpointed_iteration.txt" if load else None
+    if f is None or not f.is_file():
+        return None
+    text = f.read_text().strip()
+    return int(text) if text.isdigit() else None
 
 
 def check_models(cfg, base_dir: Path) -> dict:
@@ -167,14 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             from nemo_xtoken.integration.bridge import bridge_config_kwargs
 
+            check_packed_micro_batch(cfg)
             _check_data(cfg, resources, base_dir)
             report = bridge_config_kwargs(cfg, base_dir=base_dir)
             if not args.no_resources:
-                report = {"models": check_models(cfg, base_dir), **report}
+                report = {"models": check_models(cfg, base_dir), "tensor_parallel": check_tensor_parallel(cfg, base_dir), **report}
+            cfg.check_sequence_parallel(args.config)
             exchange = exchange_report(cfg, resources, base_dir)
             print(format_exchange_report(exchange), file=sys.stderr)
             report = {"kd_exchange": exchange, **report}
             print(json.dumps(report, indent=2, default=str))
+            return 0
+        cfg.check_sequence_parallel(args.config)
+        done = finished_iteration(cfg, base_dir)
+        if done is not None and done >= cfg.train.train_iters:  # a later part of a Slurm resubmission chain
+            print(f"[xtoken] the checkpoint holds iteration {done} ≥ train.train_iters={cfg.train.train_iters}: "
+                  "nothing left to train; exiting", file=sys.stderr)
             return 0
         from nemo_xtoken.integration.bridge import build_config_container, run_pretrain
 
