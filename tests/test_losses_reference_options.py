@@ -449,3 +449,15 @@ def test_check_prints_the_chosen_options(capsys):
     opts = report["kd_options"]
     assert opts["kd_scale_max"] == 100.0
     assert any(v.get("common_set") == "reference" and v.get("uld_top_k") == 4096 for v in opts["teachers"].values())
+
+
+def test_criterion_refuses_truncate_on_the_summary_exchange():
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss
+
+    W = tpar.random_projection()
+    spec = TeacherSpec(name="t", loss="h_kl", projection=W, teacher_vocab_size=tpar.VT, options={"uld_tail": "truncate"})
+    with pytest.raises(XTokenError, match="teacher t: uld_tail 'truncate' has no low-traffic summary.*tp_exchange 'exact'"):
+        XTokenLogitsLoss([spec], student_vocab_size=tpar.VS, student_padded=tpar.VS_PAD, teacher_padded=[tpar.VT_PAD], tp=2)
+    crit = XTokenLogitsLoss([spec], student_vocab_size=tpar.VS, student_padded=tpar.VS_PAD, teacher_padded=[tpar.VT_PAD],
+                            tp=2, tp_exchange="exact")
+    assert crit.exchanges == ["all-gather"]

@@ -240,6 +240,11 @@ class XTokenLogitsLoss(_Loss):
             else:
                 raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl")
             self.exchanges.append(exchange_mode(spec.loss, tp_exchange, self.tp))
+            if self.exchanges[-1] == "summary" and opts.get("uld_tail", "pad") != "pad":
+                raise XTokenError(
+                    f"teacher {spec.name}: uld_tail {opts['uld_tail']!r} has no low-traffic summary but {spec.loss} crosses "
+                    f"the {self.tp} tensor-parallel ranks by summary: set tp_exchange 'exact' (config distill.tp_exchange)"
+                )
             bound = SummaryBound() if self.exchanges[-1] == "summary" else None
             if bound is not None:
                 opts["bound_out"] = bound

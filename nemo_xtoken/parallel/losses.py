@@ -431,7 +431,7 @@ def vocab_parallel_p_kl(
     block_size: int | None = None,
     group: Any = None,
     teacher_top_k: int | None = None,
-    _teacher_columns: torch.Tensor | None = None,
+    _teacher_columns: np.ndarray | None = None,
 ) -> torch.Tensor:
     """KL(p_T ‖ Wᵀp_S) on vocab shards, exact over the whole vocabulary.
 
@@ -523,8 +523,8 @@ def _top_k_columns(t: torch.Tensor, k: Any, plan: PKLPlan, group: Any) -> np.nda
     """
     w = t.shape[1]
     with torch.no_grad():
-        imp = t.detach().max(dim=0).values.float() if t.shape[0] else t.new_full((w,), float("-inf"), dtype=torch.float32)
-        full = all_gather_columns(imp.unsqueeze(0), group)[0].double().cpu().numpy()  # [teacher_padded], column order
+        imp = t.detach().max(dim=0).values.double() if t.shape[0] else t.new_full((w,), float("-inf"), dtype=torch.float64)
+        full = all_gather_columns(imp.unsqueeze(0), group)[0].cpu().numpy()  # [teacher_padded], column order
     valid = plan.teacher_valid()
     ids = np.arange(plan.teacher_padded) if plan.teacher_perm is None else np.asarray(plan.teacher_perm, dtype=np.int64)
     by_id = torch.full((plan.teacher_vocab_size,), float("-inf"), dtype=torch.float64)
