@@ -47,6 +47,8 @@ __all__ = [
     "JOB_WORKDIR",
     "resolve_input",
     "looks_like_hub_id",
+    "loss_options",
+    "format_loss_options",
 ]
 
 LOSSES = ("p_kl", "h_kl", "gold", "uld", "kl", "partition_kl")
@@ -58,6 +60,10 @@ CHAT_LOSS_ON = ("assistant", "all")  # = nemo_xtoken.align.chat.LOSS_ON
 #: How H-KL / GOLD / ULD cross tensor-parallel ranks (``distill.tp_exchange``): ``auto`` (summary when tp > 1,
 #: else exact), ``exact`` (all-gather both vocabularies), ``summary`` (low traffic, bounded error).
 TP_EXCHANGES = ("auto", "exact", "summary")
+#: Options that follow the public reference code (docs/losses.md, "Options that follow the reference code");
+#: = nemo_xtoken.losses.reference.ULD_TAILS / COMMON_SETS (not imported: keeps the config import torch-free).
+ULD_TAILS = ("pad", "truncate")
+COMMON_SETS = ("top1", "reference")
 
 
 def exchange_mode(loss: str, tp_exchange: str, tp: int) -> str:
@@ -175,6 +181,12 @@ class DistillConfig:
     # (summary when tensor_model_parallel_size > 1, exact on one rank)
     tp_exchange: str = "auto"
     summary_bins: int = 2048  # intervals of the summary (= nemo_xtoken.parallel.summary.DEFAULT_BINS): 4·bins values per item
+    # options that follow the public reference code (docs/losses.md); the defaults are this project's own losses
+    uld_tail: str = "pad"  # ULD/GOLD/H-KL sorted L1: pad (ours, TRL) | truncate (NeMo-RL: both sides cut to the shorter)
+    uld_top_k: int = 8192  # with uld_tail truncate: at most this many sorted entries per side (NeMo-RL's uncommon_topk)
+    common_set: str = "top1"  # H-KL: top1 (ours) | reference (NeMo-RL: top weight >= 0.6, one student row per teacher token)
+    kd_scale_max: float | None = None  # cap of the dynamic scale CE/|KD| (None: no cap)
+    teacher_top_k: int | None = None  # P-KL: the teacher restricted to its k ids of largest logit per micro-batch (NeMo-RL: 8192)
 
 
 @dataclass
@@ -325,6 +337,7 @@ class XTokenDistillConfig:
             raise bad("distill.block_size", f"must be ≥ 0 (0: unblocked), got {d.block_size}")
         if d.summary_bins < 2:
             raise bad("distill.summary_bins", f"must be ≥ 2 (intervals of the low-traffic sorted-L1 summary; default 2048), got {d.summary_bins}")
+        _validate_reference_options(self, bad)
         p = self.parallel
         for attr in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(p, attr) < 1:
@@ -387,6 +400,66 @@ class XTokenDistillConfig:
                     f"parallelism Megatron splits each model's sequence over the TP ranks; the nearest valid value is {near} "
                     "(or set parallel.sequence_parallel=false)"
                 )
+
+
+def _validate_reference_options(self: XTokenDistillConfig, bad: Any) -> None:  # part of XTokenDistillConfig.validate
+    """distill.uld_tail / uld_top_k / common_set / kd_scale_max / teacher_top_k (docs/losses.md)."""
+    d = self.distill
+    for key, val, allowed in (("distill.uld_tail", d.uld_tail, ULD_TAILS), ("distill.common_set", d.common_set, COMMON_SETS)):
+        if val not in allowed:
+            raise bad(key, f"{val!r} is not one of {list(allowed)}")
+    if d.uld_top_k < 1:
+        raise bad("distill.uld_top_k", f"must be ≥ 1 (sorted entries kept per side with uld_tail truncate; NeMo-RL: 8192), got {d.uld_top_k}")
+    if d.teacher_top_k is not None and d.teacher_top_k < 1:
+        raise bad("distill.teacher_top_k", f"must be ≥ 1 or null (null: the whole teacher vocabulary; NeMo-RL: 8192), got {d.teacher_top_k}")
+    if d.kd_scale_max is not None:
+        if not (d.kd_scale_max > 0 and d.kd_scale_max < float("inf")):
+            raise bad("distill.kd_scale_max", f"must be a positive finite number or null (no cap), got {d.kd_scale_max}")
+        if d.kd_scaling != "dynamic":
+            raise bad("distill.kd_scale_max", f"caps the dynamic scale but distill.kd_scaling is {d.kd_scaling!r}: remove it or set kd_scaling: dynamic")
+    if d.teacher_top_k is not None:
+        for i, t in enumerate(self.teachers):
+            if t.loss == "p_kl" and t.cache is not None:
+                raise bad(
+                    "distill.teacher_top_k",
+                    f"teacher {t.name} is cached (teachers.{i}.cache): a cache keeps its own top-k per position "
+                    "(xtoken cache-teacher --top-k); teacher_top_k applies to live P-KL teachers: remove one of them",
+                )
+    if d.uld_tail == "truncate" and exchange_mode("uld", d.tp_exchange, self.parallel.tensor_model_parallel_size) == "summary":
+        users = [t.name for t in self.teachers if t.loss in ("uld", "gold", "h_kl")]
+        if users:
+            raise bad(
+                "distill.uld_tail",
+                f"truncate has no low-traffic summary, but teachers {users} would cross the "
+                f"{self.parallel.tensor_model_parallel_size} tensor-parallel ranks by summary (distill.tp_exchange "
+                f"{d.tp_exchange!r}): set distill.tp_exchange: exact, or uld_tail: pad",
+            )
+
+
+def loss_options(d: DistillConfig, loss: str) -> dict[str, Any]:
+    """The reference-code options of ``distill`` that reach a teacher's loss (only those away from their defaults)."""
+    out: dict[str, Any] = {}
+    if loss in ("uld", "gold", "h_kl") and d.uld_tail != "pad":
+        out.update(uld_tail=d.uld_tail, uld_top_k=int(d.uld_top_k))
+    if loss == "h_kl" and d.common_set != "top1":
+        out["common_set"] = d.common_set
+    if loss == "p_kl" and d.teacher_top_k is not None:
+        out["teacher_top_k"] = int(d.teacher_top_k)
+    return out
+
+
+def format_loss_options(cfg: XTokenDistillConfig) -> str:
+    """``xtoken distill --check``'s line on the options that follow the reference code, and which teachers they reach."""
+    d = cfg.distill
+    parts = [
+        f"uld_tail {d.uld_tail}" + (f" (top {d.uld_top_k}, NeMo-RL)" if d.uld_tail == "truncate" else " (zero-padded: ours, TRL)"),
+        f"common_set {d.common_set}" + (" (NeMo-RL: top weight >= 0.6, one row per teacher token)" if d.common_set == "reference" else " (ours)"),
+        f"kd_scale_max {d.kd_scale_max if d.kd_scale_max is not None else 'none'}",
+        f"teacher_top_k {d.teacher_top_k if d.teacher_top_k is not None else 'none (the whole teacher vocabulary)'}",
+    ]
+    reach = [f"{t.name} ({t.loss}): " + ", ".join(f"{k}={v}" for k, v in loss_options(d, t.loss).items())
+             for t in cfg.teachers if loss_options(d, t.loss)]
+    return "kd options: " + "; ".join(parts) + ("\nkd options reach: " + "; ".join(reach) if reach else "")
 
 
 # ---- strict (de)serialization ------------------------------------------------------------------

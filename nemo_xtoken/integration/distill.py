@@ -64,7 +64,7 @@ from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.integration.config import TP_EXCHANGES, exchange_mode
+from nemo_xtoken.integration.config import TP_EXCHANGES, exchange_mode, loss_options
 
 __all__ = [
     "TeacherSpec",
@@ -236,6 +236,7 @@ class XTokenLogitsLoss(_Loss):
                     proj = HybridPlan.build(
                         proj, self.tp, self.student_padded, tpad, relaxed=spec.loss == "h_kl", bins=self.summary_bins,
                         student_vocab_size=self.student_vocab_size, teacher_vocab_size=vt,
+                        common_set=opts.get("common_set", "top1"),
                     )
             elif spec.loss in ("kl", "uld"):
                 opts.setdefault("student_vocab_size", self.student_vocab_size)
@@ -245,6 +246,11 @@ class XTokenLogitsLoss(_Loss):
             else:
                 raise XTokenError(f"teacher {spec.name}: loss {spec.loss!r} is not one of p_kl, h_kl, gold, uld, kl, partition_kl")
             self.exchanges.append(exchange_mode(spec.loss, tp_exchange, self.tp))
+            if self.exchanges[-1] == "summary" and opts.get("uld_tail", "pad") != "pad":
+                raise XTokenError(
+                    f"teacher {spec.name}: uld_tail {opts['uld_tail']!r} has no low-traffic summary but {spec.loss} crosses "
+                    f"the {self.tp} tensor-parallel ranks by summary: set tp_exchange 'exact' (config distill.tp_exchange)"
+                )
             bound = SummaryBound() if self.exchanges[-1] == "summary" else None
             if bound is not None:
                 opts["bound_out"] = bound
@@ -353,11 +359,17 @@ class XTokenLossBalancer(_balancer_base()):
     and ``dynamic_scale`` are detached, for logging.
     """
 
-    def __init__(self, kd_scaling: str = "dynamic", ce_weight: float = 1.0, kd_weight: float = 1.0) -> None:
+    def __init__(self, kd_scaling: str = "dynamic", ce_weight: float = 1.0, kd_weight: float = 1.0, kd_scale_max: float | None = None) -> None:
         super().__init__()
+        from nemo_xtoken.losses.total import check_max_scale
+
         if kd_scaling not in ("dynamic", "fixed"):
             raise XTokenError(f"kd_scaling must be 'dynamic' or 'fixed', got {kd_scaling!r}")
+        check_max_scale(kd_scale_max)
+        if kd_scale_max is not None and kd_scaling != "dynamic":
+            raise XTokenError("kd_scale_max caps the dynamic scale: it needs kd_scaling 'dynamic' (config distill.kd_scale_max)")
         self.kd_scaling, self.ce_weight, self.kd_weight = kd_scaling, float(ce_weight), float(kd_weight)
+        self.kd_scale_max = kd_scale_max
 
     def forward(self, loss_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from modelopt.torch.distill.loss_balancers import STUDENT_LOSS_KEY
@@ -374,8 +386,8 @@ class XTokenLossBalancer(_balancer_base()):
         if len(keys) != 1 or len(d) != 1:
             raise XTokenError(f"XTokenLossBalancer takes exactly one logits loss (no intermediate losses), got {sorted(d)}")
         kd = d[keys[0]]
-        total = total_loss(ce, kd, mode=self.kd_scaling, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
-        scale = dynamic_scale(ce, kd) if self.kd_scaling == "dynamic" else torch.tensor(self.kd_weight, dtype=kd.dtype)
+        total = total_loss(ce, kd, mode=self.kd_scaling, ce_weight=self.ce_weight, kd_weight=self.kd_weight, max_scale=self.kd_scale_max)
+        scale = dynamic_scale(ce, kd, self.kd_scale_max) if self.kd_scaling == "dynamic" else torch.tensor(self.kd_weight, dtype=kd.dtype)
         return {
             "kd_loss": total,
             "logits_loss": kd.detach(),
@@ -574,7 +586,7 @@ def criterion_from_config(
         specs.append(
             TeacherSpec(
                 name=t.name, loss=t.loss, projection=proj, weight=t.weight,
-                teacher_vocab_size=getattr(tok, "vocab_size", None), tokenizer=tok,
+                teacher_vocab_size=getattr(tok, "vocab_size", None), tokenizer=tok, options=loss_options(d, t.loss),
             )
         )
     crit = XTokenLogitsLoss(
@@ -583,7 +595,7 @@ def criterion_from_config(
         scale_by_temperature_squared=d.scale_by_temperature_squared, student_tokenizer=resources.student_tokenizer, group=group,
         block_size=getattr(d, "block_size", 512) or None, tp_exchange=d.tp_exchange, summary_bins=d.summary_bins,
     )
-    return crit, XTokenLossBalancer(d.kd_scaling, ce_weight=d.ce_weight, kd_weight=d.kd_weight)
+    return crit, XTokenLossBalancer(d.kd_scaling, ce_weight=d.ce_weight, kd_weight=d.kd_weight, kd_scale_max=getattr(d, "kd_scale_max", None))
 
 
 def xtoken_criterion(model: Any) -> XTokenLogitsLoss:

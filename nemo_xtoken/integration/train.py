@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             exchange = exchange_report(cfg, resources, base_dir)
             print(format_exchange_report(exchange), file=sys.stderr)
             report = {"kd_exchange": exchange, **report}
+            from nemo_xtoken.integration.config import format_loss_options, loss_options
+
+            print(format_loss_options(cfg), file=sys.stderr)
+            report = {"kd_options": {"kd_scale_max": cfg.distill.kd_scale_max,
+                                     "teachers": {t.name: loss_options(cfg.distill, t.loss) for t in cfg.teachers}}, **report}
             print(json.dumps(report, indent=2, default=str))
             return 0
         cfg.check_sequence_parallel(args.config)

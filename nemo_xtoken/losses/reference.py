@@ -52,6 +52,13 @@ __all__ = [
     "resolve_projection",
     "exact_common_set",
     "top1_common_set",
+    "reference_common_set",
+    "choose_common_set",
+    "teacher_top_k_columns",
+    "COMMON_SETS",
+    "ULD_TAILS",
+    "REFERENCE_UNCOMMON_TOP_K",
+    "REFERENCE_COMMON_THRESHOLD",
     "kl",
     "p_kl",
     "uld",
@@ -64,6 +71,15 @@ __all__ = [
 EPS = 1e-12  # floor of the projected / grouped student probability inside log (P-KL, H-KL): value only
 REDUCTIONS = ("mean", "sum", "none")
 _GRAD_FLOOR = {torch.float64: 1e-300}
+#: The rank-sorted L1's tail (ULD, and GOLD/H-KL's uncommon part): ``pad`` zero-pads the shorter sorted
+#: side (ours, TRL GOLD), ``truncate`` cuts both sides to the shorter length and to ``uld_top_k``
+#: entries (NeMo-RL's gold path).  See docs/losses.md, "Options that follow the reference code".
+ULD_TAILS = ("pad", "truncate")
+REFERENCE_UNCOMMON_TOP_K = 8192  # NeMo-RL's default ``uncommon_topk``
+#: H-KL's common set: ``top1`` (ours: every non-empty row's top-1, rows sharing a token summed) or
+#: ``reference`` (NeMo-RL's relaxed exact map: top weight >= 0.6, one student row per teacher token).
+COMMON_SETS = ("top1", "reference")
+REFERENCE_COMMON_THRESHOLD = 0.6
 
 
 def grad_floor(dtype: torch.dtype) -> float:
@@ -294,6 +310,75 @@ def top1_common_set(w: SparseW) -> CommonSet:
     return out
 
 
+def reference_common_set(w: SparseW, threshold: float = REFERENCE_COMMON_THRESHOLD) -> CommonSet:
+    """NeMo-RL's relaxed exact map (``build_exact_token_map(xtoken_loss=True)``): one student row per teacher token.
+
+    A row ``s`` is a candidate when its top weight ``max_t W[s, t] >= threshold`` (0.6); its pair is
+    ``(s, top1[s])``.  Several candidates on one teacher token: the highest top weight wins, ties
+    the lowest ``s``.  The other candidates' rows are not common (their mass goes to the sorted L1).
+    """
+    key = f"reference_common_set_{threshold!r}"
+    if w.frozen and key in w.cache:
+        return w.cache[key]
+    top1 = w.top1().cpu().numpy()
+    rows = w.rows.cpu().numpy()
+    vals = w.values.detach().cpu().numpy()
+    topv = np.full(w.student_vocab_size, -np.inf, dtype=vals.dtype if vals.size else np.float32)
+    if rows.size:
+        np.maximum.at(topv, rows, vals)
+    s = np.nonzero((top1 >= 0) & (topv >= threshold))[0]
+    t, v = top1[s], topv[s]
+    order = np.lexsort((s, -v.astype(np.float64), t))  # per teacher token: highest weight, then lowest row
+    keep = np.ones(order.size, dtype=bool)
+    keep[1:] = t[order][1:] != t[order][:-1]
+    sel = order[keep]
+    sel = sel[np.argsort(s[sel], kind="stable")]  # paired arrays sorted by student row (as NeMo-RL)
+    dev = w.rows.device
+    out = CommonSet(
+        torch.from_numpy(s[sel].astype(np.int64)).to(dev), torch.arange(sel.size, device=dev),
+        torch.from_numpy(t[sel].astype(np.int64)).to(dev),
+    )
+    if w.frozen:
+        w.cache[key] = out
+    return out
+
+
+def choose_common_set(w: SparseW, relaxed: bool, common_set: str = "top1") -> CommonSet:
+    """The common set of GOLD (``relaxed=False``: the strict exact set) or H-KL (``common_set`` of :data:`COMMON_SETS`)."""
+    if common_set not in COMMON_SETS:
+        raise XTokenError(f"common_set must be one of {list(COMMON_SETS)} (config distill.common_set), got {common_set!r}")
+    if not relaxed:
+        if common_set != "top1":
+            raise XTokenError(
+                "common_set applies to H-KL only: GOLD keeps its strict exact-match common set (use loss h_kl with common_set='reference')"
+            )
+        return exact_common_set(w)
+    return top1_common_set(w) if common_set == "top1" else reference_common_set(w)
+
+
+def check_uld_tail(uld_tail: str, uld_top_k: int) -> None:
+    """Refuse a bad ``uld_tail`` / ``uld_top_k`` with one line naming the config key."""
+    if uld_tail not in ULD_TAILS:
+        raise XTokenError(f"uld_tail must be one of {list(ULD_TAILS)} (config distill.uld_tail), got {uld_tail!r}")
+    if isinstance(uld_top_k, bool) or not isinstance(uld_top_k, (int, np.integer)) or uld_top_k < 1:
+        raise XTokenError(f"uld_top_k must be an integer >= 1 (config distill.uld_top_k; NeMo-RL's default 8192), got {uld_top_k!r}")
+
+
+def teacher_top_k_columns(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """NeMo-RL's P-KL teacher subset: the ``k`` teacher ids of highest importance (bool ``[V_T]``).
+
+    ``importance[t]`` is the teacher's largest logit on id ``t`` over every position handed to the
+    loss (``select_teacher_topk_indices``).  Ties: the lowest ids first (a stable order, so the
+    vocab-parallel path picks the same set).  ``k >= V_T``: every id.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise XTokenError(f"teacher_top_k must be an integer >= 1 (config distill.teacher_top_k; NeMo-RL's default 8192), got {k!r}")
+    imp = importance.detach().double().cpu().numpy()
+    keep = np.zeros(imp.size, dtype=bool)
+    keep[np.argsort(-imp, kind="stable")[: int(k)]] = True
+    return torch.from_numpy(keep).to(importance.device)
+
+
 # ---- input checks and per-item log-distributions ---------------------------------------------------
 
 
@@ -460,13 +545,19 @@ def _xent_terms(lt: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(live, pt * (a - b), zero).sum(dim=1)
 
 
-def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
-    """Per-item ``Σ_i |sort↓(ps)_i - sort↓(pt)_i|``, the shorter side zero-padded (ULD)."""
+def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor, tail: str = "pad", top_k: int = REFERENCE_UNCOMMON_TOP_K) -> torch.Tensor:
+    """Per-item ``Σ_i |sort↓(ps)_i - sort↓(pt)_i|``.
+
+    ``tail="pad"`` (ULD, TRL GOLD): the shorter side zero-padded.  ``tail="truncate"`` (NeMo-RL's
+    gold path): both sorted sides cut to ``min(width_S, width_T, top_k)`` entries.
+    """
     width = max(ps.shape[1], pt.shape[1])
+    if tail == "truncate":
+        width = min(ps.shape[1], pt.shape[1], int(top_k))
     if width == 0:
         return ps.new_zeros(ps.shape[0])
-    a = torch.sort(ps, dim=1, descending=True).values
-    b = torch.sort(pt, dim=1, descending=True).values
+    a = torch.sort(ps, dim=1, descending=True).values[:, :width]
+    b = torch.sort(pt, dim=1, descending=True).values[:, :width]
     a = torch.nn.functional.pad(a, (0, width - a.shape[1]))
     b = torch.nn.functional.pad(b, (0, width - b.shape[1]))
     return (a - b).abs().sum(dim=1)
@@ -578,6 +669,8 @@ def p_kl(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
+    teacher_top_k: int | None = None,
+    _teacher_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """P-KL: ``KL(p_T ‖ Wᵀ p_S)``, the student's probabilities carried onto the teacher's vocabulary.
 
@@ -587,23 +680,44 @@ def p_kl(
     except with ``merge="reference"``, which renormalizes the projected chunk distribution as the
     public reference code does (:func:`renormalized_log`, its ε = 1e-10 included).  ``projection`` may be a
     :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (its gradient flows into W).
+
+    ``teacher_top_k=k`` (NeMo-RL's ``vocab_topk``): the teacher is restricted to the ``k`` ids of
+    :func:`teacher_top_k_columns` (its largest logit over every position passed here) and
+    renormalized over them; the projected student is read on those ids only (renormalized over
+    them with ``merge="reference"``, as NeMo-RL; otherwise its mass elsewhere is lost, as above).
     """
+    if teacher_top_k is not None:
+        if not isinstance(teacher_logits, torch.Tensor):
+            raise XTokenError(
+                "teacher_top_k applies to a live teacher's logits: a cached teacher keeps its own top-k per position "
+                "(xtoken cache-teacher --top-k); remove teacher_top_k for it"
+            )
+        w0 = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+        t2 = _as_2d(teacher_logits, "teacher_logits")
+        if t2.shape[1] < w0.teacher_vocab_size:
+            raise XTokenError(f"teacher_logits {tuple(t2.shape)} are narrower than W {w0.shape}: pass the full (unsharded) logits")
+        imp = t2[:, : w0.teacher_vocab_size].detach().max(dim=0).values if t2.shape[0] else t2.new_full((w0.teacher_vocab_size,), float("-inf"))
+        _teacher_columns = teacher_top_k_columns(imp, teacher_top_k)
     teacher_logits = dense_teacher(teacher_logits)
     if block_size is not None:
         return _blocked(p_kl, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
                         dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
-                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        _teacher_columns=_teacher_columns)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     s, t, m = _check_common(student_logits, teacher_logits, w.student_vocab_size, w.teacher_vocab_size, alignment, mask, merge, temperature, reduction, w.shape)
     dt = _compute_dtype(s, t)
     w = _to_device(w, s.device)
+    if _teacher_columns is not None:  # the teacher renormalized over its top-k ids (the rest: probability 0)
+        t = t[:, : w.teacher_vocab_size].masked_fill(~_teacher_columns.to(t.device), float("-inf"))
     ls, lt, counted = _items(
         _log_probs(s, w.student_vocab_size, temperature, dt), _log_probs(t, w.teacher_vocab_size, temperature, dt), alignment, m, merge,
         w.student_vocab_size, w.teacher_vocab_size,
     )
     q = _project(torch.exp(ls[:, : w.student_vocab_size]), w)
     if alignment is not None and merge == "reference":  # projected, averaged, renormalized (public code)
-        log_q = renormalized_log(q, q.sum(dim=1, keepdim=True))
+        on = q if _teacher_columns is None else q.masked_fill(~_teacher_columns.to(q.device), 0.0)  # over the top-k ids
+        log_q = renormalized_log(q, on.sum(dim=1, keepdim=True))
     else:
         log_q = floored_log(q)
     values = _xent_terms(lt[:, : w.teacher_vocab_size], log_q)
@@ -630,19 +744,26 @@ def uld(
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
     block_size: int | None = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
 ) -> torch.Tensor:
-    """ULD (Boizard et al.): ``Σ_i |sort↓(p_S)_i - sort↓(p_T)_i|``, the shorter vocabulary zero-padded."""
+    """ULD (Boizard et al.): ``Σ_i |sort↓(p_S)_i - sort↓(p_T)_i|``, the shorter vocabulary zero-padded.
+
+    ``uld_tail="truncate"``: both sorted sides cut to ``min(V_S, V_T, uld_top_k)`` instead (NeMo-RL).
+    """
     teacher_logits = dense_teacher(teacher_logits)
+    check_uld_tail(uld_tail, uld_top_k)
     if block_size is not None:
         return _blocked(uld, student_logits, teacher_logits, None, block_size, alignment, mask, reduction,
                         dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
-                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared)
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
+                        uld_tail=uld_tail, uld_top_k=uld_top_k)
     v_s = int(student_vocab_size) if student_vocab_size is not None else _width(student_logits)
     v_t = int(teacher_vocab_size) if teacher_vocab_size is not None else _width(teacher_logits)
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, None)
     dt = _compute_dtype(s, t)
     ls, lt, counted = _items(_log_probs(s, v_s, temperature, dt), _log_probs(t, v_t, temperature, dt), alignment, m, merge, v_s, v_t)
-    values = _sorted_l1(torch.exp(ls[:, :v_s]), torch.exp(lt[:, :v_t]))
+    values = _sorted_l1(torch.exp(ls[:, :v_s]), torch.exp(lt[:, :v_t]), uld_tail, uld_top_k)
     return _reduce(values, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
@@ -661,13 +782,17 @@ def _hybrid(
     unmatched_weight: float | None,
     student_vocab_size: int | None,
     teacher_vocab_size: int | None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
+    common_set: str = "top1",
 ) -> torch.Tensor:
     teacher_logits = dense_teacher(teacher_logits)
+    check_uld_tail(uld_tail, uld_top_k)
     w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     v_s, v_t = w.shape
     s, t, m = _check_common(student_logits, teacher_logits, v_s, v_t, alignment, mask, merge, temperature, reduction, w.shape)
     w = _to_device(w, s.device)
-    common = top1_common_set(w) if relaxed else exact_common_set(w)
+    common = choose_common_set(w, relaxed, common_set)
     if (matched_weight is None) != (unmatched_weight is None):
         raise XTokenError("matched_weight and unmatched_weight must both be numbers or both be None (adaptive)")
     if matched_weight is None:  # TRL GOLD's adaptive weighting: share of the teacher vocabulary matched
@@ -692,7 +817,7 @@ def _hybrid(
     t_keep[common.teacher_ids] = False
     rest_s = torch.exp(ls.index_select(1, torch.nonzero(s_keep, as_tuple=True)[0]))
     rest_t = torch.exp(lt.index_select(1, torch.nonzero(t_keep, as_tuple=True)[0]))
-    unmatched = _sorted_l1(rest_s, rest_t)
+    unmatched = _sorted_l1(rest_s, rest_t, uld_tail, uld_top_k)
     values = float(matched_weight) * matched + float(unmatched_weight) * unmatched  # type: ignore[arg-type]
     return _reduce(values, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
@@ -713,6 +838,8 @@ def gold(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
 ) -> torch.Tensor:
     """GOLD's hybrid: KL on the strict exact-match common set plus ULD on the remainders.
 
@@ -725,10 +852,11 @@ def gold(
         return _blocked(gold, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
                         dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
                         merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, uld_tail=uld_tail, uld_top_k=uld_top_k)
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,
+        uld_tail, uld_top_k,
     )
 
 
@@ -748,22 +876,28 @@ def h_kl(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
+    common_set: str = "top1",
 ) -> torch.Tensor:
     """H-KL: GOLD's hybrid with the common set relaxed to every non-empty student row's top-1 under W.
 
     Student rows sharing one top-1 teacher token ``t`` are summed (``q[t] = Σ p_S[s]``, log of
     ``max(q, EPS)`` in value, gradient of ``log q``: :func:`floored_log`), so each teacher token
-    appears once in the KL part.
+    appears once in the KL part.  ``common_set="reference"``: NeMo-RL's common set instead
+    (:func:`reference_common_set`: top weight >= 0.6, one row per teacher token); ``uld_tail`` as :func:`uld`.
     """
     if block_size is not None:
         teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher: blocks slice the dense rows
         return _blocked(h_kl, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
                         dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
                         merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, uld_tail=uld_tail, uld_top_k=uld_top_k,
+                        common_set=common_set)
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,
+        uld_tail, uld_top_k, common_set,
     )
 
 

@@ -33,7 +33,14 @@ import torch
 
 from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.losses.reference import REFERENCE_EPS, floored_log, grad_floor
+from nemo_xtoken.losses.reference import (
+    REFERENCE_EPS,
+    REFERENCE_UNCOMMON_TOP_K,
+    check_uld_tail,
+    floored_log,
+    grad_floor,
+    teacher_top_k_columns,
+)
 from nemo_xtoken.offline.sparse import shard_teacher
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
@@ -55,6 +62,10 @@ __all__ = [
     "P_KL_EPS",
 ]
 
+_TRUNCATE_SUMMARY = (
+    "uld_tail='truncate' (NeMo-RL's tail) has no low-traffic summary: the summary cannot cut the sorted sides "
+    "to the shorter length; set distill.tp_exchange: exact (or uld_tail: pad)"
+)
 P_KL_EPS = 1e-12  # value floor: log(max(p̃_S, eps)); the gradient is that of log p̃_S (see _KLPartial)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -419,6 +430,8 @@ def vocab_parallel_p_kl(
     teacher_vocab_size: int | None = None,
     block_size: int | None = None,
     group: Any = None,
+    teacher_top_k: int | None = None,
+    _teacher_columns: np.ndarray | None = None,
 ) -> torch.Tensor:
     """KL(p_T ‖ Wᵀp_S) on vocab shards, exact over the whole vocabulary.
 
@@ -428,10 +441,18 @@ def vocab_parallel_p_kl(
     :class:`~nemo_xtoken.losses.learnable.LearnableProjection` (or the plan built from one): its
     current weights are used and its gradient is the full one on every rank.  Teacher targets in ``alignment``
     stay original teacher ids; the plan maps them to permuted columns.
+
+    ``teacher_top_k=k``: NeMo-RL's teacher subset, as :func:`nemo_xtoken.losses.reference.p_kl`
+    (the per-id importance all-gathered: ``V_T`` values per call, not per item).
     """
     _check_reduction(reduction)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
+    if teacher_top_k is not None and not isinstance(teacher_logits, torch.Tensor):
+        raise XTokenError(
+            "teacher_top_k applies to a live teacher's logits: a cached teacher keeps its own top-k per position "
+            "(xtoken cache-teacher --top-k); remove teacher_top_k for it"
+        )
     teacher_logits = shard_teacher(teacher_logits, group, plan=projection)
     s = _flatten(student_logits, "student_logits")
     t = _flatten(teacher_logits, "teacher_logits")
@@ -444,9 +465,17 @@ def vocab_parallel_p_kl(
         )
     if plan.tp != tp:
         raise XTokenError(f"the P-KL plan was built for tp = {plan.tp} but the group has {tp} ranks: rebuild it")
+    if teacher_top_k is not None:  # NeMo-RL's subset, chosen once over every position (before any blocking)
+        if t.shape[1] * tp != plan.teacher_padded:
+            raise XTokenError(
+                f"the P-KL plan expects a padded teacher vocabulary of {plan.teacher_padded} but teacher_logits "
+                f"{tuple(teacher_logits.shape)} on {tp} ranks cover {t.shape[1] * tp}: W or the plan belongs to other models"
+            )
+        _teacher_columns = _top_k_columns(t, teacher_top_k, plan, group)
     if block_size is not None:
         return _blocked(vocab_parallel_p_kl, student_logits, teacher_logits, plan, block_size, alignment, mask, reduction, group,
-                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared, eps=eps)
+                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared, eps=eps,
+                        _teacher_columns=_teacher_columns)
     if (plan.student_padded, plan.teacher_padded) != (s.shape[1] * tp, t.shape[1] * tp):
         raise XTokenError(
             f"the P-KL plan expects padded vocabularies ({plan.student_padded}, {plan.teacher_padded}) but "
@@ -454,9 +483,10 @@ def vocab_parallel_p_kl(
             f"cover ({s.shape[1] * tp}, {t.shape[1] * tp}): W (shape ({plan.student_vocab_size}, {plan.teacher_vocab_size})) "
             "or the plan belongs to other models"
         )
+    valid = plan.teacher_valid() if _teacher_columns is None else plan.teacher_valid() & _teacher_columns  # top-k: the rest is p_T = 0
     items = _prepare(
         student_logits, teacher_logits, student_vocab=plan.student_vocab_size, teacher_vocab=None,
-        teacher_valid=plan.teacher_valid(), teacher_id_map=plan.map_teacher_ids,
+        teacher_valid=valid, teacher_id_map=plan.map_teacher_ids,
         alignment=alignment, merge=merge, mask=mask, temperature=temperature, group=group,
     )
     rp = plan.rank_plan(rank, items.lp_s.device)
@@ -470,7 +500,13 @@ def vocab_parallel_p_kl(
         w_values = w_values.to(items.lp_s.device)
     p_tilde = _ExchangeProject.apply(items.lp_s, rp, group, w_values)
     if alignment is not None and merge == "reference":  # renormalized over the whole teacher vocabulary, as published
-        total = all_reduce_sum(p_tilde.sum(dim=1, keepdim=True), group)
+        if _teacher_columns is None:
+            on = p_tilde
+        else:
+            w_t = p_tilde.shape[1]
+            mine = torch.from_numpy(np.ascontiguousarray(_teacher_columns[rank * w_t : (rank + 1) * w_t])).to(p_tilde.device)
+            on = p_tilde.masked_fill(~mine, 0.0)
+        total = all_reduce_sum(on.sum(dim=1, keepdim=True), group)
         partial = _KLPartial.apply(items.lp_t, p_tilde / (total + REFERENCE_EPS), True, REFERENCE_EPS, True)
     else:
         partial = _KLPartial.apply(items.lp_t, p_tilde, True, eps)
@@ -478,8 +514,29 @@ def vocab_parallel_p_kl(
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
+def _top_k_columns(t: torch.Tensor, k: Any, plan: PKLPlan, group: Any) -> np.ndarray:
+    """The columns (bool ``[teacher_padded]``, every rank alike) of :func:`~nemo_xtoken.losses.reference.teacher_top_k_columns`.
+
+    The per-column importance (largest logit over this call's rows) is all-gathered, put back in
+    teacher-id order (the plan's permutation, padded columns left out), and the same stable top-k
+    as the reference picks the ids on every rank.
+    """
+    w = t.shape[1]
+    with torch.no_grad():
+        imp = t.detach().max(dim=0).values.double() if t.shape[0] else t.new_full((w,), float("-inf"), dtype=torch.float64)
+        full = all_gather_columns(imp.unsqueeze(0), group)[0].cpu().numpy()  # [teacher_padded], column order
+    valid = plan.teacher_valid()
+    ids = np.arange(plan.teacher_padded) if plan.teacher_perm is None else np.asarray(plan.teacher_perm, dtype=np.int64)
+    by_id = torch.full((plan.teacher_vocab_size,), float("-inf"), dtype=torch.float64)
+    by_id[torch.from_numpy(ids[valid])] = torch.from_numpy(full[valid])
+    keep_id = teacher_top_k_columns(by_id, k).numpy()
+    cols = np.zeros(plan.teacher_padded, dtype=bool)
+    cols[valid] = keep_id[ids[valid]]
+    return cols
+
+
 # ---- ULD, GOLD, H-KL (rank-sorted L1: exact, through an all-gather of the item probabilities) ---
-def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor, tail: str = "pad", top_k: int = REFERENCE_UNCOMMON_TOP_K) -> torch.Tensor:
     """Per-item Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|, the narrower side zero-padded.
 
     With widths ``k < n``, only the wider side's ``k`` largest values meet a nonzero partner; the
@@ -489,8 +546,15 @@ def _sorted_l1(ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     (same values up to summation order; the same gradient, ``sign`` of each pair, ``+1`` on the rest,
     up to which of two tied values is counted where).  The reference
     (:func:`nemo_xtoken.losses.reference.uld`) keeps the full sort.
+
+    ``tail="truncate"`` (NeMo-RL): both sides' ``min(n_S, n_T, top_k)`` largest values only.
     """
     n_s, n_t = ps.shape[1], pt.shape[1]
+    if tail == "truncate":
+        k = min(n_s, n_t, int(top_k))
+        if k == 0:
+            return ps.new_zeros(ps.shape[0])
+        return (torch.topk(ps, k, dim=1, sorted=True).values - torch.topk(pt, k, dim=1, sorted=True).values).abs().sum(dim=1)
     width, k = max(n_s, n_t), min(n_s, n_t)
     if width == 0:
         return ps.new_zeros(ps.shape[0])
@@ -529,21 +593,27 @@ def vocab_parallel_uld(
     summary_bins: int | None = None,
     bound_out: Any = None,
     group: Any = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
 ) -> torch.Tensor:
     """ULD on vocab shards: exact (the sort on the gathered item rows), or low traffic with ``summary_bins``.
 
     ``summary_bins=G``: the sorted L1 from additive shard summaries (:mod:`nemo_xtoken.parallel.summary`,
     ``4·G`` values all-reduced per item instead of both vocabularies, error bound stated there);
     ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives that bound.
+    ``uld_tail="truncate"`` (NeMo-RL's tail) is exact only: the summary cannot cut the sorted sides.
     """
     _check_reduction(reduction)
+    check_uld_tail(uld_tail, uld_top_k)
+    if uld_tail != "pad" and summary_bins is not None:
+        raise XTokenError(_TRUNCATE_SUMMARY)
     group = resolve_group(group)
     teacher_logits = shard_teacher(teacher_logits, group)
     if block_size is not None:
         return _blocked(vocab_parallel_uld, student_logits, teacher_logits, None, block_size, alignment, mask, reduction, group,
                         student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size, merge=merge,
                         temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        summary_bins=summary_bins, bound_out=bound_out)
+                        summary_bins=summary_bins, bound_out=bound_out, uld_tail=uld_tail, uld_top_k=uld_top_k)
     _, tp = group_rank_size(group)
     vs = student_vocab_size if student_vocab_size is not None else _flatten(student_logits, "student_logits").shape[1] * tp
     vt = teacher_vocab_size if teacher_vocab_size is not None else _flatten(teacher_logits, "teacher_logits").shape[1] * tp
@@ -560,20 +630,21 @@ def vocab_parallel_uld(
             bound_out.add(bound * scale)
         return _reduce(loss, items, reduction, scale)
     ls, lt = _gathered_probs(items, vs, vt, group)
-    loss = _sorted_l1(ls.exp(), lt.exp())  # replicated: computed once per rank, not summed over ranks
+    loss = _sorted_l1(ls.exp(), lt.exp(), uld_tail, uld_top_k)  # replicated: computed once per rank, not summed over ranks
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
 def _hybrid(
     student_logits, teacher_logits, projection, relaxed, alignment, merge, mask, temperature, reduction,
     scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group,
-    block_size=None, bound_out=None,
+    block_size=None, bound_out=None, uld_tail="pad", uld_top_k=REFERENCE_UNCOMMON_TOP_K, common_set="top1",
 ) -> torch.Tensor:
-    from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
+    from nemo_xtoken.losses.reference import choose_common_set, resolve_projection
 
     from nemo_xtoken.parallel.summary import HybridPlan
 
     _check_reduction(reduction)
+    check_uld_tail(uld_tail, uld_top_k)
     group = resolve_group(group)
     rank, tp = group_rank_size(group)
     # a cached SparseTeacher → this rank's columns (at a HybridPlan's padded width and permutation)
@@ -584,10 +655,19 @@ def _hybrid(
         w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
     if block_size is not None:
         fn = vocab_parallel_h_kl if relaxed else vocab_parallel_gold
+        extra = dict(common_set=common_set) if relaxed else {}
         return _blocked(fn, student_logits, teacher_logits, w, block_size, alignment, mask, reduction, group,
                         merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, bound_out=bound_out)
+                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, bound_out=bound_out,
+                        uld_tail=uld_tail, uld_top_k=uld_top_k, **extra)
     if isinstance(w, HybridPlan):
+        if uld_tail != "pad":
+            raise XTokenError(_TRUNCATE_SUMMARY)
+        if w.common_set != common_set:
+            raise XTokenError(
+                f"this HybridPlan was built with common_set={w.common_set!r} but the loss asks for {common_set!r}: "
+                "build it with HybridPlan.build(..., common_set=...) (config distill.common_set)"
+            )
         return _hybrid_low_traffic(
             student_logits, teacher_logits, w, relaxed, alignment, merge, mask, temperature, reduction,
             scale_by_temperature_squared, matched_weight, unmatched_weight, group, bound_out,
@@ -603,7 +683,7 @@ def _hybrid(
             )
         if x.shape[1] * tp % tp:
             raise XTokenError(f"{side} padded vocabulary not divisible by tp = {tp}")
-    common = top1_common_set(w) if relaxed else exact_common_set(w)
+    common = choose_common_set(w, relaxed, common_set)
     if (matched_weight is None) != (unmatched_weight is None):
         raise XTokenError("matched_weight and unmatched_weight must both be numbers or both be None (adaptive)")
     if matched_weight is None:  # TRL GOLD's adaptive weighting, as the reference
@@ -629,6 +709,7 @@ def _hybrid(
     unmatched = _sorted_l1(
         ls.index_select(1, torch.nonzero(s_keep, as_tuple=True)[0]).exp(),
         lt.index_select(1, torch.nonzero(t_keep, as_tuple=True)[0]).exp(),
+        uld_tail, uld_top_k,
     )
     loss = float(matched_weight) * matched + float(unmatched_weight) * unmatched  # replicated, not summed
     return _reduce(loss, items, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
@@ -704,6 +785,8 @@ def vocab_parallel_gold(
     block_size: int | None = None,
     bound_out: Any = None,
     group: Any = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
 ) -> torch.Tensor:
     """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``.
 
@@ -712,7 +795,7 @@ def vocab_parallel_gold(
     return _hybrid(
         student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
-        bound_out,
+        bound_out, uld_tail, uld_top_k,
     )
 
 
@@ -734,6 +817,9 @@ def vocab_parallel_h_kl(
     block_size: int | None = None,
     bound_out: Any = None,
     group: Any = None,
+    uld_tail: str = "pad",
+    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
+    common_set: str = "top1",
 ) -> torch.Tensor:
     """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``.
 
@@ -742,5 +828,5 @@ def vocab_parallel_h_kl(
     return _hybrid(
         student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
-        bound_out,
+        bound_out, uld_tail, uld_top_k, common_set,
     )

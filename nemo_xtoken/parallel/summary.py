@@ -162,6 +162,7 @@ class HybridPlan:
     n_common_teacher: int
     one_to_one: bool
     bins: int = DEFAULT_BINS
+    common_set: str = "top1"  # H-KL's common set (nemo_xtoken.losses.reference.COMMON_SETS); GOLD: "top1" (its exact set)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -194,15 +195,16 @@ class HybridPlan:
         bins: int = DEFAULT_BINS,
         student_vocab_size: int | None = None,
         teacher_vocab_size: int | None = None,
+        common_set: str = "top1",
     ) -> "HybridPlan":
-        """The plan for H-KL (``relaxed=True``: top-1 common set) or GOLD (exact-match common set) on ``tp`` ranks."""
-        from nemo_xtoken.losses.reference import exact_common_set, resolve_projection, top1_common_set
+        """The plan for H-KL (``relaxed=True``: ``common_set`` top1 or reference) or GOLD (exact-match common set) on ``tp`` ranks."""
+        from nemo_xtoken.losses.reference import choose_common_set, resolve_projection
 
         if bins < 2:
             raise XTokenError(f"the sorted-L1 summary needs at least 2 bins, got {bins}")
         w = resolve_projection(projection, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
         v_s, v_t = w.shape
-        common = top1_common_set(w) if relaxed else exact_common_set(w)
+        common = choose_common_set(w, relaxed, common_set)
         sid = common.student_ids.cpu().numpy().astype(np.int64)
         tid = common.teacher_ids.cpu().numpy().astype(np.int64)[common.group.cpu().numpy()]  # pair k: (sid[k], tid[k])
         m = torch.sparse_coo_tensor(
@@ -223,6 +225,7 @@ class HybridPlan:
         return HybridPlan(
             relaxed=bool(relaxed), pkl=pkl, student_keep=s_keep, teacher_keep=t_keep[order], teacher_common=t_common[order],
             n_common_teacher=int(common.teacher_ids.numel()), one_to_one=bool(common.one_to_one), bins=int(bins),
+            common_set=common_set,
         )
 
     def masks(self, rank: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
