@@ -10,7 +10,8 @@ happens at import; the GPU path never imports this module.  What it redirects (:
   to ``"cpu"`` (tensor factories, ``*_like``, ``new_*``, ``Tensor.to``), makes ``Tensor.cuda()`` and
   ``Tensor.pin_memory()`` return the tensor, drops ``pin_memory=True``, and makes ``Tensor.type()``
   report ``torch.cuda.*`` names (megatron-core picks its optimizer/clipping paths by those strings)
-  and accept them;
+  and accept them; ``torch.empty*`` returns zero-filled memory (the distributed optimizer saves its
+  buckets' uninitialized padding: two equal runs would write different checkpoints);
 * **``torch.cuda``** — ``is_available`` (True), ``device_count`` (1), ``current_device`` (0),
   ``set_device``, ``synchronize``, ``empty_cache``, ``manual_seed``/``manual_seed_all``/``seed``/
   ``initial_seed`` and ``get_rng_state``/``set_rng_state`` (also under ``torch.cuda.random``: the
@@ -29,6 +30,11 @@ happens at import; the GPU path never imports this module.  What it redirects (:
   on ``"cuda"``) become no-ops; its torch norms (the local layer spec, no TE) accept sequence
   parallelism and mark their weights ``sequence_parallel`` as TE's norms do (megatron-core asserts
   instead; the gradients of those weights are then summed over the TP group by ``finalize_model_grads``).
+
+Two megatron-core 0.19.2 defects of the distributed optimizer on torch's Adam (the fallback without
+TE or Apex; a GPU run uses TE's FusedAdam) are patched in the same scope: loading asserts before
+Adam has state, and a resumed run shares one step tensor among all parameters, reset to the
+pre-load step (see :func:`_zero_state_before_loading`, :func:`_own_step_per_param`).
 
 Not redirected, so never run here: CUDA kernels, transformer-engine layers, NCCL, CUDA graphs.
 Each stub is a distinct function object (one object under several names confuses torch's compiler).
@@ -50,6 +56,7 @@ REDIRECTS = (
     "device= arguments naming CUDA (str, torch.device, int) -> cpu, in tensor factories, *_like, new_*, Tensor.to",
     "Tensor.cuda(), Tensor.pin_memory() -> the tensor itself; pin_memory=True dropped",
     "Tensor.type() -> torch.cuda.* names (and accepts them)",
+    "torch.empty, empty_like, empty_strided, Tensor.new_empty -> zero-filled (deterministic checkpoint padding)",
     "torch.cuda.is_available/device_count/current_device/set_device/synchronize/empty_cache",
     "torch.cuda RNG (manual_seed*, seed, initial_seed, get/set_rng_state, also torch.cuda.random) -> CPU generator",
     "torch.cuda.Stream/Event/stream/current_stream/default_stream/set_stream -> inert objects",
@@ -61,6 +68,7 @@ REDIRECTS = (
     "megatron-core RNG tracker CUDA state get/set -> CPU generator",
     "megatron-core fused_softmax.get_default_causal_mask -> built on the CPU",
     "megatron-core compile_helpers, Bridge initialize._warmup_jit_function -> no-ops",
+    "megatron-core distributed optimizer on torch's Adam (no TE/Apex): zero Adam state before loading, one step per parameter after",
     "megatron-core torch norms (local layer spec) under sequence parallelism: built, weights marked sequence_parallel as TE's",
 )
 
@@ -84,6 +92,7 @@ _TO_FUNCS = {torch.Tensor.to}
 _CUDA_FUNCS = {torch.Tensor.cuda}
 _PIN_FUNCS = {torch.Tensor.pin_memory}
 _TYPE_FUNCS = {torch.Tensor.type}
+_EMPTY_FUNCS = {torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty}
 
 
 def _cpu_type_name(name: str) -> str:
@@ -110,6 +119,11 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _fix_device(kwargs["device"])
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
+        if func in _EMPTY_FUNCS:  # zero-filled: uninitialized padding would make equal runs' checkpoints differ
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+                out.zero_()
+            return out
         if func in _TO_FUNCS and len(args) > 1 and (isinstance(args[1], (str, torch.device)) or
                                                     (isinstance(args[1], int) and not isinstance(args[1], bool))):
             args = (args[0], _fix_device(args[1]), *args[2:])
@@ -412,6 +426,51 @@ def _sp_torch_norm(orig_new: Any) -> Any:
     return wrapped_torch_norm_new
 
 
+def _zero_state_before_loading(orig: Any) -> Any:
+    """megatron-core 0.19.2, distributed optimizer on torch's Adam (no TE/Apex): loading asserts.
+
+    ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``, which asserts exactly one Adam
+    step among the per-parameter states (``distrib_optimizer.py:839``) — but before the first step
+    the states are empty.  Create Adam's own zero state (``step``, ``exp_avg``, ``exp_avg_sq``, one
+    ``step`` tensor per parameter, as ``torch.optim.Adam`` does) first; the load overwrites it.
+    """
+
+    def sharded_state_dict(self: Any, *args: Any, **kwargs: Any) -> Any:
+        is_loading = kwargs.get("is_loading", args[1] if len(args) > 1 else False)
+        if is_loading and len(self.optimizer.state) == 0:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                               "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                               "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return orig(self, *args, **kwargs)
+
+    return sharded_state_dict
+
+
+def _own_step_per_param(orig: Any) -> Any:
+    """megatron-core 0.19.2, distributed optimizer on torch's Adam: a resumed run takes wrong Adam steps.
+
+    ``load_state_dict`` gives every parameter the *same* step tensor (``distrib_optimizer.py:1025-1029``)
+    and the parameter-state load then copies the pre-load step into it (``:1954``): after a resume
+    Adam's bias correction sees step 0, and torch's Adam increments the shared tensor once per
+    parameter.  After loading, each parameter gets its own step tensor holding the checkpoint's step
+    (the param groups' ``step``).
+    """
+
+    def load_state_dict(self: Any, state_dict: Any) -> Any:
+        out = orig(self, state_dict)
+        steps = {g.get("step") for g in state_dict["optimizer"]["param_groups"] if g.get("step") is not None}
+        if len(steps) == 1:
+            step = float(next(iter(steps)))
+            for st in self.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(step, dtype=torch.float32)
+        return out
+
+    return load_state_dict
+
+
 def _no_compile_helpers() -> None:
     return None
 
@@ -496,6 +555,14 @@ def _patch_megatron(patch: Any) -> None:
         patch(dutils, "compile_helpers", _no_compile_helpers)
     except ImportError:
         pass
+    try:
+        from megatron.core.optimizer import distrib_optimizer as dopt
+    except ImportError:
+        dopt = None
+    if dopt is not None and not dopt.HAVE_APEX_OR_TE:
+        cls = dopt.DistributedOptimizer
+        patch(cls, "sharded_state_dict", _zero_state_before_loading(cls.__dict__["sharded_state_dict"]))
+        patch(cls, "load_state_dict", _own_step_per_param(cls.__dict__["load_state_dict"]))
     try:
         from megatron.bridge.training import initialize as binit
     except ImportError:
