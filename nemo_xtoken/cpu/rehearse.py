@@ -413,6 +413,10 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
             diff = (a.double() - b.double()).abs().max().item() if a.is_floating_point() else "n/a"
             return f"{key}: values differ (max |diff| {diff})"
         return None
+    import numpy as np
+
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return None if np.array_equal(np.asarray(a), np.asarray(b)) else f"{key}: arrays differ"
     if a != b:
         return f"{key}: {a!r} vs {b!r}"
     return None
@@ -586,7 +590,13 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
     last_a, last_b = resolve_checkpoint(ckpt_a), resolve_checkpoint(ckpt_b)
     scratch = work / "scratch"
     scratch.mkdir(exist_ok=True)
-    state_diff = _first_difference(_checkpoint_state(last_a, scratch), _checkpoint_state(last_b, scratch))
+    state_a, state_b = _checkpoint_state(last_a, scratch), _checkpoint_state(last_b, scratch)
+    # RNG states are reported, not required equal: the relaunch's DataLoader draws its worker seed from the
+    # CPU generator (on a GPU too), and under the shim the "CUDA" generator is the CPU one
+    rng_diff = _first_difference({k: v for k, v in state_a.items() if k.startswith("rng_state")},
+                                 {k: v for k, v in state_b.items() if k.startswith("rng_state")})
+    state_diff = _first_difference({k: v for k, v in state_a.items() if not k.startswith("rng_state")},
+                                   {k: v for k, v in state_b.items() if not k.startswith("rng_state")})
     resume_equal = loss_diff is None and state_diff is None and not problems
     if loss_diff:
         problems.append(f"losses after resume differ from the uninterrupted run: {loss_diff}")
@@ -607,6 +617,9 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
         "killed_after": str(killed_at),
         "resumed_step": resumed_step,
         "resume_equal": resume_equal,
+        "resume_compared": f"{len(state_a) - sum(k.startswith('rng_state') for k in state_a)} checkpoint entries (weights, "
+                           f"optimizer state, common state) and {len(combined)} steps of losses",
+        "rng_state_difference": rng_diff,
         "export_max_abs_logit_diff": diff,
         "export_tolerance": tol,
         "export_argmax_agreement": argmax,

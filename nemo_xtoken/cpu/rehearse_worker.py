@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    (out / f"env.rank{rank}.json").write_text(json.dumps({"cwd": os.getcwd(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE")}))
     from nemo_xtoken.cpu.cuda_shim import cuda_on_cpu
 
     with cuda_on_cpu():
