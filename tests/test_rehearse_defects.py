@@ -49,3 +49,33 @@ def test_learnable_w_stays_fp32_under_bf16_float16module():
     (r,) = spawn(_wrap_bf16, 1)
     assert r["student_dtype"] == "torch.bfloat16"  # the wrapper did cast the model
     assert r["w_dtype"] == "torch.float32" and r["w_equal_built"]  # W kept in fp32, starting at the built W
+
+
+# ---- 6. packed documents never meet the fused causal softmax that ignores their mask ------------------------
+
+
+def test_packing_turns_off_the_fused_causal_softmax_of_every_model(tmp_path, llama3_path, qwen3_path, w_llama3_qwen3):
+    """Bridge's GPT providers default ``masked_softmax_fusion=True``; with ``data.packing`` the plugin turns it off.
+
+    Checked on the providers a run builds (student and teacher, from tiny HF checkpoints): with the flag
+    off, megatron-core's ``FusedScaleMaskSoftmax.is_kernel_available`` is False and the softmax applies
+    the packed mask (the fused kernel itself needs CUDA and cannot run here).
+    """
+    from bridge_tiny import run_config, write_config, write_docs, write_tiny
+    from nemo_xtoken.integration import bridge as B
+    from nemo_xtoken.integration.config import load_config, validate_resources
+
+    student = write_tiny("llama", tmp_path / "s", seed=1)
+    teacher = write_tiny("qwen3", tmp_path / "t", seed=2, tied=False)
+    w = w_llama3_qwen3.save(tmp_path / "w.safetensors")
+    write_docs(tmp_path)
+    data = run_config(student=student, llama_tok=llama3_path, teachers=[
+        {"name": "qwen3", "tokenizer": qwen3_path, "model": str(teacher), "projection": str(w), "loss": "p_kl"}])
+    data["data"]["packing"] = True
+    cfg_path = write_config(tmp_path, data)
+    cfg = load_config(cfg_path)
+    s_prov, t_provs = B.build_providers(cfg, base_dir=tmp_path, load_weights=False)
+    assert s_prov.masked_softmax_fusion and t_provs[0].masked_softmax_fusion  # Bridge's defaults: the hazard
+    B.convert_to_xtoken_distillation_provider(s_prov, t_provs, cfg, resources=validate_resources(cfg, base_dir=tmp_path))
+    assert s_prov.masked_softmax_fusion is False and t_provs[0].masked_softmax_fusion is False
+

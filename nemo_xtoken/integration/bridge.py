@@ -601,6 +601,13 @@ def convert_to_xtoken_distillation_provider(
         prov.seq_length = int(seq)
     check_parallel_sizes(student_provider, teacher_providers, [f"teachers.{i} ({t.name})" for i, t in enumerate(cfg.teachers)])
     student_provider.cross_entropy_fusion_impl = "native"
+    if cfg.data.packing:
+        # Packed documents reach Megatron's local (non-TE) attention as an explicit mask; its fused causal
+        # softmax (masked_softmax_fusion, on in Bridge's GPT providers) ignores that mask in fp16/bf16
+        # (megatron/core/fusions/fused_softmax.py: ScaledUpperTriangMaskedSoftmax): documents would attend
+        # across each other.  TE's attention reads cu_seqlens instead and never uses this flag.
+        for prov in [student_provider, *(t for t in teacher_providers if t is not None)]:
+            prov.masked_softmax_fusion = False
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
     teachers = list(teacher_providers)
