@@ -164,3 +164,25 @@ def test_rehearse_refuses_nproc_not_multiple_of_tp(tmp_path):
 
     with pytest.raises(RehearsalError, match="--nproc 3 is not a multiple"):
         rehearse(str(CONF / "llama32_1b__qwen3_4b_pkl.yaml"), nproc=3, workdir=str(tmp_path / "w"), log=lambda m: None)
+
+
+def test_rehearsal_data_for_a_preprocessed_config(tmp_path, llama3_path, qwen3_path, o200k_path):
+    """``data.format: preprocessed`` whose folders are not here: the real ``xtoken preprocess`` makes the rehearsal's,
+    one per cross-tokenizer teacher tokenizer, and the change is reported; a run's config reads them."""
+    from nemo_xtoken.cpu.rehearse import _prepare_data
+    from nemo_xtoken.integration.config import load_config
+    from nemo_xtoken.integration.data import PreprocessedDocuments as RunReader
+
+    cfg_file = CONF / "llama32_1b__phi4mini_llama32_3b.yaml"
+    ov = ["data.format=preprocessed", "data.paths=[data/aligned_phi4mini]", f"student.tokenizer={llama3_path}",
+          f"teachers.0.tokenizer={o200k_path}", f"teachers.1.tokenizer={llama3_path}"]
+    cfg = load_config(cfg_file, ov)
+    extra, changes = [], []
+    _prepare_data(cfg, CONF, tmp_path, llama3_path, extra, changes)
+    (change,) = changes
+    assert change.key == "data.paths" and "xtoken preprocess" in change.why
+    folders = json.loads(extra[0].split("=", 1)[1])
+    assert len(folders) == 1  # the KL teacher shares the student's tokenizer: one folder (Phi-4-mini's o200k)
+    docs = RunReader(Path(folders[0]))
+    assert len(docs) == 48 and docs.params["teacher_tokenizer"] == o200k_path
+    load_config(cfg_file, ov + extra)  # still a valid run config
