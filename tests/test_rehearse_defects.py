@@ -79,3 +79,45 @@ def test_packing_turns_off_the_fused_causal_softmax_of_every_model(tmp_path, lla
     B.convert_to_xtoken_distillation_provider(s_prov, t_provs, cfg, resources=validate_resources(cfg, base_dir=tmp_path))
     assert s_prov.masked_softmax_fusion is False and t_provs[0].masked_softmax_fusion is False
 
+
+
+# ---- 4. sequence parallelism (the shipped setting) on Megatron's local layers -----------------------------
+
+
+def _sp_step(rank: int, world: int, sp: bool) -> dict:
+    """One forward/backward of a tiny GPT at TP 2 under the rehearsal's shim, with or without sequence parallelism."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_xtoken.cpu.cuda_shim import cuda_on_cpu
+    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
+
+    init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=5)
+    with cuda_on_cpu():
+        spec = TinyGPTSpec(vocab_size=256, max_sequence_length=16)
+        model = build_tiny_gpt(spec, seed=5, config=tiny_gpt_config(spec, sequence_parallel=sp))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 256, (2, 16), generator=g)
+        pos = torch.arange(16).expand(2, 16)
+        loss = model(ids, pos, None, labels=torch.roll(ids, -1, 1)).float().mean()
+        from megatron.core.pipeline_parallel.schedules import custom_backward
+
+        custom_backward(loss, None)  # as Megatron's schedules do: the autograd engine runs inside the shim's mode
+        norms = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "layernorm" in n or "norm" in n.split(".")[-2]}
+        marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
+        if sp:  # what finalize_model_grads does for weights marked sequence_parallel
+            for n in marked:
+                torch.distributed.all_reduce(norms[n], group=ps.get_tensor_model_parallel_group())
+        return {"loss": loss.detach(), "norm_grads": norms, "marked": marked}
+
+
+def test_sequence_parallel_local_layers_equal_plain_tp():
+    """megatron-core's torch norms assert ``not sequence_parallel``; the shim builds them and marks their weights as TE's
+    norms do: loss and (TP-summed) norm gradients equal the run without sequence parallelism."""
+    sp = spawn(_sp_step, 2, True)
+    plain = spawn(_sp_step, 2, False)
+    assert sp[0]["marked"] and all("norm" in n for n in sp[0]["marked"]) and not plain[0]["marked"]
+    for r in range(2):
+        torch.testing.assert_close(sp[r]["loss"], plain[r]["loss"], rtol=1e-5, atol=1e-6)
+        assert sp[r]["norm_grads"].keys() == plain[r]["norm_grads"].keys()
+        for n, gr in plain[r]["norm_grads"].items():
+            torch.testing.assert_close(sp[r]["norm_grads"][n], gr, rtol=1e-4, atol=1e-7)

@@ -36,6 +36,10 @@ TE or Apex; a GPU run uses TE's FusedAdam) are patched in the same scope: loadin
 Adam has state, and a resumed run shares one step tensor among all parameters, reset to the
 pre-load step (see :func:`_zero_state_before_loading`, :func:`_own_step_per_param`).
 
+Limit: a ``TorchFunctionMode`` is off inside its own handler, so a graph run by ``Tensor.backward()``
+or ``torch.autograd.backward`` (both dispatched through the mode) runs *without* the redirect;
+Megatron's schedules call the autograd engine directly (``custom_backward``), which keeps it on.
+
 Not redirected, so never run here: CUDA kernels, transformer-engine layers, NCCL, CUDA graphs.
 Each stub is a distinct function object (one object under several names confuses torch's compiler).
 """
