@@ -11,7 +11,6 @@ exports.  The fast tests cover the model shrinking and the CUDA shim's scope.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

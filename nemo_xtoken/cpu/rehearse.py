@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -559,7 +559,7 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
 
     from transformers import AutoTokenizer
 
-    probe = AutoTokenizer.from_pretrained(student_dir).encode(PROBE_TEXT)[:32]
+    probe = AutoTokenizer.from_pretrained(student_dir).encode(PROBE_TEXT)[: min(32, s_new)]
     half = steps // 2
     seconds: dict[str, float] = {}
     common = dict(timeout=timeout, log=log)
