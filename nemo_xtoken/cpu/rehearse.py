@@ -298,15 +298,27 @@ def _tail(path: Path, n: int = 25) -> str:
 
 
 def _first_error(path: Path) -> str:
-    """The last exception line of a rank's log (``Error: …``), for a one-line failure."""
+    """The exception line of a rank's log (``XError: …``), for a one-line failure.
+
+    torch's elastic error handler prefixes the failing exception's lines with ``[rankN]:``; those win
+    over later exit-time noise (a DataLoader shutting down its workers).
+    """
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    for ln in reversed(lines):
-        s = ln.split("]: ", 1)[-1].strip()
-        if s and (s.split(":", 1)[0].endswith(("Error", "Exception")) or s.startswith("AssertionError")):
-            return s
+
+    def is_error(s: str) -> bool:
+        head = s.split(":", 1)[0]
+        return bool(s) and (head.endswith(("Error", "Exception")) or head.startswith(("AssertionError", "XTokenError")))
+
+    for prefixed in (True, False):
+        for ln in reversed(lines):
+            if prefixed and not ln.startswith("[rank"):
+                continue
+            s = ln.split("]: ", 1)[-1].strip() if prefixed else ln.strip()
+            if is_error(s):
+                return s
     return lines[-1].strip() if lines else "empty log"
 
 
