@@ -185,3 +185,17 @@ def test_rehearsal_data_for_a_preprocessed_config(tmp_path, llama3_path, qwen3_p
     docs = RunReader(Path(folders[0]))
     assert len(docs) == 48 and docs.params["teacher_tokenizer"] == o200k_path
     load_config(cfg_file, ov + extra)  # still a valid run config
+
+
+@pytest.mark.slow
+def test_rehearse_learnable_w_bf16(tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path):
+    """A learnable W in the shipped bf16 run: Bridge's loop trains it in fp32 next to the bf16 student, saves, resumes
+    equal.  Before the fixes W was cast to bf16 (Float16Module), and once kept in fp32 the distributed optimizer's first
+    checkpoint save failed (an fp32 W and bf16 norms in one parameter group: distrib_optimizer.py:1958)."""
+    cfg, report, lines = _rehearse("llama32_1b__qwen3_4b_pkl", 2, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path,
+                                   extra=["teachers.0.learnable_w=true"])
+    _check(cfg, report, lines)
+    state = torch.load(next((Path(report["workdir"]) / "scratch").glob("resumed_iter_*.pt")), weights_only=False)
+    w = [v for k, v in state.items() if "learnable_w" in k and isinstance(v, torch.Tensor)]
+    assert w and all(t.dtype == torch.float32 for t in w)
+    assert state["embedding.word_embeddings.weight"].dtype == torch.bfloat16
