@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "nemo_xtoken.cli.demo_cmds",
     "nemo_xtoken.cli.integration_cmds",
     "nemo_xtoken.cli.offline_cmds",
+    "nemo_xtoken.cli.rehearse_cmds",
 ]
 
 

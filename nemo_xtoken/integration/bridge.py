@@ -602,6 +602,13 @@ def convert_to_xtoken_distillation_provider(
         prov.seq_length = int(seq)
     check_parallel_sizes(student_provider, teacher_providers, [f"teachers.{i} ({t.name})" for i, t in enumerate(cfg.teachers)])
     student_provider.cross_entropy_fusion_impl = "native"
+    if cfg.data.packing:
+        # Packed documents reach Megatron's local (non-TE) attention as an explicit mask; its fused causal
+        # softmax (masked_softmax_fusion, on in Bridge's GPT providers) ignores that mask in fp16/bf16
+        # (megatron/core/fusions/fused_softmax.py: ScaledUpperTriangMaskedSoftmax): documents would attend
+        # across each other.  TE's attention reads cu_seqlens instead and never uses this flag.
+        for prov in [student_provider, *(t for t in teacher_providers if t is not None)]:
+            prov.masked_softmax_fusion = False
     if resources is None:
         resources = validate_resources(cfg, base_dir=base_dir)
     teachers = list(teacher_providers)
@@ -804,7 +811,10 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
     student, teachers = build_providers(cfg, base_dir=base_dir, load_weights=load_weights)
     convert_to_xtoken_distillation_provider(student, teachers, cfg, resources=resources, base_dir=base_dir)
     kw = bridge_config_kwargs(cfg, base_dir=base_dir)
-    return ConfigContainer(
+    extra = {}
+    if any(t.learnable_w for t in cfg.teachers):
+        extra["optimizer_config_override_provider"] = _learnable_w_own_group(cfg)
+    return ConfigContainer(**extra,
         model=student,
         train=TrainingConfig(**kw["train"]),
         validation=ValidationConfig(**kw["validation"]),
@@ -817,6 +827,30 @@ def build_config_container(cfg: XTokenDistillConfig, *, base_dir: str | Path | N
         rng=RNGConfig(**kw["rng"]),
         ddp=DistributedDataParallelConfig(**kw["ddp"]),
     )
+
+
+def _learnable_w_own_group(cfg: XTokenDistillConfig) -> Any:
+    """Bridge's optimizer-override provider with a learnable W in a parameter group of its own.
+
+    A learnable W stays fp32 in a bf16 model (``_keep_in_float32_parameter_names``); megatron-core
+    0.19.2's distributed optimizer lists a group's fp32 shards before its bf16 ones
+    (``distrib_optimizer.py:486-489``) but maps parameters to their position in the unsorted group,
+    so a group mixing both looks up another parameter's state: the first checkpoint save fails
+    (``:1958``).  W (1-D: no weight decay, like the norms, ``wd_mult`` 0) gets its own group through
+    ``start_wd = end_wd = 0``: the same (zero) weight decay, but a group identifier of its own (groups
+    with equal identifiers are merged when a checkpoint is loaded, ``optimizer.py:139``).
+    """
+    from megatron.bridge.training.config import OptimizerConfigOverrideProvider
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    @dataclasses.dataclass
+    class XTokenOptimizerOverrides(OptimizerConfigOverrideProvider):
+        def build_config_overrides(self, context):  # noqa: D102
+            out = dict(super().build_config_overrides(context) or {})
+            out[ParamKey(name="*learnable_w.*")] = {"start_wd": 0.0, "end_wd": 0.0}
+            return out
+
+    return XTokenOptimizerOverrides()
 
 
 def run_pretrain(container: Any) -> None:

@@ -56,6 +56,9 @@ class LearnableProjection(nn.Module):
         self.register_buffer("size", torch.tensor([v_s, v_t], dtype=torch.int64))
         # Zero weights would need log(0) = -inf; floor them so the pattern stays trainable.
         self.logits = nn.Parameter(torch.log(vals_t.clamp(min=min_weight)).float())
+        # Megatron-Bridge's opt-out of Float16Module's cast (model_provider.py, read from the instance's
+        # vars): in a bf16 run W stays fp32 — it starts at the built W and Adam's small steps are not lost.
+        self._keep_in_float32_parameter_names = ("logits",)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Refuse a checkpoint of a learnable W with another shape or sparsity pattern."""
