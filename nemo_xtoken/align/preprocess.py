@@ -388,19 +388,24 @@ def _process_shard(job: tuple[int, str, list[tuple[int, str | None, str | None]]
         "n_chunks": batch.n_chunks,
         "source_index": np.asarray([keep[k][0] for k in batch.index.tolist()], dtype=np.int64),
     }
-    src = arrays["source_index"]
-    stats = {
+    return _write_shard(shard, out_dir, arrays, rejected, _shard_stats(shard, len(docs), arrays, one_s, one_t, rejected))
+
+
+def _shard_stats(shard: int, n_input: int, arrays: dict[str, np.ndarray], one_s: int, one_t: int, rejected: list,
+                 **extra: Any) -> dict[str, Any]:
+    """A shard's line of the report (text and ``--chat`` shards alike; ``extra``: the chat counts)."""
+    return {
         "shard": shard,
-        "input_documents": len(docs),
-        "documents": len(src),
+        "input_documents": n_input,
+        "documents": len(arrays["source_index"]),
         "student_tokens": int(arrays["student_ids"].size),
         "teacher_tokens": int(arrays["teacher_ids"].size),
         "chunks": int(arrays["n_chunks"].sum()),
         "one_sided_student_tokens": one_s,
         "one_sided_teacher_tokens": one_t,
         "rejected": len(rejected),
+        **extra,
     }
-    return _write_shard(shard, out_dir, arrays, rejected, stats)
 
 
 def _process_chat_shard(shard: int, out_dir: str, docs: list, opts: PreprocessOptions) -> dict[str, Any]:
@@ -450,20 +455,8 @@ def _process_chat_shard(shard: int, out_dir: str, docs: list, opts: PreprocessOp
     }
     one_s = sum(int((np.diff(ca.alignment.student_chunks, axis=1)[:, 0] * ca.alignment.one_sided()).sum()) for ca in cas)
     one_t = sum(int((np.diff(ca.alignment.teacher_chunks, axis=1)[:, 0] * ca.alignment.one_sided()).sum()) for ca in cas)
-    stats = {
-        "shard": shard,
-        "input_documents": len(docs),
-        "documents": len(keep),
-        "student_tokens": int(arrays["student_ids"].size),
-        "teacher_tokens": int(arrays["teacher_ids"].size),
-        "chunks": int(arrays["n_chunks"].sum()),
-        "one_sided_student_tokens": one_s,
-        "one_sided_teacher_tokens": one_t,
-        "rejected": len(rejected),
-        "loss_tokens": int(arrays["student_loss_mask"].sum()),
-        "assistant_tokens": asst[1],
-        "assistant_tokens_in_kd_chunks": asst[0],
-    }
+    stats = _shard_stats(shard, len(docs), arrays, one_s, one_t, rejected, loss_tokens=int(arrays["student_loss_mask"].sum()),
+                         assistant_tokens=asst[1], assistant_tokens_in_kd_chunks=asst[0])
     return _write_shard(shard, out_dir, arrays, rejected, stats)
 
 

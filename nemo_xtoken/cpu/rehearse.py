@@ -195,13 +195,22 @@ def _write_model(hf_config: Any, out: Path, seed: int) -> None:
 # ---- data ---------------------------------------------------------------------------------------------
 
 
-def _rehearsal_texts(cfg: Any, base: Path, n: int) -> tuple[list[str], str]:
-    """Up to ``n`` documents: the config's own (jsonl) if they are here, else a real corpus from the asset cache."""
+def _data_here(path: str, base: Path) -> Path | None:
+    """A ``data.paths`` entry resolved as the run resolves it (the config's folder), or None where it is not on this machine."""
+    from nemo_xtoken.integration.config import ConfigError
     from nemo_xtoken.integration.data import _resolve_path
 
+    try:
+        return _resolve_path(path, base)
+    except ConfigError:  # missing, or found only from the working directory: the run would not find it either
+        return None
+
+
+def _rehearsal_texts(cfg: Any, base: Path, n: int) -> tuple[list[str], str]:
+    """Up to ``n`` documents: the config's own (jsonl) if they are here, else a real corpus from the asset cache."""
     if cfg.data.format == "jsonl":
         texts: list[str] = []
-        for p in (_resolve_path(x, base) for x in cfg.data.paths):
+        for p in filter(None, (_data_here(x, base) for x in cfg.data.paths)):
             files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p] if p.is_file() else []
             for f in files:
                 with open(f, encoding="utf-8") as fh:
@@ -226,11 +235,10 @@ def _rehearsal_texts(cfg: Any, base: Path, n: int) -> tuple[list[str], str]:
 
 
 def _prepare_data(cfg: Any, base: Path, work: Path, student_tok: str, overrides: list[str], changes: list[Change]) -> None:
-    from nemo_xtoken.integration.data import _resolve_path
     from nemo_xtoken.testing.text import write_jsonl
 
     d = cfg.data
-    here = all(_resolve_path(p, base).exists() for p in d.paths) and bool(d.paths)
+    here = bool(d.paths) and all(_data_here(p, base) is not None for p in d.paths)
     if d.format == "preprocessed" and here:
         return  # memory-mapped `xtoken preprocess` folders: read as the run reads them
     texts, what = _rehearsal_texts(cfg, base, 48)
