@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import time
-
-WORDS = ["The", " answer", " is", " 42", ".", "\n", " Sure", ",", " here", " code", ":\n```py\nx = 1\n```", " 日本語", " 😀",
-         " 1,024", " prime", "  ", " why?", " Paris"]
-
-
-def conversations(n: int, seed: int = 1) -> list[dict]:
-    rng = random.Random(seed)
-
-    def text(k: int) -> str:
-        return "".join(rng.choice(WORDS) for _ in range(k)).strip() or "ok"
-
-    out = []
-    for _ in range(n):
-        msgs = [{"role": "system", "content": text(6)}] if rng.random() < 0.5 else []
-        for _ in range(rng.randint(1, 3)):
-            msgs += [{"role": "user", "content": text(rng.randint(2, 12))}, {"role": "assistant", "content": text(rng.randint(2, 30))}]
-        out.append({"messages": msgs})
-    return out
 
 
 def main() -> None:
     from nemo_xtoken.align.chat import align_chat
     from nemo_xtoken.assets import tokenizer_path
+    from nemo_xtoken.testing.text import random_conversations
     from nemo_xtoken.vocab import load_tokenizer
 
     ap = argparse.ArgumentParser()
@@ -44,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     names = ("llama3", "qwen3", "gemma3", "deepseek_v3")
     toks = {n: load_tokenizer(str(tokenizer_path(n))) for n in names}
-    convs = conversations(args.n)
+    convs = random_conversations(args.n, seed=1)
     for n in names:  # warm the per-tokenizer caches (canonical vocabularies, byte tables)
         align_chat(convs[0], toks[n], toks[names[0] if n != names[0] else names[1]])
     print("| student | teacher | assistant tokens in KD chunks | fused chunks | CPU ms / conversation |")

@@ -8,7 +8,6 @@ teacher with Qwen3's tokenizer for ``xtoken cache-teacher``.
 from __future__ import annotations
 
 import json
-import random
 import re
 import warnings
 from pathlib import Path
@@ -18,31 +17,15 @@ import pytest
 
 from nemo_xtoken.cli.main import main as xtoken
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.testing.text import random_conversations
 from nemo_xtoken.integration.train import main as distill
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "llama32_1b_instruct__qwen3_4b_chat.yaml"
-WORDS = ["The", " answer", " is", " 42", ".", "\n", " Sure", ",", " here", " code", ":\n```py\nx = 1\n```", " 日本語", " 😀",
-         " 1,024", " prime", "  ", " why?", " Paris"]
-
-
-def _conversations(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-
-    def text(k: int) -> str:
-        return "".join(rng.choice(WORDS) for _ in range(k)).strip() or "ok"
-
-    out = []
-    for _ in range(n):
-        msgs = [{"role": "system", "content": text(6)}] if rng.random() < 0.5 else []
-        for _ in range(rng.randint(1, 3)):
-            msgs += [{"role": "user", "content": text(rng.randint(2, 12))}, {"role": "assistant", "content": text(rng.randint(2, 30))}]
-        out.append({"messages": msgs})
-    return out
 
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    rows = _conversations(24)
+    rows = random_conversations(24)
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     lines.insert(5, json.dumps({"text": "a raw text row"}))  # no messages: skipped and counted
     lines.insert(9, json.dumps({"messages": [{"role": "tool", "content": "x"}]}))  # unknown role: skipped and counted

@@ -18,16 +18,22 @@ import importlib.util
 import sys
 from typing import Any
 
-__all__ = ["PRETRAIN_MODULE", "NVRX_IMPORT_LINE", "install_pretrain_hook", "uninstall_pretrain_hook"]
+__all__ = ["PRETRAIN_MODULE", "NVRX_IMPORT_LINE", "LineFinder", "LineLoader", "install_pretrain_hook", "uninstall_pretrain_hook"]
 
 PRETRAIN_MODULE = "megatron.bridge.training.pretrain"
 NVRX_IMPORT_LINE = "from nvidia_resiliency_ext.inprocess import CallWrapper"
 _REPLACEMENT = "CallWrapper = object  # xtoken: nvidia_resiliency_ext absent (CPU rehearsal); a type hint only"
 
 
-class _LineLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.machinery.SourceFileLoader, line: str, replacement: str) -> None:
-        self.inner, self.line, self.replacement = inner, line, replacement
+class LineLoader(importlib.abc.Loader):
+    """Executes a module's source with exactly one line (``line``, stripped) replaced by ``replacement``.
+
+    ``owner`` is the file to update when a Bridge release changes that line (named in the error).
+    """
+
+    def __init__(self, inner: importlib.machinery.SourceFileLoader, line: str, replacement: str,
+                 owner: str = "nemo_xtoken/cpu/imports.py") -> None:
+        self.inner, self.line, self.replacement, self.owner = inner, line, replacement, owner
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return None
@@ -38,7 +44,7 @@ class _LineLoader(importlib.abc.Loader):
         if len(hits) != 1:
             raise ImportError(
                 f"nemo_xtoken's import hook expected exactly one line {self.line!r} in {self.inner.path}, found "
-                f"{len(hits)}: this Megatron-Bridge release differs from 0.6.2; update nemo_xtoken/cpu/imports.py"
+                f"{len(hits)}: this Megatron-Bridge release differs from 0.6.2; update {self.owner}"
             )
         i = hits[0]
         indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
@@ -46,9 +52,11 @@ class _LineLoader(importlib.abc.Loader):
         exec(compile("".join(lines), self.inner.path, "exec", dont_inherit=True), module.__dict__)
 
 
-class _LineFinder(importlib.abc.MetaPathFinder):
-    def __init__(self, module: str, line: str, replacement: str) -> None:
-        self.module, self.line, self.replacement = module, line, replacement
+class LineFinder(importlib.abc.MetaPathFinder):
+    """Finds ``module`` with the other finders and wraps its loader in a :class:`LineLoader`."""
+
+    def __init__(self, module: str, line: str, replacement: str, owner: str = "nemo_xtoken/cpu/imports.py") -> None:
+        self.module, self.line, self.replacement, self.owner = module, line, replacement, owner
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != self.module:
@@ -60,12 +68,12 @@ class _LineFinder(importlib.abc.MetaPathFinder):
             if spec is not None:
                 if not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
                     raise ImportError(f"{fullname} is not loaded from a source file ({spec.loader!r}); cannot apply the hook")
-                spec.loader = _LineLoader(spec.loader, self.line, self.replacement)
+                spec.loader = LineLoader(spec.loader, self.line, self.replacement, self.owner)
                 return spec
         return None
 
 
-_PRETRAIN_FINDER = _LineFinder(PRETRAIN_MODULE, NVRX_IMPORT_LINE, _REPLACEMENT)
+_PRETRAIN_FINDER = LineFinder(PRETRAIN_MODULE, NVRX_IMPORT_LINE, _REPLACEMENT)
 
 
 def install_pretrain_hook() -> bool:

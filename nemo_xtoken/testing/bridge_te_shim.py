@@ -20,11 +20,12 @@ transformer_engine is absent; never by the training path (a GPU run imports Brid
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 from typing import Any
+
+from nemo_xtoken.cpu.imports import LineFinder, LineLoader
 
 __all__ = ["TARGET_MODULE", "TE_IMPORT_LINE", "ABSENT_TE", "TE_FUSIONS", "install", "uninstall", "installed", "te_available", "without_te"]
 
@@ -62,49 +63,15 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.machinery.SourceFileLoader) -> None:
-        self.inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
-        return None  # default module creation
-
-    def exec_module(self, module: Any) -> None:
-        source = self.inner.get_source(module.__name__)
-        lines = source.splitlines(keepends=True)
-        hits = [i for i, line in enumerate(lines) if line.strip() == TE_IMPORT_LINE]
-        if len(hits) != 1:
-            raise ImportError(
-                f"nemo_xtoken's transformer_engine import hook expected exactly one line {TE_IMPORT_LINE!r} in "
-                f"{self.inner.path}, found {len(hits)}: this Megatron-Bridge release differs from 0.6.2; update "
-                "nemo_xtoken/testing/bridge_te_shim.py"
-            )
-        i = hits[0]
-        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-        lines[i] = indent + _REPLACEMENT + "\n"
-        code = compile("".join(lines), self.inner.path, "exec", dont_inherit=True)
-        exec(code, module.__dict__)
+_OWNER = "nemo_xtoken/testing/bridge_te_shim.py"
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Finds ``megatron.bridge.peft.lora_layers`` with the other finders and wraps its loader."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TARGET_MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
-                    raise ImportError(f"{fullname} is not loaded from a source file ({spec.loader!r}); cannot apply the TE hook")
-                spec.loader = _Loader(spec.loader)
-                return spec
-        return None
+def _Loader(inner: importlib.machinery.SourceFileLoader) -> LineLoader:
+    """``lora_layers.py``'s source with its one TE import line replaced (the shared one-line hook)."""
+    return LineLoader(inner, TE_IMPORT_LINE, _REPLACEMENT, _OWNER)
 
 
-_FINDER = _Finder()
+_FINDER = LineFinder(TARGET_MODULE, TE_IMPORT_LINE, _REPLACEMENT, _OWNER)
 
 
 def installed() -> bool:

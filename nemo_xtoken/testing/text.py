@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["short_passages", "write_jsonl"]
+__all__ = ["short_passages", "write_jsonl", "random_conversations", "CHAT_WORDS"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
@@ -43,3 +43,26 @@ def write_jsonl(texts: list[str], path: str | Path) -> Path:
         for t in texts:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     return p
+
+
+#: Word pieces of :func:`random_conversations`: numerals, code, CJK, emoji, whitespace runs, punctuation.
+CHAT_WORDS = ["The", " answer", " is", " 42", ".", "\n", " Sure", ",", " here", " code", ":\n```py\nx = 1\n```", " 日本語", " 😀",
+              " 1,024", " prime", "  ", " why?", " Paris"]
+
+
+def random_conversations(n: int, seed: int = 0) -> list[dict]:
+    """``n`` rows ``{"messages": [...]}``: an optional system prompt, then 1–3 user/assistant turns of random pieces."""
+    import random
+
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return "".join(rng.choice(CHAT_WORDS) for _ in range(k)).strip() or "ok"
+
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": text(6)}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{"role": "user", "content": text(rng.randint(2, 12))}, {"role": "assistant", "content": text(rng.randint(2, 30))}]
+        out.append({"messages": msgs})
+    return out
