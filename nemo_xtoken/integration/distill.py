@@ -108,8 +108,8 @@ def _logits(x: Any) -> torch.Tensor:
 
 
 def is_sparse(x: Any) -> bool:
-    """A cached teacher's output (:class:`~nemo_xtoken.offline.sparse.SparseTeacher`) rather than logits."""
-    from nemo_xtoken.offline.sparse import SparseTeacher
+    """A cached teacher's output (:class:`~nemo_xtoken.losses.sparse.SparseTeacher`) rather than logits."""
+    from nemo_xtoken.losses.sparse import SparseTeacher
 
     return isinstance(x, SparseTeacher)
 

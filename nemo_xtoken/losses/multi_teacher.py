@@ -23,7 +23,7 @@ import torch
 from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.reference import LOSSES, NEEDS_PROJECTION, ProjectionLike, resolve_projection
-from nemo_xtoken.offline.sparse import dense_teacher
+from nemo_xtoken.losses.sparse import dense_teacher
 
 __all__ = ["Teacher", "MultiTeacherOutput", "WEIGHTINGS", "teacher_score", "adaptive_weights", "multi_teacher"]
 

@@ -36,7 +36,7 @@ import torch
 
 from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.offline.sparse import dense_teacher
+from nemo_xtoken.losses.sparse import dense_teacher
 from nemo_xtoken.vocab.projection import ROW_EXACT, Projection
 
 __all__ = [

@@ -5,7 +5,7 @@ of a dual-tokenized corpus (an ``xtoken preprocess`` folder, or raw jsonl/parque
 the way into ``CACHE/corpus``) and stores, per teacher position ``j`` of every document, the
 distribution of token ``j + 1``: its top-k ids and log-probabilities, the actual next token when it
 is outside the top-k, and the exact log-mass of everything else (see
-:mod:`nemo_xtoken.offline.sparse` for how losses use it).
+:mod:`nemo_xtoken.losses.sparse` for how losses use it).
 
 Layout (numpy ``.npy``, memory-mappable, no pickle)::
 
@@ -103,7 +103,7 @@ def _next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def _cache_shard(teacher: Any, ids: np.ndarray, offsets: np.ndarray, opts: CacheOptions, max_length: int, vocab: int, bar: Any = None) -> dict[str, np.ndarray]:
     """Run the teacher over one corpus shard; return the three arrays."""
-    from nemo_xtoken.offline.sparse import sparse_from_logits
+    from nemo_xtoken.losses.sparse import sparse_from_logits
 
     n = int(ids.shape[0])
     k1 = min(opts.top_k + (1 if opts.keep_next_token else 0), vocab)
@@ -535,8 +535,8 @@ class TeacherCache:
         return a["ids"][b0:b1], a["log_probs"][b0:b1], a["rest_log_mass"][b0:b1]
 
     def sparse(self, doc: int, start: int, end: int) -> Any:
-        """The rows of :meth:`rows` as a :class:`~nemo_xtoken.offline.sparse.SparseTeacher`."""
-        from nemo_xtoken.offline.sparse import SparseTeacher
+        """The rows of :meth:`rows` as a :class:`~nemo_xtoken.losses.sparse.SparseTeacher`."""
+        from nemo_xtoken.losses.sparse import SparseTeacher
 
         ids, lp, rest = self.rows(doc, start, end)
         return SparseTeacher(torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(rest), self.vocab_size)

@@ -2,7 +2,7 @@
 
 :class:`CachedTeacher` takes a teacher's place in the
 :class:`~nemo_xtoken.integration.distill.TeacherBundle`: its forward returns the batch's
-:class:`~nemo_xtoken.offline.sparse.SparseTeacher` (top-k ids, log-probabilities, rest mass), which
+:class:`~nemo_xtoken.losses.sparse.SparseTeacher` (top-k ids, log-probabilities, rest mass), which
 the criterion (:class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`) passes to the losses in
 place of logits.  Nothing of the teacher is in memory but the cached rows of the micro-batch, and
 live and cached teachers mix freely in one bundle.
@@ -31,7 +31,7 @@ CACHED_TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_log_probs", "teacher_re
 class CachedTeacher(nn.Module):
     """A teacher read from a cache: ``forward(teacher_topk_ids=…, teacher_topk_log_probs=…, teacher_rest_log_mass=…)``.
 
-    Returns a :class:`~nemo_xtoken.offline.sparse.SparseTeacher` ``[B, T, k]`` over the teacher's
+    Returns a :class:`~nemo_xtoken.losses.sparse.SparseTeacher` ``[B, T, k]`` over the teacher's
     ``teacher_vocab_size`` ids.  ``vocab_size`` is the padded width the criterion materializes
     (a multiple of the tensor-parallel size; what a Megatron teacher's output layer would have).
     No parameters, no state.
@@ -47,7 +47,7 @@ class CachedTeacher(nn.Module):
 
     def forward(self, teacher_topk_ids: torch.Tensor | None = None, teacher_topk_log_probs: torch.Tensor | None = None,
                 teacher_rest_log_mass: torch.Tensor | None = None, **_: Any):
-        from nemo_xtoken.offline.sparse import SparseTeacher
+        from nemo_xtoken.losses.sparse import SparseTeacher
 
         if teacher_topk_ids is None or teacher_topk_log_probs is None or teacher_rest_log_mass is None:
             raise XTokenError(

@@ -18,7 +18,7 @@ from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, combine_teachers
 from nemo_xtoken.losses.total import dynamic_scale, total_loss
-from nemo_xtoken.offline.sparse import shard_teacher
+from nemo_xtoken.parallel.comm import shard_teacher
 from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, sum_partials
 from nemo_xtoken.parallel.losses import (
     vocab_parallel_gold,

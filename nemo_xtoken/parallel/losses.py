@@ -41,7 +41,7 @@ from nemo_xtoken.losses.reference import (
     grad_floor,
     teacher_top_k_columns,
 )
-from nemo_xtoken.offline.sparse import shard_teacher
+from nemo_xtoken.parallel.comm import shard_teacher
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
     all_reduce_sum,
