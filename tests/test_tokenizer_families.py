@@ -379,7 +379,7 @@ def test_preprocess_with_a_sentencepiece_teacher(tmp_path, family_tokenizers, te
     """`xtoken preprocess` on real English text (State of the Union) with a SentencePiece teacher."""
     import json
 
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
     from nemo_xtoken.assets import text_corpus
     from nemo_xtoken.cli.main import main
 
@@ -401,7 +401,8 @@ def test_preprocess_with_a_sentencepiece_teacher(tmp_path, family_tokenizers, te
 
 
 def test_dual_tokenized_dataset_with_a_sentencepiece_teacher(family_tokenizers):
-    from nemo_xtoken.integration.data import DualTokenizedDataset, TextDocuments
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.documents import TextDocuments
 
     texts = ["In 201 days  the  price\trose.\n\nNew line.", " leading space and   runs", "x</s>y <s> z"]
     docs = TextDocuments(texts, family_tokenizers["llama3"], family_tokenizers["mistral"], student_add_bos=True)

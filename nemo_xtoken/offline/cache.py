@@ -154,7 +154,8 @@ def _write_shard(out: Path, shard: int, arrays: dict[str, np.ndarray], stats: di
 
 def _resolve_corpus(input_path: Path, out: Path, teacher: Any, student_tokenizer: str | None, workers: int, progress: bool, shard_size: int):
     """The preprocessed corpus to cache: ``input_path`` itself, or raw text preprocessed into ``out/corpus``."""
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus, PreprocessOptions, preprocess
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
     from nemo_xtoken.vocab import load_tokenizer
 
     t_fp = teacher.tokenizer_info.fingerprint
@@ -236,7 +237,7 @@ def _worker_job(job: tuple) -> tuple[int, dict[str, Any]]:
     shard, out, corpus_path, opts, max_length, vocab, stats = job
     if "error" in _W:
         raise XTokenError(f"cache-teacher worker could not load the teacher: {_W['error']}")
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
 
     corpus = PreprocessedCorpus(corpus_path)
     a = corpus._shards[shard]
@@ -422,7 +423,7 @@ class TeacherCache:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from nemo_xtoken.align.preprocess import load_shard, read_manifest
+        from nemo_xtoken.data.corpus import load_shard, read_manifest
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path, FORMAT, "xtoken cache-teacher", "rebuild the cache")
@@ -476,7 +477,7 @@ class TeacherCache:
         return int(self._doc_starts[-1])
 
     def check_corpus(self, corpus: Any, *, verify_hash: bool = True) -> None:
-        """Refuse a :class:`~nemo_xtoken.align.preprocess.PreprocessedCorpus` other than the cached one."""
+        """Refuse a :class:`~nemo_xtoken.data.corpus.PreprocessedCorpus` other than the cached one."""
         shards = self.manifest["shards"]
         if len(corpus._shards) != len(shards):
             raise XTokenError(
