@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from nemo_xtoken.align import align, align_batch
 from nemo_xtoken.assets import tokenizer_path
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.vocab.canonical import bytes_to_unicode
 
 BYTE_LEVEL = ["llama3", "llama3_1", "qwen3", "o200k", "cl100k", "deepseek_v3", "gptoss"]
 SENTENCEPIECE = ["mistral", "gemma3", "gemini"]
@@ -44,19 +45,8 @@ def family_tokenizers():
 # ---- the oracle: token → bytes, written out here ------------------------------------------------
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_B2 = _gpt2_byte_decoder()
+# GPT-2's byte table, inverted: the package's, checked against Hugging Face's own (tests/test_vocab.py)
+_B2 = {c: b for b, c in bytes_to_unicode().items()}
 _HEX = re.compile(r"<0x([0-9A-F]{2})>")
 _ORACLE: dict[tuple[str, int], bytes] = {}
 
