@@ -78,7 +78,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[tuple[int, str]
             and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
         ):
             out.append((node.lineno, node.args[0].value))
-    return [(ln, m) for ln, m in out if m == "nemo_xtoken" or m.startswith("nemo_xtoken.")]
+    return sorted({(ln, m) for ln, m in out if m == "nemo_xtoken" or m.startswith("nemo_xtoken.")})
 
 
 def layer_violations(root: Path = ROOT) -> tuple[list[str], list[str], list[str]]:

@@ -1,7 +1,7 @@
 """The CPU runtime that product commands use: Megatron-core, Megatron-Bridge and their CUDA assumptions on a CPU.
 
 * :mod:`~nemo_xtoken.cpu.megatron`: gloo process groups and tensor parallelism, Megatron-core's CUDA
-  assumptions redirected (``cpu_megatron_patches``), tiny ``GPTModel``s, the multi-process ``spawn``,
+  assumptions redirected (``cpu_megatron_patches``), tiny ``GPTModel`` instances, the multi-process ``spawn``,
   optimizer checkpoints (``xtoken demo``, ``xtoken check-model``, ``xtoken distill --check``, the tests);
 * :mod:`~nemo_xtoken.cpu.bridge_te_shim`: importing Megatron-Bridge without transformer_engine (a
   scoped one-line import hook), :mod:`~nemo_xtoken.cpu.imports`: the same for Bridge's ``pretrain``;

@@ -1,11 +1,11 @@
-"""Megatron-core on a CPU: gloo process groups, tensor parallel, tiny ``GPTModel``s (the demo's runtime).
+"""Megatron-core on a CPU: gloo process groups, tensor parallel, tiny ``GPTModel`` instances (the demo's runtime).
 
 ``xtoken demo`` trains tiny Megatron models on a CPU through this module, ``xtoken check-model`` and
 ``xtoken distill --check`` run their CPU checks on its gloo groups and CUDA redirects, and the test
 suite uses it too (with the optimizer-checkpoint helpers at the end of this module, which only the
 tests use).  The GPU training path never imports it.
 
-Megatron-core assumes a GPU in three places that matter for a small CPU run:
+Megatron-core assumes a GPU in four places that matter for a small CPU run:
 
 1. the model-parallel RNG tracker seeds and forks the *CUDA* generator
    (``tensor_parallel.random``: ``torch.cuda.manual_seed`` / ``get_rng_state``);
@@ -13,8 +13,9 @@ Megatron-core assumes a GPU in three places that matter for a small CPU run:
    and ``tensor_parallel.mappings`` (all-gathers);
 3. the default causal mask of the unfused softmax (used when no ``attention_mask`` is passed)
    is built with ``device="cuda"`` (``transformer.utils.get_default_causal_mask``, imported by
-   name into ``fusions.fused_softmax``).
+   name into ``fusions.fused_softmax``);
 4. distributed checkpointing calls ``torch.cuda.synchronize()`` before writing (a no-op here).
+
 All are reached from ordinary forward passes and saves, not only at init.
 
 :func:`cpu_megatron_patches` redirects exactly these to the CPU inside a ``with`` block and
@@ -383,7 +384,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
 # ---- optimizer checkpoints on a CPU --------------------------------------------------------------
 # Megatron's ``FP32Optimizer`` allocates on ``device="cuda"`` literally: these do its checkpoint work
 # with a plain ``torch.optim`` optimizer and Megatron's own ``dist_checkpointing.optimizer`` functions,
-# in the same checkpoint layout (moments as ``ShardedTensor``s, one ``common_step``).
+# in the same checkpoint layout (moments as ``ShardedTensor`` objects, one ``common_step``).
 
 
 def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -398,7 +399,7 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
 def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sharded_state_dict: Any, *, is_loading: bool = False) -> dict:
     """The optimizer's sharded state dict, as ``FP32Optimizer.sharded_state_dict`` builds it.
 
-    Moments become ``ShardedTensor``s laid out like their parameters (so a checkpoint saved at one
+    Moments become ``ShardedTensor`` objects laid out like their parameters (so a checkpoint saved at one
     TP size is laid out by the model's sharding), the common step is stored once
     (``state.common_step``).  ``is_loading`` first creates empty moments to load into.
     """

@@ -1,7 +1,6 @@
-"""Short real-English passages for small CPU runs: consecutive sentences of a corpus document, cut to a length."""
+"""Random conversations for the chat tests and benchmarks (real-English passages for CPU runs: :mod:`nemo_xtoken.data.corpus`)."""
 
 from __future__ import annotations
-
 
 __all__ = ["random_conversations", "CHAT_WORDS"]
 
