@@ -298,7 +298,7 @@ def bench_pair(args, docs: list[str], nbytes: int, student: str, teacher: str, t
     ]
 
     if not args.skip_preprocess:
-        from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+        from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 
         with tempfile.TemporaryDirectory() as tmp:
             inp = Path(tmp) / "docs.jsonl"

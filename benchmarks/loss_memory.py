@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from nemo_xtoken.testing.bench import last_json, print_table_head, run_fresh  # noqa: E402
 
 LOSSES = ("kl_modelopt", "kl", "p_kl", "h_kl", "gold", "uld", "partition_kl")
 
@@ -37,11 +35,6 @@ def _available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     return info.get("MemAvailable", info.get("MemFree", 0))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _modelopt_kl(s, t, temperature: float = 1.0):
@@ -111,8 +104,6 @@ def _run(loss: str, W, s, t, path: str, block_size: int | None):
 
 
 def _child(loss: str, tokens: int, teacher: str, path: str, block_size: int | None) -> None:
-    import gc
-
     import torch
 
     from nemo_xtoken.losses import resolve_projection
@@ -133,25 +124,10 @@ def _child(loss: str, tokens: int, teacher: str, path: str, block_size: int | No
         from nemo_xtoken.losses.reference import exact_common_set, top1_common_set
 
         (top1_common_set if loss == "h_kl" else exact_common_set)(_run.w)
-    gc.collect()
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
+    from nemo_xtoken.testing.bench import peak_rss
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    a = time.perf_counter()
-    impl = _run(loss, W, s, t, path, block_size)
-    dt = time.perf_counter() - a
-    done.set()
-    th.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    print(json.dumps({"loss": loss, "extra": peak[0] - base, "time": dt, "impl": impl, "threads": torch.get_num_threads()}))
+    r = peak_rss(lambda: _run(loss, W, s, t, path, block_size))
+    print(json.dumps({"loss": loss, "extra": r.extra, "time": r.seconds, "impl": r.result, "threads": torch.get_num_threads()}))
 
 
 def _estimate(loss: str, tokens: int, vs: int, vt: int, block_size: int | None) -> int:
@@ -197,26 +173,20 @@ def main() -> None:
             print(f"{label}: NOT RUN — needs about {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available now", flush=True)
             rows.append({"label": label, "loss": loss, "block": block, "skipped": True, "need": need, "available": have})
             continue
-        r = subprocess.run(
-            [sys.executable, __file__, "--child", loss, str(a.tokens), a.teacher, a.path, str(block or 0)],
-            capture_output=True, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
-        )
+        r = run_fresh(__file__, ["--child", loss, str(a.tokens), a.teacher, a.path, str(block or 0)], ROOT)
         if r.returncode != 0:
             print(f"{label}: FAILED (exit {r.returncode})\n{r.stderr[-2000:]}", flush=True)
             rows.append({"label": label, "loss": loss, "block": block, "failed": r.returncode})
             continue
-        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res = last_json(r)
         rows.append({"label": label, "loss": loss, "block": block, **res})
         print(f"{label}: {res['extra'] / 2**20:,.0f} MiB, {res['time']:.2f} s", flush=True)
     base = next((r for r in rows if r["loss"] == "kl_modelopt" and "extra" in r), None)
-    print(
-        f"\npeak extra memory and time, forward+backward, fp32, CPU, tp = 1 ({a.path} path), {a.tokens} tokens, "
-        f"V_S = {vs:,}, V_T = {vt:,} (llama3 -> {a.teacher}); baseline: kl_modelopt ({base['impl'] if base else 'not run'}) on [N, V_S]"
+    print_table_head(
+        f"peak extra memory and time, forward+backward, fp32, CPU, tp = 1 ({a.path} path), {a.tokens} tokens, "
+        f"V_S = {vs:,}, V_T = {vt:,} (llama3 -> {a.teacher}); baseline: kl_modelopt ({base['impl'] if base else 'not run'}) on [N, V_S]",
+        f"{'loss':<28}{'peak extra MiB':>16}{'x KL(ModelOpt)':>16}{'time s':>9}{'x KL':>7}",
     )
-    hdr = f"{'loss':<28}{'peak extra MiB':>16}{'x KL(ModelOpt)':>16}{'time s':>9}{'x KL':>7}"
-    print(hdr)
-    print("-" * len(hdr))
     for r in rows:
         if "extra" not in r:
             print(f"{r['label']:<28}{'not run' if r.get('skipped') else 'failed':>16}")

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nemo_xtoken.parallel.plan import PKLPlan, teacher_permutation  # noqa: E402
+from nemo_xtoken.testing.bench import last_json, print_table_head, run_fresh  # noqa: E402
 
 BYTES = 4  # fp32 values on the wire
 PUBLIC_TOPK = 8192
@@ -207,48 +206,21 @@ def time_losses(tokens: int, repeats: int, teacher: str) -> dict[str, float]:
     return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _peak_child(name: str, tokens: int, teacher: str) -> None:
     """In a fresh process: peak RSS of one forward+backward above the live inputs (sampled every 0.2 ms)."""
-    import threading
+    from nemo_xtoken.testing.bench import peak_rss
 
     W, s, t_same, t = _inputs(tokens, teacher)
     plan = PKLPlan.build(W, 1)
-    import gc
-
-    gc.collect()
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _run_once(name, W, plan, s, t_same, t)
-    done.set()
-    th.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    print(json.dumps({"name": name, "extra": peak[0] - base, "base": base}))
+    r = peak_rss(lambda: _run_once(name, W, plan, s, t_same, t))
+    print(json.dumps({"name": name, "extra": r.extra, "base": r.base}))
 
 
 def peak_memory(tokens: int, teacher: str) -> dict[str, int]:
     out = {}
     for name in LOSS_NAMES:
-        r = subprocess.run(
-            [sys.executable, __file__, "--peak-child", name, "--tokens", str(tokens), "--teacher", teacher],
-            capture_output=True, text=True, check=True,
-            # large blocks through mmap so that freed tensors leave the RSS at once
-            env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
-        )
-        out[name] = json.loads(r.stdout.strip().splitlines()[-1])["extra"]
+        r = run_fresh(__file__, ["--peak-child", name, "--tokens", str(tokens), "--teacher", teacher], ROOT, check=True)
+        out[name] = last_json(r)["extra"]
     return out
 
 
@@ -276,13 +248,11 @@ def main() -> None:
     W = projection(a.teacher)
     times = time_losses(a.tokens, a.repeats, a.teacher)
     mem = peak_memory(a.tokens, a.teacher)
-    print(
-        f"\nforward+backward, tp = 1, CPU ({torch.get_num_threads()} threads), fp32, {a.tokens} tokens, "
-        f"V_S = {W.shape[0]}, V_T = {W.shape[1]} (llama3 -> {a.teacher}); KL: same-tokenizer teacher [N, V_S]"
+    print_table_head(
+        f"forward+backward, tp = 1, CPU ({torch.get_num_threads()} threads), fp32, {a.tokens} tokens, "
+        f"V_S = {W.shape[0]}, V_T = {W.shape[1]} (llama3 -> {a.teacher}); KL: same-tokenizer teacher [N, V_S]",
+        f"{'loss':<6}{'time (s)':>10}{'x KL':>7}{'peak extra (MiB)':>18}{'x KL':>7}",
     )
-    hdr = f"{'loss':<6}{'time (s)':>10}{'x KL':>7}{'peak extra (MiB)':>18}{'x KL':>7}"
-    print(hdr)
-    print("-" * len(hdr))
     for name in LOSS_NAMES:
         print(f"{name:<6}{times[name]:>10.3f}{times[name] / times['kl']:>7.2f}{mem[name] / 2**20:>18.1f}{mem[name] / max(mem['kl'], 1):>7.2f}")
 

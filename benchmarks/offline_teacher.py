@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nemo_xtoken.assets import smollm2_gguf, text_corpus, tokenizer_path  # noqa: E402
-from nemo_xtoken.testing.text import short_passages, write_jsonl  # noqa: E402
+from nemo_xtoken.data.corpus import short_passages, write_jsonl  # noqa: E402
 
 
 def _pieces_batches(ds, mb: int, n: int):
-    from nemo_xtoken.integration.data import collate
+    from nemo_xtoken.data.batch import collate
 
     return [collate([ds[i * mb + j] for j in range(mb)]) for i in range(n)]
 
@@ -56,7 +56,7 @@ def error_vs_k(caches: dict[int, Path], teacher, W, student_logits_fn, batches_b
     """Per k: teacher-side distances and each loss's relative error, summed over the given batches.
 
     The live teacher's logits of each batch are computed once and kept for the next call."""
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.data.batch import aligned_positions_from_batch
     from nemo_xtoken.losses import gold, h_kl, p_kl, uld
     from nemo_xtoken.offline import SparseTeacher
     from nemo_xtoken.offline.cache import TeacherCache
@@ -166,12 +166,13 @@ def main() -> int:
               f"{dense_bf16 / b['bytes_per_token']:.0f}x smaller | {b['tokens_per_s']:.0f} |")
 
     # ---- the student, data, W -------------------------------------------------------------------
-    from nemo_xtoken.integration.data import DualTokenizedDataset, collate
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.batch import collate
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, convert_to_xtoken_distillation_model, teacher_inputs_from_batch, xtoken_loss
     from nemo_xtoken.offline import padded_vocab_size
     from nemo_xtoken.offline.hf import HFTeacher
     from nemo_xtoken.offline.teachers import CachedTeacher, CachedTeacherDocuments
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
     from nemo_xtoken.vocab import build_projection, load_tokenizer
 
     W = build_projection(load_tokenizer(str(tokenizer_path("llama3"))), load_tokenizer(str(TeacherCache(caches[max(ks)]).tokenizer_path)))

@@ -28,14 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from nemo_xtoken.assets import cache_dir, text_corpus, tokenizer_path  # noqa: E402
-from nemo_xtoken.integration.data import (  # noqa: E402
-    DualTokenizedDataset,
-    MultiTeacherDocuments,
-    PreprocessedDocuments,
-    collate,
-)
+from nemo_xtoken.data.batch import collate  # noqa: E402
+from nemo_xtoken.data.documents import MultiTeacherDocuments, PreprocessedDocuments  # noqa: E402
+from nemo_xtoken.data.packing import DualTokenizedDataset  # noqa: E402
 
 
 def _preprocessed(corpus: str, teacher: str) -> PreprocessedDocuments:

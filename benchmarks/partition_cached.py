@@ -24,7 +24,7 @@ def main() -> None:
     from nemo_xtoken.align import align
     from nemo_xtoken.assets import tokenizer_path
     from nemo_xtoken.losses import p_kl, partition_kl
-    from nemo_xtoken.offline.sparse import SparseTeacher, sparse_from_logits
+    from nemo_xtoken.losses.sparse import SparseTeacher, sparse_from_logits
     from nemo_xtoken.vocab import cached_projection, load_tokenizer
     from nemo_xtoken.vocab.spellings import cached_spellings
 

@@ -124,7 +124,7 @@ def smollm2_rows(items: int) -> tuple[torch.Tensor, object]:
 
 
 def error_rows(items: int, bins: int, use_smollm2: bool) -> list[dict]:
-    from nemo_xtoken.offline.sparse import SparseTeacher, sparse_from_logits
+    from nemo_xtoken.losses.sparse import SparseTeacher, sparse_from_logits
 
     g = torch.Generator().manual_seed(0)
     lm_rows, smol = smollm2_rows(items) if use_smollm2 else (None, None)

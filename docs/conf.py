@@ -17,7 +17,7 @@ DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent))  # document the checkout, not whatever else is installed
 
 import nemo_xtoken  # noqa: E402
-from nemo_xtoken.testing import bridge_te_shim  # noqa: E402
+from nemo_xtoken.cpu import bridge_te_shim  # noqa: E402
 
 # nemo_xtoken.integration.phi3_bridge imports Megatron-Bridge at module level, and ``import
 # megatron.bridge`` fails without transformer_engine at one unguarded line (HOST_NOTES, "CPU").  The

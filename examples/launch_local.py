@@ -28,21 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the exact command and environment, run nothing")
     args = p.parse_args(argv)
 
-    from nemo_xtoken.errors import XTokenError
     from nemo_xtoken.integration import launch as L
 
-    try:
-        env = L.parse_env(args.env)
-        script = L.distill_script(args.config, args.overrides)
-        executor = L.local_executor(args.gpus, env=env, hf_home=args.hf_home)
-        if args.dry_run:
-            print(L.dry_run(script, executor, args.name).text)
-            return 0
-        L.launch(script, executor, args.name, detach=False, tail_logs=True)
-        return 0
-    except (XTokenError, ValueError) as e:
-        print(f"launch_local: error: {e}", file=sys.stderr)
-        return 2
+    def build(env: dict[str, str]):
+        return L.distill_script(args.config, args.overrides), L.local_executor(args.gpus, env=env, hf_home=args.hf_home)
+
+    return L.launch_main("launch_local", args, build, detach=False, tail_logs=True)
 
 
 if __name__ == "__main__":

@@ -54,27 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     args = p.parse_args(argv)
 
-    from nemo_xtoken.errors import XTokenError
     from nemo_xtoken.integration import launch as L
 
-    try:
-        env = L.parse_env(args.env)
+    def build(env: dict[str, str]):
         overrides = L.exit_duration_override(args.time, args.overrides, args.exit_margin)
-        script = L.distill_script(args.config, overrides, local=args.host is None)
-        executor = L.slurm_executor(
+        return L.distill_script(args.config, overrides, local=args.host is None), L.slurm_executor(
             account=args.account, partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
             time=args.time, container_image=args.container_image, container_mounts=args.mount, job_dir=args.job_dir,
             host=args.host, user=args.user, env=env, hf_home=args.hf_home,
         )
-        if args.dry_run:
-            print(L.dry_run(script, executor, args.name, chain=args.chain).text)
-            return 0
-        exp_id = L.launch(script, executor, args.name, detach=True, chain=args.chain)
-        print(f"submitted {exp_id}")
-        return 0
-    except (XTokenError, ValueError) as e:
-        print(f"launch_slurm: error: {e}", file=sys.stderr)
-        return 2
+
+    return L.launch_main("launch_slurm", args, build, detach=True, chain=args.chain)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ plugin's dataset builder, ``forward_step`` and ``loss_func`` → AdamW steps.  T
 TF32 off, nccl, TP = 1) must reproduce the CPU run's losses step by step (``--rtol``).
 
 Without transformer_engine (the lent H200 has torch and Triton but no TE), Bridge is imported through
-the plugin's scoped import hook (``nemo_xtoken/testing/bridge_te_shim.py``) and uses its local layer
+the plugin's scoped import hook (``nemo_xtoken/cpu/bridge_te_shim.py``) and uses its local layer
 spec.  With TE installed (the NeMo container) the CUDA run takes the path a GPU run meets: Bridge's
 TE layer spec, TE's attention reading each packed sample as one THD sequence (``PackedSeqParams``),
 hence one sample per micro-batch (``micro_batch_size: 1``, 4 micro-batches accumulated per step,
@@ -166,7 +166,7 @@ def _run(device: str, cfg_path: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     te = bridge_te_shim.te_available()
     bridge_te_shim.install()  # no-op with transformer_engine
@@ -192,7 +192,7 @@ def _run(device: str, cfg_path: str) -> dict:
         model_parallel_cuda_manual_seed(cfg.train.seed)
         ctx = _nullcontext()
     else:
-        from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, init_megatron_cpu
+        from nemo_xtoken.cpu.megatron import cpu_megatron_patches, init_megatron_cpu
 
         torch.cuda.is_available = lambda: False  # this process is the CPU reference, even on a GPU machine
         init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=cfg.train.seed)
@@ -213,7 +213,7 @@ def _run(device: str, cfg_path: str) -> dict:
         ds = B.build_dataset(cfg, cfg.train.train_iters * gbs, resources=res, base_dir=base)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optimizer.lr, weight_decay=0.0)
         model.train()
-        from nemo_xtoken.integration.data import attention_kind
+        from nemo_xtoken.data.batch import attention_kind
 
         attention = attention_kind(model)
         steps = []

@@ -1,7 +1,7 @@
 """Shared fixtures: the real tokenizers (fetched once into $XTOKEN_CACHE) and built projections.
 
 Megatron-Bridge imports on this CPU machine (no transformer_engine) through a scoped import hook
-installed here, before any test imports it (``nemo_xtoken/testing/bridge_te_shim.py``; a no-op
+installed here, before any test imports it (``nemo_xtoken/cpu/bridge_te_shim.py``; a no-op
 where transformer_engine is installed).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from nemo_xtoken.assets import tokenizer_path
-from nemo_xtoken.testing import bridge_te_shim
+from nemo_xtoken.cpu import bridge_te_shim
 
 bridge_te_shim.install()
 

@@ -11,22 +11,12 @@ from hypothesis import strategies as st
 
 from nemo_xtoken.align import align
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.vocab.canonical import bytes_to_unicode
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte ↔ unicode table, inverted (written out here, independent of the package)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-BYTE_DECODER = _byte_decoder()
+# GPT-2's byte ↔ unicode table, inverted (the package's table, checked against Hugging Face's own in
+# tests/test_vocab.py::test_byte_table_is_hugging_faces)
+BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_text(info, i: int) -> bytes:

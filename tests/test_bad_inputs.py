@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from nemo_xtoken.align.preprocess import iter_documents
+from nemo_xtoken.data.corpus import iter_documents
 from nemo_xtoken.cli.main import main as xtoken
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ their own providers, Bridge's weight-loading hooks, the criterion on the TP grou
 ``DistillationModel``, the plugin's dataset builder, ``forward_step`` and ``loss_func``, at TP 1 and
 2 on gloo.  What is CPU-specific is only what a machine without transformer_engine needs (the
 scoped import hook installed by ``tests/conftest.py``, Bridge's local layer spec, the two CUDA
-redirects of :mod:`nemo_xtoken.testing.cpu_megatron`).  Bridge's ``pretrain()`` loop itself asserts
+redirects of :mod:`nemo_xtoken.cpu.megatron`).  Bridge's ``pretrain()`` loop itself asserts
 CUDA and is not run here (``scripts/gpu_check_distill.py`` is the GPU check).
 """
 
@@ -29,7 +29,7 @@ pytest.importorskip("megatron.bridge")  # importable through tests/conftest.py's
 from bridge_tiny import VOCAB, run_config, write_config, write_docs, write_tiny  # noqa: E402
 
 from nemo_xtoken.integration import bridge as B  # noqa: E402
-from nemo_xtoken.testing.cpu_megatron import spawn  # noqa: E402
+from nemo_xtoken.cpu.megatron import spawn  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,8 @@ def _configs(root: Path, tiny, w_files, llama3_path, qwen3_path, o200k_path, tp:
 def _build(cfg_path: str, rank: int, world: int):
     """Config → providers → conversion → Bridge's provide_distributed_model (pre-wrap hook) → DistillationModel."""
     from nemo_xtoken.integration.config import load_config, validate_resources
-    from nemo_xtoken.testing.bridge_te_shim import without_te
-    from nemo_xtoken.testing.cpu_megatron import init_megatron_cpu
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.megatron import init_megatron_cpu
 
     base = Path(cfg_path).parent
     cfg = load_config(cfg_path)
@@ -112,7 +112,7 @@ def _distill(rank: int, world: int, cfg_path: str, references: dict[str, str], s
     import modelopt.torch.distill as mtd
 
     from nemo_xtoken.integration.distill import TeacherBundle, XTokenLogitsLoss, xtoken_criterion
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, gather_vocab_parallel_logits
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, gather_vocab_parallel_logits
 
     with cpu_megatron_patches():
         cfg, res, base, model = _build(cfg_path, rank, world)
@@ -185,7 +185,7 @@ PROBE = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_see
 def _export(rank: int, world: int, checkpoint: str, hf_model: str, out: str) -> int:
     """``xtoken export-hf`` as a user runs it (Bridge's export_ckpt on gloo, CPU)."""
     from nemo_xtoken.cli.main import main
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches
 
     with cpu_megatron_patches():
         return main(["export-hf", "--checkpoint", checkpoint, "--hf-model", hf_model, "--output", out])
@@ -289,8 +289,8 @@ def _phi3(rank: int, world: int, folders: dict, lengths: tuple) -> list[dict]:
     from megatron.bridge import AutoBridge
 
     from nemo_xtoken.integration.bridge import provider_from_hf, settle_precision
-    from nemo_xtoken.testing.bridge_te_shim import without_te
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=0)
     out = []

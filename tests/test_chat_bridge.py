@@ -21,7 +21,7 @@ pytest.importorskip("megatron.bridge")  # importable through tests/conftest.py's
 from bridge_tiny import run_config, write_config, write_tiny  # noqa: E402
 
 from nemo_xtoken.integration import bridge as B  # noqa: E402
-from nemo_xtoken.testing.cpu_megatron import spawn  # noqa: E402
+from nemo_xtoken.cpu.megatron import spawn  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ CONVS = [
 
 def _train(rank: int, world: int, cfg_path: str) -> dict:
     from nemo_xtoken.integration.config import load_config, validate_resources
-    from nemo_xtoken.testing.bridge_te_shim import without_te
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, init_megatron_cpu
 
     with cpu_megatron_patches():
         base = Path(cfg_path).parent

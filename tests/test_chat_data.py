@@ -66,7 +66,7 @@ def test_loss_on_all_and_bad_loss_on(chat_file, local, capsys):
 
 
 def test_nothing_aligned_is_an_error(tmp_path, llama3_path, qwen3_path, capsys):
-    from nemo_xtoken.integration.chat_data import ChatDocuments
+    from nemo_xtoken.data.chat import ChatDocuments
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n{"messages": [{"role": "bot", "content": "y"}]}\nnot json\n')
@@ -93,8 +93,8 @@ def preprocessed(tmp_path_factory, chat_file, llama3_path, qwen3_path):
 
 
 def test_preprocess_chat_equals_in_memory(preprocessed, chat_file, llama3_path, qwen3_path):
-    from nemo_xtoken.integration.chat_data import ChatDocuments
-    from nemo_xtoken.integration.data import PreprocessedDocuments, as_document
+    from nemo_xtoken.data.chat import ChatDocuments
+    from nemo_xtoken.data.documents import PreprocessedDocuments, as_document
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,7 +122,8 @@ def test_preprocessed_chat_config_check(preprocessed, local, capsys):
 
 def test_cache_teacher_on_chat_data(tmp_path, preprocessed, qwen3_path, capsys):
     """An offline teacher cached over the teacher's rendering; its documents keep the chat masks."""
-    from nemo_xtoken.integration.data import DualTokenizedDataset, PreprocessedDocuments, as_document
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.documents import PreprocessedDocuments, as_document
     from nemo_xtoken.offline.teachers import CachedTeacherDocuments
     from nemo_xtoken.testing.hf import write_tiny_llama
 
@@ -146,8 +147,9 @@ def test_cache_teacher_on_chat_data(tmp_path, preprocessed, qwen3_path, capsys):
 def test_two_teachers_pack_in_lock_step(chat_file, llama3_path, qwen3_path):
     """Qwen3 and Gemma-3 teachers of one student: each side's masks and alignment per teacher, packed together."""
     from nemo_xtoken.assets import tokenizer_path
-    from nemo_xtoken.integration.chat_data import ChatDocuments
-    from nemo_xtoken.integration.data import DualTokenizedDataset, aligned_positions_from_batch, collate
+    from nemo_xtoken.data.chat import ChatDocuments
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.batch import aligned_positions_from_batch, collate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,8 +20,9 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("modelopt.torch.distill")
 
-from nemo_xtoken.integration.data import DualTokenizedDataset, aligned_positions_from_batch, collate  # noqa: E402
-from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu, spawn  # noqa: E402
+from nemo_xtoken.data.packing import DualTokenizedDataset  # noqa: E402
+from nemo_xtoken.data.batch import aligned_positions_from_batch, collate  # noqa: E402
+from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu, spawn  # noqa: E402
 
 S, T, B = 56, 64, 2
 VS = 128256
@@ -68,7 +69,7 @@ def _worker(rank: int, world: int, ds, w_q) -> dict:
 
 @pytest.fixture(scope="module")
 def chat_ds(tmp_path_factory, llama3, qwen3):
-    from nemo_xtoken.integration.chat_data import ChatDocuments
+    from nemo_xtoken.data.chat import ChatDocuments
 
     f = tmp_path_factory.mktemp("chat") / "chats.jsonl"
     f.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVS))

@@ -129,9 +129,9 @@ def _two_teacher_cfg(tmp_path, data: dict, llama3_path, qwen3_path, o200k_path, 
 
 
 def test_two_cross_tokenizer_teachers_from_text_and_from_preprocessed_folders(sotu, tmp_path, llama3_path, qwen3_path, o200k_path, w_files):
-    from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
     from nemo_xtoken.integration import bridge as B
-    from nemo_xtoken.integration.data import collate
+    from nemo_xtoken.data.batch import collate
 
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(sotu.read_text().splitlines()[:3]) + "\n")

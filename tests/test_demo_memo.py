@@ -33,13 +33,13 @@ def fast_data(llama3, qwen3, o200k):
 
 def _in_megatron(fn, *args):
     """Run ``fn(*args)`` in a fresh forked process with a one-rank CPU Megatron (as the demo's jobs run)."""
-    from nemo_xtoken.megatron_cpu import spawn
+    from nemo_xtoken.cpu.megatron import spawn
 
     return spawn(_entry, 1, fn, *args, timeout=600)[0]
 
 
 def _entry(rank, world, fn, *args):
-    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=3)
     with cpu_megatron_patches():

@@ -88,7 +88,7 @@ def test_te_hook_is_scoped_to_one_module():
     from megatron.bridge.peft import lora_layers
     from megatron.core.extensions import transformer_engine as mcore_te
 
-    from nemo_xtoken.testing import bridge_te_shim as shim
+    from nemo_xtoken.cpu import bridge_te_shim as shim
 
     assert importlib.util.find_spec("transformer_engine") is None and "transformer_engine" not in sys.modules
     assert shim.installed() and lora_layers.te is shim.ABSENT_TE
@@ -103,7 +103,7 @@ def test_te_hook_refuses_a_changed_bridge(tmp_path):
     import importlib.machinery
     import types
 
-    from nemo_xtoken.testing import bridge_te_shim as shim
+    from nemo_xtoken.cpu import bridge_te_shim as shim
 
     for body in ("import torch\n", f"{shim.TE_IMPORT_LINE}\n{shim.TE_IMPORT_LINE}\n"):
         f = tmp_path / "lora_layers.py"

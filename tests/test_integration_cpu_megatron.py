@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from nemo_xtoken.megatron_cpu import (  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,
@@ -84,19 +84,22 @@ def test_patches_are_reversible():
 
 
 def test_runtime_module_layout():
-    """The CPU runtime lives in ``nemo_xtoken.megatron_cpu``; the old test path re-exports it; the GPU path never imports it."""
+    """The CPU runtime lives in ``nemo_xtoken.cpu`` only (one definition: the old paths are gone); the GPU path never imports it."""
     import subprocess
+    from pathlib import Path
     import sys
 
-    import nemo_xtoken.megatron_cpu as runtime
-    import nemo_xtoken.testing.cpu_megatron as old
+    import nemo_xtoken.cpu.megatron as runtime
 
-    for name in ("TinyGPTSpec", "build_tiny_gpt", "cpu_megatron_patches", "init_megatron_cpu", "spawn", "clip_grad_norm_tp", "free_port"):
-        assert getattr(old, name) is getattr(runtime, name), name
-    assert callable(old.optimizer_sharded_state_dict) and not hasattr(runtime, "optimizer_sharded_state_dict")
+    for name in ("TinyGPTSpec", "build_tiny_gpt", "cpu_megatron_patches", "init_megatron_cpu", "spawn", "clip_grad_norm_tp", "free_port",
+                 "optimizer_sharded_state_dict", "load_optimizer_state"):
+        assert callable(getattr(runtime, name)), name
+    pkg = Path(runtime.__file__).parents[1]  # the old paths are gone (checked on disk: an editable install elsewhere may still map them)
+    for gone in ("megatron_cpu.py", "testing/cpu_megatron.py", "testing/bridge_te_shim.py"):
+        assert not (pkg / gone).exists(), gone
     code = (
         "import sys, nemo_xtoken.integration.distill, nemo_xtoken.integration.data, nemo_xtoken.parallel, nemo_xtoken.losses;"
-        "bad = [m for m in sys.modules if m.startswith(('nemo_xtoken.megatron_cpu', 'nemo_xtoken.testing', 'nemo_xtoken.demo'))];"
+        "bad = [m for m in sys.modules if m.startswith(('nemo_xtoken.cpu', 'nemo_xtoken.testing', 'nemo_xtoken.demo'))];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

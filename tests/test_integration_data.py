@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.integration.data import (
-    DualTokenizedDataset,
-    PreprocessedDocuments,
-    TextDocuments,
-    aligned_positions_from_batch,
-    collate,
-    plan_pieces,
-)
+from nemo_xtoken.data.packing import DualTokenizedDataset, plan_pieces
+from nemo_xtoken.data.documents import PreprocessedDocuments, TextDocuments
+from nemo_xtoken.data.batch import aligned_positions_from_batch, collate
 
 TEXTS = [
     "In 2024 the 365-day plan cost $1,299.99; by 1987 only 42 people knew it.",
@@ -135,7 +130,7 @@ def test_from_jsonl_and_preprocessed(tmp_path, docs, llama3_path, qwen3_path):
     from_file = TextDocuments(p, llama3_path, qwen3_path)
     assert len(from_file) == len(TEXTS)
     assert all(np.array_equal(from_file[i][0], docs[i][0]) and from_file[i][2] == docs[i][2] for i in range(len(TEXTS)))
-    from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 
     out = tmp_path / "pre"
     preprocess(str(p), str(out), PreprocessOptions(student_tokenizer=llama3_path, teacher_tokenizer=qwen3_path))

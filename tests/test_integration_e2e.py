@@ -22,7 +22,9 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("modelopt.torch.distill")
 
-from nemo_xtoken.integration.data import DualTokenizedDataset, TextDocuments, collate  # noqa: E402
+from nemo_xtoken.data.packing import DualTokenizedDataset  # noqa: E402
+from nemo_xtoken.data.documents import TextDocuments  # noqa: E402
+from nemo_xtoken.data.batch import collate  # noqa: E402
 from nemo_xtoken.integration.distill import (  # noqa: E402
     TeacherSpec,
     XTokenLogitsLoss,
@@ -30,7 +32,7 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     teacher_inputs_from_batch,
     xtoken_loss,
 )
-from nemo_xtoken.megatron_cpu import (  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     clip_grad_norm_tp,
@@ -38,7 +40,7 @@ from nemo_xtoken.megatron_cpu import (  # noqa: E402
     init_megatron_cpu,
     spawn,
 )
-from nemo_xtoken.testing.cpu_megatron import load_optimizer_state, optimizer_sharded_state_dict  # noqa: E402
+from nemo_xtoken.cpu.megatron import load_optimizer_state, optimizer_sharded_state_dict  # noqa: E402
 
 TEXTS = [
     "In 2024 the 365-day plan cost $1,299.99; by 1987 only 42 people knew it.",

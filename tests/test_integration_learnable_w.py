@@ -24,7 +24,7 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     xtoken_loss,
 )
 from nemo_xtoken.losses.learnable import LearnableProjection  # noqa: E402
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     clip_grad_norm_tp,

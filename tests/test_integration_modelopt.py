@@ -18,7 +18,7 @@ pytest.importorskip("megatron.core")
 mtd = pytest.importorskip("modelopt.torch.distill")
 
 from nemo_xtoken.errors import XTokenError  # noqa: E402
-from nemo_xtoken.integration.data import aligned_positions_from_batch  # noqa: E402
+from nemo_xtoken.data.batch import aligned_positions_from_batch  # noqa: E402
 from nemo_xtoken.integration.distill import (  # noqa: E402
     TeacherSpec,
     XTokenLogitsLoss,
@@ -27,7 +27,7 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     teacher_inputs_from_batch,
     xtoken_loss,
 )
-from nemo_xtoken.megatron_cpu import (  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,

@@ -22,7 +22,7 @@ from nemo_xtoken.integration.distill import (  # noqa: E402
     teacher_inputs_from_batch,
     xtoken_loss,
 )
-from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu, spawn  # noqa: E402
+from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu, spawn  # noqa: E402
 from nemo_xtoken.vocab.spellings import Spellings  # noqa: E402
 from tests.test_integration_modelopt import VS, VS_REAL, VT, VT_REAL, _batches  # noqa: E402
 

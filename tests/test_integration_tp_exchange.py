@@ -20,7 +20,7 @@ pytest.importorskip("modelopt.torch.distill")
 
 from nemo_xtoken.errors import XTokenError  # noqa: E402
 from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss  # noqa: E402
-from nemo_xtoken.offline.sparse import SparseTeacher, sparse_from_logits  # noqa: E402
+from nemo_xtoken.losses.sparse import SparseTeacher, sparse_from_logits  # noqa: E402
 from nemo_xtoken.parallel.summary import DEFAULT_BINS, HybridPlan  # noqa: E402
 from nemo_xtoken.testing import run_distributed  # noqa: E402
 from tests.test_parallel import VS, VS_PAD, VT, VT_PAD, random_alignment, random_projection  # noqa: E402

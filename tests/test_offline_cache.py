@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_xtoken.align.preprocess import PreprocessedCorpus, PreprocessOptions, preprocess
+from nemo_xtoken.data.corpus import PreprocessedCorpus
+from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 from nemo_xtoken.assets import text_corpus
 from nemo_xtoken.cli.main import main
 from nemo_xtoken.errors import XTokenError
@@ -22,7 +23,7 @@ from nemo_xtoken.offline import sparse_from_logits
 from nemo_xtoken.offline.cache import CacheOptions, TeacherCache, build_cache
 from nemo_xtoken.offline.hf import load_hf_teacher
 from nemo_xtoken.testing.hf import write_tiny_llama
-from nemo_xtoken.testing.text import short_passages, write_jsonl
+from nemo_xtoken.data.corpus import short_passages, write_jsonl
 
 V_QWEN, V_MODEL = 151669, 151936
 

@@ -34,7 +34,7 @@ from nemo_xtoken.offline.hf import load_hf_teacher  # noqa: E402
 from nemo_xtoken.offline.teachers import CACHED_TEACHER_KEYS  # noqa: E402
 from nemo_xtoken.testing.hf import write_tiny_llama  # noqa: E402
 from tests.bridge_tiny import write_tiny  # noqa: E402
-from nemo_xtoken.testing.text import short_passages, write_jsonl  # noqa: E402
+from nemo_xtoken.data.corpus import short_passages, write_jsonl  # noqa: E402
 
 S, T, MB, K = 48, 56, 2, 16
 VS = 128256  # Llama-3 ids (a multiple of 128·2)
@@ -98,7 +98,7 @@ def test_dataset_delivers_the_cached_rows_beside_the_batch(setup):
     res = validate_resources(cfg)
     view = B.build_dataset(cfg, 8, resources=res)
     cache = TeacherCache(setup.cache)
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
 
     corpus = PreprocessedCorpus(setup.cache / "corpus")
     cache.attach(corpus)
@@ -135,7 +135,7 @@ def test_dataset_delivers_the_cached_rows_beside_the_batch(setup):
 @pytest.mark.parametrize("cached_first", [True, False])
 def test_live_and_cached_teachers_share_the_packed_documents(setup, o200k_path, w_llama3_o200k, cached_first):
     """A cached teacher beside a live cross-tokenizer teacher (either order): one packed dataset, both sides."""
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
     from nemo_xtoken.integration.data import dataset_from_config
 
     w_o = setup.root / "w_o200k.safetensors"
@@ -163,7 +163,7 @@ def test_live_and_cached_teachers_share_the_packed_documents(setup, o200k_path, 
 
 def test_preprocessed_data_must_be_the_cached_corpus(setup, qwen3_path):
     """data.format preprocessed: the cached corpus (or none: the cache's own) is read; another corpus is refused."""
-    from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
     from nemo_xtoken.integration.data import dataset_from_config
 
     cfg = _cfg(setup)
@@ -184,7 +184,7 @@ def _kd(report) -> float:
 
 def _packed_equals_alone(model, teacher, ds, res, rank) -> dict:
     """One packed batch with the cached teacher = its segments alone: the rows, the per-chunk P-KL, the step's KD."""
-    from nemo_xtoken.integration.data import aligned_positions_from_batch, collate, packed_attention_mask
+    from nemo_xtoken.data.batch import aligned_positions_from_batch, collate, packed_attention_mask
     from nemo_xtoken.offline.teachers import cached_teacher_inputs
     from nemo_xtoken.parallel import vocab_parallel_p_kl
 
@@ -226,7 +226,7 @@ def _packed_equals_alone(model, teacher, ds, res, rank) -> dict:
 
 def _student_provider(folder, world):
     """The student's real Megatron-Bridge provider (tiny Llama), on Bridge's local layer spec (no transformer_engine here)."""
-    from nemo_xtoken.testing.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
 
     prov = B.provider_from_hf(str(folder), key="student.model")
     without_te(prov)
@@ -234,13 +234,13 @@ def _student_provider(folder, world):
 
 
 def _distil(rank, world, cfg, res, hf_model, steps, student_dir):
-    from nemo_xtoken.integration.data import aligned_positions_from_batch, collate, packed_attention_mask
+    from nemo_xtoken.data.batch import aligned_positions_from_batch, collate, packed_attention_mask
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, convert_to_xtoken_distillation_model
     from nemo_xtoken.losses import p_kl
     from nemo_xtoken.offline import padded_vocab_size, sparse_from_logits
     from nemo_xtoken.offline.hf import HFTeacher
     from nemo_xtoken.offline.teachers import CachedTeacher
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=3)
     out = {}
@@ -311,7 +311,7 @@ def _distil(rank, world, cfg, res, hf_model, steps, student_dir):
 
 @pytest.fixture(scope="module")
 def runs(setup):
-    from nemo_xtoken.testing.cpu_megatron import spawn
+    from nemo_xtoken.cpu.megatron import spawn
 
     cfg = _cfg(setup)
     res = validate_resources(cfg)

@@ -19,7 +19,7 @@ from nemo_xtoken.errors import XTokenError  # noqa: E402
 from nemo_xtoken.integration.distill import convert_to_xtoken_distillation_model, teacher_inputs_from_batch, xtoken_loss  # noqa: E402
 from nemo_xtoken.offline import sparse_from_logits  # noqa: E402
 from nemo_xtoken.offline.teachers import CACHED_TEACHER_KEYS, CachedTeacher  # noqa: E402
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,

@@ -23,12 +23,13 @@ BOUND_K128 = 0.03  # docs/offline-teachers.md: cached vs live KD on one batch, k
 
 
 def _distil(rank, world, teacher, cache_dir, W, vocab):
-    from nemo_xtoken.integration.data import DualTokenizedDataset, collate
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.batch import collate
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, convert_to_xtoken_distillation_model, teacher_inputs_from_batch, xtoken_loss
     from nemo_xtoken.offline import padded_vocab_size
     from nemo_xtoken.offline.hf import HFTeacher
     from nemo_xtoken.offline.teachers import CachedTeacher, CachedTeacherDocuments
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
 
     init_megatron_cpu(rank, world, seed=3)
     VS = 128256
@@ -64,8 +65,8 @@ def test_student_distils_from_cached_smollm2(tmp_path):
     from nemo_xtoken.assets import smollm2_gguf, text_corpus, tokenizer_path
     from nemo_xtoken.offline.cache import CacheOptions, TeacherCache, build_cache
     from nemo_xtoken.offline.hf import load_hf_teacher
-    from nemo_xtoken.testing.cpu_megatron import spawn
-    from nemo_xtoken.testing.text import short_passages, write_jsonl
+    from nemo_xtoken.cpu.megatron import spawn
+    from nemo_xtoken.data.corpus import short_passages, write_jsonl
     from nemo_xtoken.vocab import build_projection, load_tokenizer
 
     gguf = smollm2_gguf()

@@ -17,20 +17,9 @@ import torch
 
 from nemo_xtoken.align.core import token_bytes
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.integration.data import (
-    Document,
-    DualTokenizedDataset,
-    MultiTeacherDocuments,
-    PreprocessedDocuments,
-    TeacherSide,
-    TextDocuments,
-    as_document,
-    attention_inputs,
-    collate,
-    cut_points,
-    packed_attention_mask,
-    packed_seq_params,
-)
+from nemo_xtoken.data.documents import Document, MultiTeacherDocuments, PreprocessedDocuments, TeacherSide, TextDocuments, as_document
+from nemo_xtoken.data.packing import DualTokenizedDataset, cut_points
+from nemo_xtoken.data.batch import attention_inputs, collate, packed_attention_mask, packed_seq_params
 
 
 def _real_texts(n_chars: int = 60_000) -> list[str]:
@@ -255,7 +244,7 @@ def test_stream_is_a_pure_function_of_seed_and_index(docs2):
 
 
 def test_one_teacher_tuples_and_preprocessed_folders_pack_the_same(tmp_path, texts, llama3_path, qwen3_path, o200k_path):
-    from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 
     sub = texts[-4:]
     p = tmp_path / "in.jsonl"

@@ -27,13 +27,10 @@ import torch
 pytest.importorskip("megatron.core")
 pytest.importorskip("modelopt.torch.distill")
 
-from nemo_xtoken.integration.data import (  # noqa: E402
-    DualTokenizedDataset,
-    TextDocuments,
-    aligned_positions_from_batch,
-    collate,
-)
-from nemo_xtoken.testing.cpu_megatron import (  # noqa: E402
+from nemo_xtoken.data.batch import aligned_positions_from_batch, collate  # noqa: E402
+from nemo_xtoken.data.documents import TextDocuments  # noqa: E402
+from nemo_xtoken.data.packing import DualTokenizedDataset  # noqa: E402
+from nemo_xtoken.cpu.megatron import (  # noqa: E402
     TinyGPTSpec,
     build_tiny_gpt,
     cpu_megatron_patches,

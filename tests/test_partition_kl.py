@@ -145,7 +145,7 @@ def test_143_partition_kl_prefers_the_true_token_where_pkl_prefers_the_first_dig
 
 def test_cached_teacher_with_every_id_equals_the_live_teacher():
     """A cached (top-k) teacher enters through its dense rows; with k = V it is the live teacher exactly."""
-    from nemo_xtoken.offline.sparse import sparse_from_logits
+    from nemo_xtoken.losses.sparse import sparse_from_logits
 
     w, (s, t, al) = _world_batch(WORLDS["1:N, 3 levels"], seed=6)
     sp = w.spellings()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nemo_xtoken.align import align
-from nemo_xtoken.align.preprocess import PreprocessedCorpus, PreprocessOptions, preprocess
+from nemo_xtoken.data.corpus import PreprocessedCorpus
+from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 from nemo_xtoken.cli.main import main
 from nemo_xtoken.errors import XTokenError
 
@@ -132,7 +133,7 @@ def test_cli_align_and_preprocess(tmp_path, corpus_file, llama3_path, qwen3_path
 def test_worker_start_failure_is_an_error_not_a_hang(tmp_path, llama3_path):
     """A worker initializer that raises would make multiprocessing respawn workers forever; ours
     keeps the error and raises it from the first shard, where the parent process sees it."""
-    from nemo_xtoken.align import preprocess as pp
+    from nemo_xtoken.data import preprocess as pp
 
     missing = tmp_path / "gone" / "tokenizer.json"
     pp._init_worker(PreprocessOptions(str(llama3_path), str(missing)))
@@ -259,12 +260,12 @@ def test_rejected_documents_cost_one_alignment_pass(monkeypatch, llama3, qwen3):
         core.align_batch(texts, llama3, qwen3, on_error="raise")
 
 
-def test_reader_is_exported_from_the_align_package(tmp_path, corpus_file, llama3_path, qwen3_path):
-    import nemo_xtoken.align as A
-    from nemo_xtoken.align import PreprocessedCorpus as Exported, PreprocessOptions as ExportedOptions
-    from nemo_xtoken.align import preprocess as module
+def test_reader_is_exported_from_the_data_package(tmp_path, corpus_file, llama3_path, qwen3_path):
+    import nemo_xtoken.data as D
+    from nemo_xtoken.data import PreprocessedCorpus as Exported, PreprocessOptions as ExportedOptions
+    from nemo_xtoken.data import corpus, preprocess as module
 
-    assert Exported is module.PreprocessedCorpus and ExportedOptions is module.PreprocessOptions
-    assert {"PreprocessedCorpus", "PreprocessOptions"} <= set(A.__all__)
+    assert Exported is corpus.PreprocessedCorpus and ExportedOptions is module.PreprocessOptions
+    assert {"PreprocessedCorpus", "PreprocessOptions"} == set(D.__all__)
     preprocess(corpus_file, tmp_path / "out", opts(llama3_path, qwen3_path), progress=False)
     assert len(Exported(tmp_path / "out")) == 4

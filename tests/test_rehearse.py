@@ -170,7 +170,7 @@ def test_rehearsal_data_for_a_preprocessed_config(tmp_path, llama3_path, qwen3_p
     one per cross-tokenizer teacher tokenizer, and the change is reported; a run's config reads them."""
     from nemo_xtoken.cpu.rehearse import _prepare_data
     from nemo_xtoken.integration.config import load_config
-    from nemo_xtoken.integration.data import PreprocessedDocuments as RunReader
+    from nemo_xtoken.data.documents import PreprocessedDocuments as RunReader
 
     cfg_file = CONF / "llama32_1b__phi4mini_llama32_3b.yaml"
     ov = ["data.format=preprocessed", "data.paths=[data/aligned_phi4mini]", f"student.tokenizer={llama3_path}",

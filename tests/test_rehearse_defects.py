@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("megatron.bridge")
 
-from nemo_xtoken.testing.cpu_megatron import spawn  # noqa: E402
+from nemo_xtoken.cpu.megatron import spawn  # noqa: E402
 
 
 def _wrap_bf16(rank: int, world: int) -> dict:
@@ -25,7 +25,7 @@ def _wrap_bf16(rank: int, world: int) -> dict:
 
     from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, convert_to_xtoken_distillation_model
     from nemo_xtoken.losses.learnable import LearnableProjection
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron_patches, init_megatron_cpu
     from tests.test_integration_modelopt import VS, VS_REAL, VT, VT_REAL, _projection
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=1, seed=3)
@@ -89,7 +89,7 @@ def _sp_step(rank: int, world: int, sp: bool) -> dict:
     from megatron.core import parallel_state as ps
 
     from nemo_xtoken.cpu.cuda_shim import cuda_on_cpu
-    from nemo_xtoken.testing.cpu_megatron import TinyGPTSpec, build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
+    from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=5)
     with cuda_on_cpu():

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from nemo_xtoken.align import align, align_batch
 from nemo_xtoken.assets import tokenizer_path
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.vocab.canonical import bytes_to_unicode
 
 BYTE_LEVEL = ["llama3", "llama3_1", "qwen3", "o200k", "cl100k", "deepseek_v3", "gptoss"]
 SENTENCEPIECE = ["mistral", "gemma3", "gemini"]
@@ -44,19 +45,8 @@ def family_tokenizers():
 # ---- the oracle: token → bytes, written out here ------------------------------------------------
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_B2 = _gpt2_byte_decoder()
+# GPT-2's byte table, inverted: the package's, checked against Hugging Face's own (tests/test_vocab.py)
+_B2 = {c: b for b, c in bytes_to_unicode().items()}
 _HEX = re.compile(r"<0x([0-9A-F]{2})>")
 _ORACLE: dict[tuple[str, int], bytes] = {}
 
@@ -379,7 +369,7 @@ def test_preprocess_with_a_sentencepiece_teacher(tmp_path, family_tokenizers, te
     """`xtoken preprocess` on real English text (State of the Union) with a SentencePiece teacher."""
     import json
 
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
     from nemo_xtoken.assets import text_corpus
     from nemo_xtoken.cli.main import main
 
@@ -401,7 +391,8 @@ def test_preprocess_with_a_sentencepiece_teacher(tmp_path, family_tokenizers, te
 
 
 def test_dual_tokenized_dataset_with_a_sentencepiece_teacher(family_tokenizers):
-    from nemo_xtoken.integration.data import DualTokenizedDataset, TextDocuments
+    from nemo_xtoken.data.packing import DualTokenizedDataset
+    from nemo_xtoken.data.documents import TextDocuments
 
     texts = ["In 201 days  the  price\trose.\n\nNew line.", " leading space and   runs", "x</s>y <s> z"]
     docs = TextDocuments(texts, family_tokenizers["llama3"], family_tokenizers["mistral"], student_add_bos=True)

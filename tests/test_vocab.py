@@ -28,6 +28,14 @@ def test_byte_table_is_a_bijection_over_all_256_bytes():
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
 
 
+def test_byte_table_is_hugging_faces():
+    """The test oracles (tests/test_align_properties.py, tests/test_tokenizer_families.py) use this table: it is
+    checked here against Hugging Face's own, written independently of the package."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
+
+    assert bytes_to_unicode() == hf_bytes_to_unicode()
+
+
 def test_byte_level_tokens_decode_to_their_bytes(llama3, qwen3):
     cv = canonical_vocab(llama3)
     assert cv.family == "byte_level"

@@ -1,8 +1,8 @@
-"""Span alignment of one text under two tokenizers, alignment storage, chunk merge operators, preprocessed corpora.
+"""Span alignment of one text under two tokenizers, alignment storage, chunk merge operators, conversations.
 
-The merge operators need torch and load on first use, so that the alignment and preprocessing
-(numpy only) start fast in worker processes; the reader of `xtoken preprocess` output
-(``PreprocessedCorpus``) and ``PreprocessOptions`` also load on first use.
+The merge operators need torch and load on first use, so that the alignment (numpy only) starts fast
+in ``xtoken preprocess``'s worker processes.  Preprocessing a corpus and reading its output live one
+layer up, in :mod:`nemo_xtoken.data` (``from nemo_xtoken.data import PreprocessedCorpus, PreprocessOptions``).
 """
 
 from typing import Any
@@ -19,7 +19,6 @@ from nemo_xtoken.align.core import (
 )
 
 _MERGE_NAMES = ("MERGES", "SIDE_MODES", "AlignedPositions", "merge_log_probs", "positions_from_token_chunks", "side_modes")
-_PREPROCESS_NAMES = ("PreprocessedCorpus", "PreprocessOptions")
 
 __all__ = [
     "MERGES",
@@ -27,8 +26,6 @@ __all__ = [
     "AlignedPositions",
     "Alignment",
     "AlignmentBatch",
-    "PreprocessOptions",
-    "PreprocessedCorpus",
     "align",
     "align_batch",
     "align_offsets",
@@ -46,8 +43,4 @@ def __getattr__(name: str) -> Any:
         from nemo_xtoken.align import merge
 
         return getattr(merge, name)
-    if name in _PREPROCESS_NAMES:
-        from nemo_xtoken.align import preprocess
-
-        return getattr(preprocess, name)
     raise AttributeError(f"module 'nemo_xtoken.align' has no attribute {name!r}")

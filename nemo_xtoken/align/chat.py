@@ -467,34 +467,3 @@ def masked_text(side: ChatSide) -> str:
     if on:
         out.append("⟧")
     return "".join(out)
-
-
-def read_conversations(path: str | os.PathLike[str], limit: int | None = None):
-    """Rows of a ``.jsonl``/``.parquet`` file or a folder of them: ``(where, row or None, reason)`` per row."""
-    from nemo_xtoken.align.preprocess import input_files
-
-    n = 0
-    for f in input_files(path):
-        if f.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise XTokenError(f"{f}: reading parquet needs pyarrow (pip install pyarrow), or convert it to .jsonl") from None
-            rows = pq.read_table(f).to_pylist()
-            it = ((f"{f} row {i}", r, None) for i, r in enumerate(rows))
-        else:
-            def lines(f=f):
-                with open(f, encoding="utf-8") as fh:
-                    for i, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            yield f"{f} line {i}", json.loads(line), None
-                        except ValueError as e:
-                            yield f"{f} line {i}", None, f"not JSON ({e})"
-            it = lines()
-        for item in it:
-            if limit is not None and n >= limit:
-                return
-            n += 1
-            yield item

@@ -47,7 +47,7 @@ def _read_chat(path: str, row: int) -> tuple[str, dict]:
     """Row ``row`` of a .jsonl/.parquet file (or folder), or the one conversation of a .json file."""
     from pathlib import Path
 
-    from nemo_xtoken.align.chat import read_conversations
+    from nemo_xtoken.data.corpus import read_conversations
 
     p = Path(path)
     if p.suffix == ".json":
@@ -139,7 +139,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from nemo_xtoken.align.preprocess import MAX_DOCUMENT_BYTES, PreprocessOptions, format_report, preprocess
+    from nemo_xtoken.data.corpus import MAX_DOCUMENT_BYTES
+    from nemo_xtoken.data.preprocess import PreprocessOptions, format_report, preprocess
     from nemo_xtoken.vocab import load_tokenizer
 
     _check_bos(args, load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer))

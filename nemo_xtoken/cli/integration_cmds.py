@@ -29,7 +29,7 @@ def export_hf(checkpoint: str | Path, hf_model: str, output: str | Path, *, over
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise XTokenError(f"--output {out} exists and is not empty (use --overwrite)")
     from nemo_xtoken.integration.bridge import require_bridge
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     bridge_te_shim.install()  # a CPU machine exports too (no-op where transformer_engine is installed)
     require_bridge()

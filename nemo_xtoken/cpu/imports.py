@@ -7,7 +7,7 @@ checkpoint strategies (``dist_checkpointing/strategies/nvrx.py:85``).  :func:`in
 compiles that one module with that one line replaced by an inert ``CallWrapper = object``; it asserts
 the line is there (a Bridge upgrade fails loudly) and does nothing where ``nvidia_resiliency_ext`` is
 importable.  Transformer Engine's line in ``peft/lora_layers.py`` has its own hook
-(:mod:`nemo_xtoken.testing.bridge_te_shim`).
+(:mod:`nemo_xtoken.cpu.bridge_te_shim`).
 """
 
 from __future__ import annotations

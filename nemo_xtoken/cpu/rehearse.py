@@ -227,7 +227,7 @@ def _rehearsal_texts(cfg: Any, base: Path, n: int) -> tuple[list[str], str]:
 
     corpus = cache_dir() / "text" / "sotu.jsonl"
     if corpus.is_file():
-        from nemo_xtoken.testing.text import short_passages
+        from nemo_xtoken.data.corpus import short_passages
 
         return short_passages(corpus, n, max_chars=600), f"{n} passages of {corpus} (data.paths is not on this machine)"
     return [PROBE_TEXT + f" Document {i}: " + "The quick brown fox jumps over the lazy dog. " * 6 for i in range(n)], (
@@ -235,7 +235,7 @@ def _rehearsal_texts(cfg: Any, base: Path, n: int) -> tuple[list[str], str]:
 
 
 def _prepare_data(cfg: Any, base: Path, work: Path, student_tok: str, overrides: list[str], changes: list[Change]) -> None:
-    from nemo_xtoken.testing.text import write_jsonl
+    from nemo_xtoken.data.corpus import write_jsonl
 
     d = cfg.data
     here = bool(d.paths) and all(_data_here(p, base) is not None for p in d.paths)
@@ -246,7 +246,7 @@ def _prepare_data(cfg: Any, base: Path, work: Path, student_tok: str, overrides:
     folder.mkdir(parents=True, exist_ok=True)
     src = write_jsonl(texts, folder / "rehearsal.jsonl")
     if d.format == "preprocessed":
-        from nemo_xtoken.align.preprocess import PreprocessOptions, preprocess
+        from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
 
         outs = []
         seen: dict[str, Path] = {}

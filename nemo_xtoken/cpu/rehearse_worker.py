@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cpu_settings(container) -> None:
     """What a CPU forces on the run (printed by the parent as changes): gloo, local layer spec, no TE fusions."""
-    from nemo_xtoken.testing.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
 
     container.dist.distributed_backend = "gloo"
     student = container.model
@@ -72,7 +72,7 @@ def _callbacks(out: Path, stop_after_save: int, probe: list[int] | None):
                 return
             import torch
 
-            from nemo_xtoken.megatron_cpu import gather_vocab_parallel_logits
+            from nemo_xtoken.cpu.megatron import gather_vocab_parallel_logits
 
             (chunk,) = context.model
             m = chunk
@@ -94,7 +94,7 @@ def _callbacks(out: Path, stop_after_save: int, probe: list[int] | None):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from nemo_xtoken.cpu.imports import install_pretrain_hook
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     bridge_te_shim.install()
     install_pretrain_hook()

@@ -3,7 +3,7 @@
 Built once in the parent process (seconds) and shared with the training workers by ``fork``.
 Everything goes through the plugin's own pipeline: :func:`nemo_xtoken.align.align_batch` (span
 alignment of the real tokenizers' segmentations) and
-:class:`~nemo_xtoken.integration.data.DualTokenizedDataset` (Megatron-shaped samples with
+:class:`~nemo_xtoken.data.packing.DualTokenizedDataset` (Megatron-shaped samples with
 per-position chunk ids, every token of a story in the loss).  One demo-specific step follows,
 identical for every method: **vocabulary reduction** (:mod:`nemo_xtoken.demo.vocab_subset`):
 models keep only the token ids the corpora use (plus, for a teacher, every id a kept student row
@@ -67,7 +67,7 @@ class Samples:
     ``rows(idx)`` returns the samples ``idx`` trimmed to their longest member on each side (padding
     carries no loss, so a step costs what its stories need) with ``teacher_loss_mask`` (the
     teacher's own next-token positions) added.  ``order(seed)`` is the sample stream of
-    :class:`~nemo_xtoken.integration.data.DualTokenizedDataset` with that seed: equal for every
+    :class:`~nemo_xtoken.data.packing.DualTokenizedDataset` with that seed: equal for every
     teacher of the same corpus, so the students of one seed read the same stories in the same order.
     """
 
@@ -75,7 +75,8 @@ class Samples:
     _TEACHER = ("teacher_tokens", "teacher_position_ids", "teacher_chunk_ids", "teacher_targets", "teacher_loss_mask")
 
     def __init__(self, docs: list[tuple[np.ndarray, np.ndarray, Any]], seq_length: int, teacher_seq_length: int) -> None:
-        from nemo_xtoken.integration.data import DualTokenizedDataset, collate
+        from nemo_xtoken.data.packing import DualTokenizedDataset
+        from nemo_xtoken.data.batch import collate
 
         self._docs = _Docs(docs)
         self.seq_length, self.teacher_seq_length = seq_length, teacher_seq_length
@@ -110,7 +111,7 @@ class Samples:
 
     def order(self, seed: int):
         """The dataset whose ``piece_index(i)`` is sample ``i`` of the stream for ``seed``."""
-        from nemo_xtoken.integration.data import DualTokenizedDataset
+        from nemo_xtoken.data.packing import DualTokenizedDataset
 
         ds = self._orders.get(seed)
         if ds is None:
@@ -129,7 +130,7 @@ class TeacherSamples:
 
     Same batch interface as :class:`Samples` for the teacher fields; the order of a seed is one
     permutation per epoch drawn from ``numpy.random.default_rng((seed, epoch))``, as
-    :class:`~nemo_xtoken.integration.data.DualTokenizedDataset` draws it.
+    :class:`~nemo_xtoken.data.packing.DualTokenizedDataset` draws it.
     """
 
     def __init__(self, ids: list[np.ndarray], teacher_seq_length: int) -> None:

@@ -209,7 +209,7 @@ def _preimport() -> None:
 
     import modelopt.torch.distill.plugins.megatron  # noqa: F401
     import nemo_xtoken.integration.distill  # noqa: F401  (imports ModelOpt's distill)
-    import nemo_xtoken.megatron_cpu  # noqa: F401
+    import nemo_xtoken.cpu.megatron  # noqa: F401
     import nemo_xtoken.parallel  # noqa: F401
 
 

@@ -94,7 +94,7 @@ def _report(job: str, step: int, total: int, **info: Any) -> None:
 
 def _build(vocab: int, size: ModelSize, seq: int, seed: int):
     from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.megatron_cpu import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
+    from nemo_xtoken.cpu.megatron import TinyGPTSpec, build_tiny_gpt, tiny_gpt_config
 
     spec = TinyGPTSpec(
         vocab_size=pad_to(vocab),
@@ -126,7 +126,7 @@ def _mask(n: int) -> torch.Tensor:
 
 def _gather(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits (real ids only) from this rank's shard."""
-    from nemo_xtoken.megatron_cpu import gather_vocab_parallel_logits
+    from nemo_xtoken.cpu.megatron import gather_vocab_parallel_logits
 
     return gather_vocab_parallel_logits(logits)[..., :vocab]
 
@@ -254,7 +254,7 @@ def greedy_answers(model, prompts: Any, texts: list[str], vocab: int, n: int | N
 
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job in this (forked) process: init gloo + Megatron, train, evaluate; return curves and metrics."""
-    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, destroy_megatron_cpu, free_port, init_megatron_cpu, spawn
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, destroy_megatron_cpu, free_port, init_megatron_cpu, spawn
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -269,7 +269,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def _rank_entry(rank: int, world: int, job: Job) -> dict[str, Any]:
-    from nemo_xtoken.megatron_cpu import cpu_megatron_patches, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, init_megatron_cpu
 
     torch.use_deterministic_algorithms(True)
     init_megatron_cpu(rank, world, tensor_model_parallel_size=world, seed=job.seed)
@@ -278,7 +278,7 @@ def _rank_entry(rank: int, world: int, job: Job) -> dict[str, Any]:
 
 
 def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
-    from nemo_xtoken.megatron_cpu import clip_grad_norm_tp
+    from nemo_xtoken.cpu.megatron import clip_grad_norm_tp
     from nemo_xtoken.parallel import vocab_parallel_cross_entropy
 
     data = _SHARED["data"]
@@ -522,7 +522,7 @@ def _distill_step(model, bs: list[dict[str, torch.Tensor]], vocab: int) -> dict[
     ``kd_loss`` (the differentiable total, dynamic scaling), ``ce_loss``, ``logits_loss`` (the KD term)
     and ``dynamic_scale``.
     """
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.data.batch import aligned_positions_from_batch
 
     ce = _forward_distill(model, bs, vocab)
     return model.compute_kd_loss(student_loss=ce, alignments=[aligned_positions_from_batch(x) for x in bs])
@@ -534,7 +534,7 @@ def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, voca
     Measures how the KD term steers the student: ``scale·∇KD`` is what the balancer adds to ``∇CE``
     (``scale`` = ``CE/|KD|`` under dynamic scaling, the job's fixed ``kd_weight`` otherwise).
     """
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.data.batch import aligned_positions_from_batch
 
     bs = [b if t.side == job.teachers[0].side else data.sides[t.side].eval.rows(range(b["tokens"].shape[0])) for t in job.teachers]
     model.train()

@@ -39,7 +39,7 @@ reads the batch itself (:func:`get_xtoken_batch`) and passes the teachers' ids t
 Bridge averages over the global batch and writes to TensorBoard / W&B under the key's name.
 
 Batch layout for several teachers: teacher 0's fields use the plain keys of
-:data:`~nemo_xtoken.integration.data.SAMPLE_KEYS`; teacher ``m ≥ 1`` reads ``"<key>@<m>"`` when
+:data:`~nemo_xtoken.data.packing.SAMPLE_KEYS`; teacher ``m ≥ 1`` reads ``"<key>@<m>"`` when
 present.  A same-tokenizer teacher (loss ``kl``) without its own fields reads the student's ids
 with a one-token-per-chunk alignment (:func:`identity_teacher_batch`).
 """
@@ -56,7 +56,7 @@ import torch
 
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.integration.config import CONTEXT_REFUSAL, PIPELINE_REFUSAL, ConfigError, XTokenDistillConfig
-from nemo_xtoken.integration.data import SAMPLE_KEYS, TEACHER_KEYS
+from nemo_xtoken.data.packing import SAMPLE_KEYS, TEACHER_KEYS
 
 __all__ = [
     "BridgeUnavailableError",
@@ -290,7 +290,7 @@ def get_xtoken_batch(data_iterator: Iterator[dict[str, Any]] | None, device: Any
     if missing:
         raise XTokenError(
             f"the batch lacks {missing} (has {sorted(batch)}): X-Token needs a DualTokenizedDataset batch "
-            "(nemo_xtoken.integration.data); Bridge's GPT datasets carry no teacher ids or alignment"
+            "(nemo_xtoken.data.packing); Bridge's GPT datasets carry no teacher ids or alignment"
         )
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -467,9 +467,9 @@ def packed_model_inputs(
 
     Each model gets its own ids, position ids (restarting per document in a packed sample) and the
     attention that keeps documents apart: an attention mask for Megatron's local attention, Megatron's
-    ``PackedSeqParams`` (``cu_seqlens``) for Transformer Engine's (:mod:`nemo_xtoken.integration.data`).
+    ``PackedSeqParams`` (``cu_seqlens``) for Transformer Engine's (:mod:`nemo_xtoken.data.batch`).
     """
-    from nemo_xtoken.integration.data import attention_kind, student_model_inputs, teacher_model_inputs
+    from nemo_xtoken.data.batch import attention_kind, student_model_inputs, teacher_model_inputs
 
     teachers = list(getattr(getattr(inner, "_teacher_model", None), "teachers", []))
     kinds = [attention_kind(t) for t in teachers] or ["mask"] * len(teacher_batches)
@@ -738,7 +738,7 @@ class _StreamView(torch.utils.data.Dataset):
     """``n`` samples of a :class:`DualTokenizedDataset` stream (Megatron samplers index ``0 … n-1``)."""
 
     def __init__(self, ds: Any, n: int, offset: int = 0) -> None:
-        from nemo_xtoken.integration.data import collate
+        from nemo_xtoken.data.batch import collate
 
         self.ds, self.n, self.offset = ds, int(n), int(offset)
         self.collate_fn = collate

@@ -4,10 +4,10 @@ The model goes through the run's own path (:func:`~nemo_xtoken.integration.bridg
 AutoBridge with the plugin's Phi3 bridge, weights loaded by Bridge's pre-wrap hook) on ``tp`` gloo
 processes, and its logits on a few random sequences are compared with Hugging Face's
 (``AutoModelForCausalLM``, fp32).  The comparison needs no GPU, so it is a CPU tool: Bridge is
-imported through :mod:`nemo_xtoken.testing.bridge_te_shim`'s scoped import hook when
+imported through :mod:`nemo_xtoken.cpu.bridge_te_shim`'s scoped import hook when
 transformer_engine is absent, the model uses Bridge's local (non-TE) layer spec
-(:func:`~nemo_xtoken.testing.bridge_te_shim.without_te`) and Megatron-core's two CUDA assumptions
-are redirected (:func:`~nemo_xtoken.testing.cpu_megatron.cpu_megatron_patches`).  A GPU run builds
+(:func:`~nemo_xtoken.cpu.bridge_te_shim.without_te`) and Megatron-core's two CUDA assumptions
+are redirected (:func:`~nemo_xtoken.cpu.megatron.cpu_megatron_patches`).  A GPU run builds
 the same weights into TE layers; what this checks is the conversion (names, fused/split tensors,
 rotary embedding, vocabulary padding, tied embeddings), not TE.
 
@@ -60,8 +60,8 @@ class ModelCheck:
 def _megatron_logits(rank: int, world: int, model: str, tp: int, ids: torch.Tensor, ref: torch.Tensor, trust: bool) -> dict:
     """One rank: build the Megatron model through the run's path, compare its gathered logits with ``ref``."""
     from nemo_xtoken.integration.bridge import provider_from_hf, settle_precision
-    from nemo_xtoken.testing.bridge_te_shim import without_te
-    from nemo_xtoken.testing.cpu_megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
+    from nemo_xtoken.cpu.bridge_te_shim import without_te
+    from nemo_xtoken.cpu.megatron import cpu_megatron_patches, gather_vocab_parallel_logits, init_megatron_cpu
 
     init_megatron_cpu(rank, world, tensor_model_parallel_size=tp, seed=0)
     with cpu_megatron_patches():
@@ -147,11 +147,11 @@ def check_model(model: str, *, tp: int = 1, sequences: int = 3, seq_length: int 
 
 
 def _check_model(model: str, tp: int, sequences: int, seq_length: int, seed: int, trust_remote_code: bool) -> ModelCheck:
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     bridge_te_shim.install()  # no-op where transformer_engine is installed
     from nemo_xtoken.integration.bridge import model_support, require_bridge
-    from nemo_xtoken.testing.cpu_megatron import spawn
+    from nemo_xtoken.cpu.megatron import spawn
 
     require_bridge()
     support = model_support(model, trust_remote_code=trust_remote_code)

@@ -33,7 +33,7 @@ therefore converts the student with ``mtd.convert(..., mode=[("kd_loss", ...)])`
 
 The alignment reaches the criterion through ``compute_kd_loss(..., alignments=[...])``, ModelOpt's
 kwargs path.  :func:`xtoken_loss` is that call for a collated
-:class:`~nemo_xtoken.integration.data.DualTokenizedDataset` batch, returning the total and a log
+:class:`~nemo_xtoken.data.packing.DualTokenizedDataset` batch, returning the total and a log
 dict (``ce_loss``, ``kd/<teacher>``, ``alpha/<teacher>``, ``dynamic_scale``,
 ``aligned_chunk_fraction/<teacher>``, Bridge's keys).
 
@@ -108,8 +108,8 @@ def _logits(x: Any) -> torch.Tensor:
 
 
 def is_sparse(x: Any) -> bool:
-    """A cached teacher's output (:class:`~nemo_xtoken.offline.sparse.SparseTeacher`) rather than logits."""
-    from nemo_xtoken.offline.sparse import SparseTeacher
+    """A cached teacher's output (:class:`~nemo_xtoken.losses.sparse.SparseTeacher`) rather than logits."""
+    from nemo_xtoken.losses.sparse import SparseTeacher
 
     return isinstance(x, SparseTeacher)
 
@@ -632,7 +632,7 @@ def xtoken_loss(
     chunks).  ``teacher_batches[m]`` holds teacher ``m``'s alignment fields when teachers differ;
     by default the batch serves every teacher.
     """
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.data.batch import aligned_positions_from_batch
 
     crit = xtoken_criterion(model)
     tb = list(teacher_batches) if teacher_batches is not None else [batch] * len(crit.specs)

@@ -26,11 +26,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from nemo_xtoken.errors import XTokenError
 
 __all__ = [
+    "launch_main",
     "ENTRY_MODULE",
     "DEFAULT_ENV",
     "DEFAULT_SLURM_TIME",
@@ -383,3 +384,24 @@ def launch(script: Any, executor: Any, name: str = "xtoken-distill", *, detach: 
             prev = exp.add(script, tail_logs=tail_logs, name=_part_name(name, k, chain), dependencies=[prev] if prev else None)
         exp.run(detach=detach and isinstance(executor, run.SlurmExecutor), tail_logs=tail_logs)
         return exp._id
+
+
+def launch_main(prog: str, args: Any, build: Callable[[dict[str, str]], tuple[Any, Any]], *, detach: bool, chain: int = 1,
+                tail_logs: bool = False) -> int:
+    """The body of ``examples/launch_local.py`` / ``launch_slurm.py``: ``build(env)`` gives the script and executor.
+
+    ``args`` carries ``env`` (``--env K=V`` pairs), ``name`` and ``dry_run``: prints the dry run, or launches
+    (a detached submission prints its experiment id).  A bad input is one line ``PROG: error: …`` and exit code 2.
+    """
+    try:
+        script, executor = build(parse_env(args.env))
+        if args.dry_run:
+            print(dry_run(script, executor, args.name, chain=chain).text)
+            return 0
+        exp_id = launch(script, executor, args.name, detach=detach, tail_logs=tail_logs, chain=chain)
+        if detach:
+            print(f"submitted {exp_id}")
+        return 0
+    except (XTokenError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

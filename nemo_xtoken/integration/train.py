@@ -12,7 +12,7 @@ the job has started.  It also builds the run's criterion at the configured tenso
 (:func:`exchange_report`) and reports how each teacher's loss crosses the TP ranks (P-KL plan,
 low-traffic summary or exact all-gather: ``distill.tp_exchange``) and the bytes per token per
 rank.  On a machine without transformer_engine (a login node, CI) ``--check`` imports Bridge
-through the scoped import hook of :mod:`nemo_xtoken.testing.bridge_te_shim`; training itself
+through the scoped import hook of :mod:`nemo_xtoken.cpu.bridge_te_shim`; training itself
 never does.  ``--no-resources`` skips every file: tokenizers, W files, data and model configs.
 """
 
@@ -145,7 +145,7 @@ def check_models(cfg, base_dir: Path) -> dict:
     """
     from nemo_xtoken.integration.bridge import _resolve_model, model_support
     from nemo_xtoken.integration.config import ConfigError
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     bridge_te_shim.install()  # no-op where transformer_engine is installed
     out = {}

@@ -23,7 +23,7 @@ import torch
 from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.reference import LOSSES, NEEDS_PROJECTION, ProjectionLike, resolve_projection
-from nemo_xtoken.offline.sparse import dense_teacher
+from nemo_xtoken.losses.sparse import dense_teacher
 
 __all__ = ["Teacher", "MultiTeacherOutput", "WEIGHTINGS", "teacher_score", "adaptive_weights", "multi_teacher"]
 
@@ -141,8 +141,7 @@ def multi_teacher(
         student_logits, teacher_logits, teachers, LOSSES, NEEDS_PROJECTION, score,
         alignments=alignments, mask=mask, weighting=weighting, weighting_temperature=weighting_temperature,
         teacher_targets=teacher_targets,
-        loss_kwargs=dict(merge=merge, temperature=temperature, reduction=reduction,
-                         scale_by_temperature_squared=scale_by_temperature_squared),
+        merge=merge, temperature=temperature, reduction=reduction, scale_by_temperature_squared=scale_by_temperature_squared,
     )
 
 
@@ -154,17 +153,19 @@ def combine_teachers(
     needs_projection: dict[str, bool],
     score: Any,
     *,
-    alignments: Sequence[AlignedPositions | None] | None,
-    mask: torch.Tensor | None,
-    weighting: str,
-    weighting_temperature: float,
-    teacher_targets: Sequence[torch.Tensor | None] | None,
-    loss_kwargs: dict[str, Any],
+    alignments: Sequence[AlignedPositions | None] | None = None,
+    mask: torch.Tensor | None = None,
+    weighting: str = "static",
+    weighting_temperature: float = 1.0,
+    teacher_targets: Sequence[torch.Tensor | None] | None = None,
+    **loss_kwargs: Any,
 ) -> MultiTeacherOutput:
     """The multi-teacher driver shared by the reference and the tensor-parallel path.
 
     ``losses_table`` maps a loss name to its function; ``score(teacher, logits, positions,
-    targets)`` gives a teacher's adaptive score on the positions entering its loss.
+    targets)`` gives a teacher's adaptive score on the positions entering its loss.  The other
+    keywords (``merge``, ``temperature``, ``reduction``, ``scale_by_temperature_squared``, the
+    parallel path's ``group``) go to every teacher's loss, with the teacher's own options.
     """
     m = len(teachers)
     if m == 0 or len(teacher_logits) != m:

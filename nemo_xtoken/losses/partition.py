@@ -281,7 +281,7 @@ def partition_kl(
         _width,
         floored_log,
     )
-    from nemo_xtoken.offline.sparse import dense_teacher
+    from nemo_xtoken.losses.sparse import dense_teacher
 
     if not isinstance(spellings, Spellings):
         raise XTokenError(f"partition_kl needs the tokens' spellings (nemo_xtoken.vocab.spellings.Spellings), got {type(spellings).__name__}")

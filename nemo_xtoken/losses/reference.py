@@ -36,7 +36,7 @@ import torch
 
 from nemo_xtoken.align.merge import MERGES, AlignedPositions, merge_log_probs, side_modes
 from nemo_xtoken.errors import XTokenError
-from nemo_xtoken.offline.sparse import dense_teacher
+from nemo_xtoken.losses.sparse import dense_teacher
 from nemo_xtoken.vocab.projection import ROW_EXACT, Projection
 
 __all__ = [
@@ -822,42 +822,15 @@ def _hybrid(
     return _reduce(values, counted, reduction, temperature**2 if scale_by_temperature_squared else 1.0)
 
 
-def gold(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    projection: ProjectionLike,
-    *,
-    matched_weight: float | None = 1.0,
-    unmatched_weight: float | None = 1.0,
-    alignment: AlignedPositions | None = None,
-    merge: str = "chain",
-    mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    scale_by_temperature_squared: bool = False,
-    student_vocab_size: int | None = None,
-    teacher_vocab_size: int | None = None,
-    block_size: int | None = None,
-    uld_tail: str = "pad",
-    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
-) -> torch.Tensor:
+def gold(student_logits: torch.Tensor, teacher_logits: torch.Tensor, projection: ProjectionLike, **options: Any) -> torch.Tensor:
     """GOLD's hybrid: KL on the strict exact-match common set plus ULD on the remainders.
 
     ``matched_weight · Σ_{(s,t)∈C} p_T[t](log p_T[t] - log p_S[s]) + unmatched_weight ·
     sortedL1(p_S off C, p_T off C)``.  Both weights ``None``: TRL's adaptive weighting
-    (``|C| / V_T`` and its complement).
+    (``|C| / V_T`` and its complement).  It is :func:`h_kl` with ``common_set=None`` (the strict
+    exact-match set), and takes the same keyword options (``common_set`` excepted).
     """
-    if block_size is not None:
-        teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher: blocks slice the dense rows
-        return _blocked(gold, student_logits, teacher_logits, projection, block_size, alignment, mask, reduction,
-                        dict(student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size),
-                        merge=merge, temperature=temperature, scale_by_temperature_squared=scale_by_temperature_squared,
-                        matched_weight=matched_weight, unmatched_weight=unmatched_weight, uld_tail=uld_tail, uld_top_k=uld_top_k)
-    return _hybrid(
-        student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
-        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,
-        uld_tail, uld_top_k,
-    )
+    return h_kl(student_logits, teacher_logits, projection, common_set=None, **options)
 
 
 def h_kl(
@@ -878,14 +851,15 @@ def h_kl(
     block_size: int | None = None,
     uld_tail: str = "pad",
     uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
-    common_set: str = "top1",
+    common_set: str | None = "top1",
 ) -> torch.Tensor:
     """H-KL: GOLD's hybrid with the common set relaxed to every non-empty student row's top-1 under W.
 
     Student rows sharing one top-1 teacher token ``t`` are summed (``q[t] = Σ p_S[s]``, log of
     ``max(q, EPS)`` in value, gradient of ``log q``: :func:`floored_log`), so each teacher token
     appears once in the KL part.  ``common_set="reference"``: NeMo-RL's common set instead
-    (:func:`reference_common_set`: top weight >= 0.6, one row per teacher token); ``uld_tail`` as :func:`uld`.
+    (:func:`reference_common_set`: top weight >= 0.6, one row per teacher token); ``common_set=None``:
+    GOLD's strict exact-match set (:func:`gold`); ``uld_tail`` as :func:`uld`.
     """
     if block_size is not None:
         teacher_logits = dense_teacher(teacher_logits)  # a cached SparseTeacher: blocks slice the dense rows
@@ -895,9 +869,9 @@ def h_kl(
                         matched_weight=matched_weight, unmatched_weight=unmatched_weight, uld_tail=uld_tail, uld_top_k=uld_top_k,
                         common_set=common_set)
     return _hybrid(
-        student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
+        student_logits, teacher_logits, projection, common_set is not None, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size,
-        uld_tail, uld_top_k, common_set,
+        uld_tail, uld_top_k, common_set or "top1",
     )
 
 

@@ -5,7 +5,7 @@ of a dual-tokenized corpus (an ``xtoken preprocess`` folder, or raw jsonl/parque
 the way into ``CACHE/corpus``) and stores, per teacher position ``j`` of every document, the
 distribution of token ``j + 1``: its top-k ids and log-probabilities, the actual next token when it
 is outside the top-k, and the exact log-mass of everything else (see
-:mod:`nemo_xtoken.offline.sparse` for how losses use it).
+:mod:`nemo_xtoken.losses.sparse` for how losses use it).
 
 Layout (numpy ``.npy``, memory-mappable, no pickle)::
 
@@ -103,7 +103,7 @@ def _next_tokens(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def _cache_shard(teacher: Any, ids: np.ndarray, offsets: np.ndarray, opts: CacheOptions, max_length: int, vocab: int, bar: Any = None) -> dict[str, np.ndarray]:
     """Run the teacher over one corpus shard; return the three arrays."""
-    from nemo_xtoken.offline.sparse import sparse_from_logits
+    from nemo_xtoken.losses.sparse import sparse_from_logits
 
     n = int(ids.shape[0])
     k1 = min(opts.top_k + (1 if opts.keep_next_token else 0), vocab)
@@ -154,7 +154,8 @@ def _write_shard(out: Path, shard: int, arrays: dict[str, np.ndarray], stats: di
 
 def _resolve_corpus(input_path: Path, out: Path, teacher: Any, student_tokenizer: str | None, workers: int, progress: bool, shard_size: int):
     """The preprocessed corpus to cache: ``input_path`` itself, or raw text preprocessed into ``out/corpus``."""
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus, PreprocessOptions, preprocess
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
+    from nemo_xtoken.data.preprocess import PreprocessOptions, preprocess
     from nemo_xtoken.vocab import load_tokenizer
 
     t_fp = teacher.tokenizer_info.fingerprint
@@ -236,7 +237,7 @@ def _worker_job(job: tuple) -> tuple[int, dict[str, Any]]:
     shard, out, corpus_path, opts, max_length, vocab, stats = job
     if "error" in _W:
         raise XTokenError(f"cache-teacher worker could not load the teacher: {_W['error']}")
-    from nemo_xtoken.align.preprocess import PreprocessedCorpus
+    from nemo_xtoken.data.corpus import PreprocessedCorpus
 
     corpus = PreprocessedCorpus(corpus_path)
     a = corpus._shards[shard]
@@ -422,7 +423,7 @@ class TeacherCache:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from nemo_xtoken.align.preprocess import load_shard, read_manifest
+        from nemo_xtoken.data.corpus import load_shard, read_manifest
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path, FORMAT, "xtoken cache-teacher", "rebuild the cache")
@@ -476,7 +477,7 @@ class TeacherCache:
         return int(self._doc_starts[-1])
 
     def check_corpus(self, corpus: Any, *, verify_hash: bool = True) -> None:
-        """Refuse a :class:`~nemo_xtoken.align.preprocess.PreprocessedCorpus` other than the cached one."""
+        """Refuse a :class:`~nemo_xtoken.data.corpus.PreprocessedCorpus` other than the cached one."""
         shards = self.manifest["shards"]
         if len(corpus._shards) != len(shards):
             raise XTokenError(
@@ -535,8 +536,8 @@ class TeacherCache:
         return a["ids"][b0:b1], a["log_probs"][b0:b1], a["rest_log_mass"][b0:b1]
 
     def sparse(self, doc: int, start: int, end: int) -> Any:
-        """The rows of :meth:`rows` as a :class:`~nemo_xtoken.offline.sparse.SparseTeacher`."""
-        from nemo_xtoken.offline.sparse import SparseTeacher
+        """The rows of :meth:`rows` as a :class:`~nemo_xtoken.losses.sparse.SparseTeacher`."""
+        from nemo_xtoken.losses.sparse import SparseTeacher
 
         ids, lp, rest = self.rows(doc, start, end)
         return SparseTeacher(torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(rest), self.vocab_size)

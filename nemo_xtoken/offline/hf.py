@@ -173,7 +173,7 @@ class HFTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        from nemo_xtoken.offline.sparse import FLOOR
+        from nemo_xtoken.losses.sparse import FLOOR
 
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
             # Megatron's mask of a packed batch (True = masked) → Hugging Face's additive mask (0 = attend)

@@ -2,7 +2,7 @@
 
 :class:`CachedTeacher` takes a teacher's place in the
 :class:`~nemo_xtoken.integration.distill.TeacherBundle`: its forward returns the batch's
-:class:`~nemo_xtoken.offline.sparse.SparseTeacher` (top-k ids, log-probabilities, rest mass), which
+:class:`~nemo_xtoken.losses.sparse.SparseTeacher` (top-k ids, log-probabilities, rest mass), which
 the criterion (:class:`~nemo_xtoken.integration.distill.XTokenLogitsLoss`) passes to the losses in
 place of logits.  Nothing of the teacher is in memory but the cached rows of the micro-batch, and
 live and cached teachers mix freely in one bundle.
@@ -21,7 +21,7 @@ from torch import nn
 from nemo_xtoken.errors import XTokenError
 
 __all__ = [
-    "CACHED_TEACHER_KEYS", "CachedTeacher", "CachedTeacherDocuments", "cached_teacher_inputs", "cached_teacher_source", "is_cached_teacher",
+    "CACHED_TEACHER_KEYS", "CachedTeacher", "CachedTeacherDocuments", "cached_teacher_inputs", "is_cached_teacher",
 ]
 
 #: Batch fields of a cached teacher: ``[B, T, k]`` ids, ``[B, T, k]`` log-probabilities, ``[B, T]`` rest log-mass.
@@ -31,7 +31,7 @@ CACHED_TEACHER_KEYS = ("teacher_topk_ids", "teacher_topk_log_probs", "teacher_re
 class CachedTeacher(nn.Module):
     """A teacher read from a cache: ``forward(teacher_topk_ids=…, teacher_topk_log_probs=…, teacher_rest_log_mass=…)``.
 
-    Returns a :class:`~nemo_xtoken.offline.sparse.SparseTeacher` ``[B, T, k]`` over the teacher's
+    Returns a :class:`~nemo_xtoken.losses.sparse.SparseTeacher` ``[B, T, k]`` over the teacher's
     ``teacher_vocab_size`` ids.  ``vocab_size`` is the padded width the criterion materializes
     (a multiple of the tensor-parallel size; what a Megatron teacher's output layer would have).
     No parameters, no state.
@@ -47,7 +47,7 @@ class CachedTeacher(nn.Module):
 
     def forward(self, teacher_topk_ids: torch.Tensor | None = None, teacher_topk_log_probs: torch.Tensor | None = None,
                 teacher_rest_log_mass: torch.Tensor | None = None, **_: Any):
-        from nemo_xtoken.offline.sparse import SparseTeacher
+        from nemo_xtoken.losses.sparse import SparseTeacher
 
         if teacher_topk_ids is None or teacher_topk_log_probs is None or teacher_rest_log_mass is None:
             raise XTokenError(
@@ -105,14 +105,14 @@ class CachedTeacherDocuments:
     ``cache``: a :class:`~nemo_xtoken.offline.cache.TeacherCache` or its folder; ``corpus``: the
     ``xtoken preprocess`` folder the dataset reads (default: the one the cache was built from), which
     must be the cached text (checked by content hash).  Items are one-teacher
-    :class:`~nemo_xtoken.integration.data.Document`\\ s whose teacher side carries the fields
+    :class:`~nemo_xtoken.data.documents.Document`\\ s whose teacher side carries the fields
     :data:`CACHED_TEACHER_KEYS` (``[n_teacher_tokens, k+1]`` ids and log-probabilities, ``[n]`` rest
     log-mass, read from the memory-mapped cache only where a sample takes them): the dataset cuts and
     packs them exactly like the teacher's ids and names them with the teacher's key suffix (``@m``).
     """
 
     def __init__(self, cache: Any, corpus: Any = None) -> None:
-        from nemo_xtoken.integration.data import PreprocessedDocuments
+        from nemo_xtoken.data.documents import PreprocessedDocuments
         from nemo_xtoken.offline.cache import TeacherCache
 
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
@@ -129,7 +129,7 @@ class CachedTeacherDocuments:
     def __getitem__(self, i: int) -> Any:
         import numpy as np
 
-        from nemo_xtoken.integration.data import Document, TeacherSide
+        from nemo_xtoken.data.documents import Document, TeacherSide
 
         item = self._docs[i]  # the corpus's ids and (lazily built) alignment
         views = self.cache.views(i)
@@ -148,51 +148,3 @@ class CachedTeacherDocuments:
     def source_index(self, i: int) -> int:
         """The input line/row of document ``i``."""
         return self._docs.source_index(i)
-
-
-def cached_teacher_source(
-    cache: Any, name: str, *, data_format: str, paths: list[Any], folders: list[Any], limit: int | None = None
-) -> Any:
-    """A cached teacher's document source for a run config's data (``teachers.N.cache``).
-
-    ``data_format: preprocessed``: ``folders`` are the ``data.paths`` folders made with this
-    teacher's tokenizer; the one given must be the cached corpus (checked by content hash), none means
-    the cache's own corpus.  ``jsonl``/``parquet``: ``data.paths`` must be the one input the cache's
-    corpus was preprocessed from (same content), and the rows come with that corpus.  ``limit``: the
-    first documents only (``xtoken distill --check``).
-    """
-    from pathlib import Path
-
-    from nemo_xtoken.integration.config import ConfigError
-    from nemo_xtoken.integration.data import _Head
-
-    if data_format == "preprocessed":
-        if len(folders) > 1:
-            raise ConfigError(
-                f"teachers ({name}) is cached: its cache covers one preprocessed corpus, but data.paths has {len(folders)} "
-                f"folders with its tokenizer ({[str(getattr(f, 'corpus', f).path) for f in folders]}): list only the cached one"
-            )
-        try:
-            src = CachedTeacherDocuments(cache, folders[0].corpus.path if folders else None)
-        except XTokenError as e:
-            raise ConfigError(f"teachers ({name}): {e}") from None
-    else:
-        from nemo_xtoken.align.preprocess import _identity_difference, input_identity
-
-        src = CachedTeacherDocuments(cache)  # the cache's own corpus (checked against the cache)
-        corpus_params = src.params
-        if len(paths) != 1:
-            raise ConfigError(
-                f"teachers ({name}) is cached: data.paths must be the one input its cache was built from "
-                f"({corpus_params.get('input')}), got {len(paths)} paths"
-            )
-        old = corpus_params.get("input_identity")
-        why = _identity_difference(old, input_identity(paths[0])) if old else (
-            None if corpus_params.get("input") == str(Path(paths[0]).resolve()) else "another path"
-        )
-        if why is not None:
-            raise ConfigError(
-                f"teachers ({name}): the cache {cache.path} was built from {corpus_params.get('input')}, but data.paths is "
-                f"{paths[0]} ({why}): train on the cached text (or its `xtoken preprocess` folder), or cache this input"
-            )
-    return _Head(src, limit) if limit is not None else src

@@ -14,12 +14,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.multi_teacher import WEIGHTINGS, MultiTeacherOutput, Teacher, combine_teachers
 from nemo_xtoken.losses.total import dynamic_scale, total_loss
-from nemo_xtoken.offline.sparse import shard_teacher
-from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, sum_partials
+from nemo_xtoken.parallel.comm import group_rank_size, resolve_group, shard_teacher, sum_partials
 from nemo_xtoken.parallel.losses import (
     vocab_parallel_gold,
     vocab_parallel_h_kl,
@@ -151,18 +149,15 @@ def vocab_parallel_multi_teacher(
     teacher_logits: Sequence[torch.Tensor],
     teachers: Sequence[Teacher],
     *,
-    alignments: Sequence[AlignedPositions | None] | None = None,
-    mask: torch.Tensor | None = None,
     weighting: str = "static",
-    weighting_temperature: float = 1.0,
-    teacher_targets: Sequence[torch.Tensor | None] | None = None,
-    merge: str = "chain",
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    scale_by_temperature_squared: bool = False,
     group: Any = None,
+    **options: Any,
 ) -> MultiTeacherOutput:
     """``Σ_m α_m · L_m`` on vocab shards: :func:`nemo_xtoken.losses.multi_teacher` with parallel losses.
+
+    The keyword options are :func:`~nemo_xtoken.losses.multi_teacher`'s (``alignments``, ``mask``,
+    ``weighting_temperature``, ``teacher_targets``, ``merge``, ``temperature``, ``reduction``,
+    ``scale_by_temperature_squared``, same defaults), plus the tensor-parallel ``group``.
 
     A teacher's ``projection`` may be a :class:`PKLPlan` for ``p_kl`` (with a permuted teacher,
     the permutation is taken into account by the scores as well).  A teacher may be a
@@ -200,8 +195,5 @@ def vocab_parallel_multi_teacher(
 
     return combine_teachers(
         student_logits, teacher_logits, teachers, PARALLEL_LOSSES, _NEEDS_W, score,
-        alignments=alignments, mask=mask, weighting=weighting, weighting_temperature=weighting_temperature,
-        teacher_targets=teacher_targets,
-        loss_kwargs=dict(merge=merge, temperature=temperature, reduction=reduction,
-                         scale_by_temperature_squared=scale_by_temperature_squared, group=group),
+        weighting=weighting, group=group, **options,
     )

@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 
 from nemo_xtoken.errors import XTokenError
+from nemo_xtoken.losses.sparse import SparseTeacher
 
 __all__ = [
+    "shard_teacher",
     "resolve_group",
     "group_rank_size",
     "all_reduce_sum",
@@ -150,3 +152,28 @@ def all_to_all_columns(
         return out
     dist.all_to_all_single(out, send.contiguous(), recv_splits, send_splits, group=group)
     return out
+
+
+def shard_teacher(teacher: Any, group: Any = None, *, plan: Any = None, padded: int | None = None) -> Any:
+    """Loss entry point (tensor parallel): this rank's columns of a :class:`~nemo_xtoken.losses.sparse.SparseTeacher`; else unchanged.
+
+    The padded width is a P-KL ``plan``'s (``PKLPlan.teacher_padded``, with its teacher
+    permutation), else ``padded``, else the vocabulary rounded up to a multiple of the group size.
+    """
+    if not isinstance(teacher, SparseTeacher):
+        return teacher
+    rank, tp = group_rank_size(resolve_group(group))
+    column_ids = None
+    if plan is not None and hasattr(plan, "teacher_padded"):
+        padded, column_ids = int(plan.teacher_padded), getattr(plan, "teacher_perm", None)
+    total = int(padded) if padded is not None else -(-teacher.vocab_size // tp) * tp
+    if total % tp or total < teacher.vocab_size:
+        raise XTokenError(
+            f"a sparse teacher of {teacher.vocab_size} ids cannot be sharded to {total} columns on {tp} ranks: "
+            "the padded teacher vocabulary must cover its ids and be divisible by the tensor-parallel size"
+        )
+    w = total // tp
+    if column_ids is not None:
+        cols = torch.as_tensor(column_ids)[rank * w : (rank + 1) * w]
+        return teacher.dense(column_ids=cols)
+    return teacher.dense(start=rank * w, width=w)

@@ -41,13 +41,13 @@ from nemo_xtoken.losses.reference import (
     grad_floor,
     teacher_top_k_columns,
 )
-from nemo_xtoken.offline.sparse import shard_teacher
 from nemo_xtoken.parallel.comm import (
     all_gather_columns,
     all_reduce_sum,
     all_to_all_columns,
     group_rank_size,
     resolve_group,
+    shard_teacher,
     sum_partials,
 )
 from nemo_xtoken.parallel.plan import PKLPlan, projection_csr
@@ -767,36 +767,13 @@ def _hybrid_low_traffic(
     return _reduce(loss, items, reduction, scale)
 
 
-def vocab_parallel_gold(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    projection: Any,
-    *,
-    matched_weight: float | None = 1.0,
-    unmatched_weight: float | None = 1.0,
-    alignment: AlignedPositions | None = None,
-    merge: str = "chain",
-    mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    scale_by_temperature_squared: bool = False,
-    student_vocab_size: int | None = None,
-    teacher_vocab_size: int | None = None,
-    block_size: int | None = None,
-    bound_out: Any = None,
-    group: Any = None,
-    uld_tail: str = "pad",
-    uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
-) -> torch.Tensor:
+def vocab_parallel_gold(student_logits: torch.Tensor, teacher_logits: torch.Tensor, projection: Any, **options: Any) -> torch.Tensor:
     """GOLD (KL on the exact-match common set + ULD on the rest) on vocab shards: exact, or low traffic with a ``HybridPlan``.
 
-    ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives the low-traffic path's error bound.
+    It is :func:`vocab_parallel_h_kl` with ``common_set=None`` (the strict exact-match set), and takes the
+    same keyword options (``common_set`` excepted); ``bound_out`` receives the low-traffic path's error bound.
     """
-    return _hybrid(
-        student_logits, teacher_logits, projection, False, alignment, merge, mask, temperature, reduction,
-        scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
-        bound_out, uld_tail, uld_top_k,
-    )
+    return vocab_parallel_h_kl(student_logits, teacher_logits, projection, common_set=None, **options)
 
 
 def vocab_parallel_h_kl(
@@ -819,14 +796,15 @@ def vocab_parallel_h_kl(
     group: Any = None,
     uld_tail: str = "pad",
     uld_top_k: int = REFERENCE_UNCOMMON_TOP_K,
-    common_set: str = "top1",
+    common_set: str | None = "top1",
 ) -> torch.Tensor:
     """H-KL (GOLD with the common set relaxed to each student row's top-1 under W) on vocab shards: exact, or low traffic with a ``HybridPlan``.
 
     ``bound_out`` (a :class:`~nemo_xtoken.parallel.summary.SummaryBound`) receives the low-traffic path's error bound.
+    ``common_set=None``: GOLD's strict exact-match set (:func:`vocab_parallel_gold`).
     """
     return _hybrid(
-        student_logits, teacher_logits, projection, True, alignment, merge, mask, temperature, reduction,
+        student_logits, teacher_logits, projection, common_set is not None, alignment, merge, mask, temperature, reduction,
         scale_by_temperature_squared, matched_weight, unmatched_weight, student_vocab_size, teacher_vocab_size, group, block_size,
-        bound_out, uld_tail, uld_top_k, common_set,
+        bound_out, uld_tail, uld_top_k, common_set or "top1",
     )

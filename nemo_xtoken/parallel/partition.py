@@ -28,8 +28,7 @@ import torch
 from nemo_xtoken.align.merge import AlignedPositions
 from nemo_xtoken.errors import XTokenError
 from nemo_xtoken.losses.partition import PartitionPlan, build_partition_plan, partition_terms
-from nemo_xtoken.offline.sparse import shard_teacher
-from nemo_xtoken.parallel.comm import all_reduce_sum, group_rank_size, resolve_group, sum_partials
+from nemo_xtoken.parallel.comm import all_reduce_sum, group_rank_size, resolve_group, shard_teacher, sum_partials
 from nemo_xtoken.parallel.plan import PKLPlan
 from nemo_xtoken.parallel.primitives import vocab_parallel_log_softmax
 from nemo_xtoken.parallel.traffic import SOFTMAX_SCALARS, ring_all_reduce

@@ -1,10 +1,11 @@
-"""Megatron-core on a CPU: gloo process groups, tensor parallel, tiny ``GPTModel``s (the demo's runtime).
+"""Megatron-core on a CPU: gloo process groups, tensor parallel, tiny ``GPTModel`` instances (the demo's runtime).
 
-``xtoken demo`` trains tiny Megatron models on a CPU through this module; the test suite uses it
-too (with the optimizer-checkpoint helpers of :mod:`nemo_xtoken.testing.cpu_megatron`).  Nothing
-on the GPU path (``nemo_xtoken.integration``, ``nemo_xtoken.parallel``) imports it.
+``xtoken demo`` trains tiny Megatron models on a CPU through this module, ``xtoken check-model`` and
+``xtoken distill --check`` run their CPU checks on its gloo groups and CUDA redirects, and the test
+suite uses it too (with the optimizer-checkpoint helpers at the end of this module, which only the
+tests use).  The GPU training path never imports it.
 
-Megatron-core assumes a GPU in three places that matter for a small CPU run:
+Megatron-core assumes a GPU in four places that matter for a small CPU run:
 
 1. the model-parallel RNG tracker seeds and forks the *CUDA* generator
    (``tensor_parallel.random``: ``torch.cuda.manual_seed`` / ``get_rng_state``);
@@ -12,8 +13,9 @@ Megatron-core assumes a GPU in three places that matter for a small CPU run:
    and ``tensor_parallel.mappings`` (all-gathers);
 3. the default causal mask of the unfused softmax (used when no ``attention_mask`` is passed)
    is built with ``device="cuda"`` (``transformer.utils.get_default_causal_mask``, imported by
-   name into ``fusions.fused_softmax``).
+   name into ``fusions.fused_softmax``);
 4. distributed checkpointing calls ``torch.cuda.synchronize()`` before writing (a no-op here).
+
 All are reached from ordinary forward passes and saves, not only at init.
 
 :func:`cpu_megatron_patches` redirects exactly these to the CPU inside a ``with`` block and
@@ -51,6 +53,9 @@ __all__ = [
     "gather_vocab_parallel_logits",
     "free_port",
     "clip_grad_norm_tp",
+    "init_adam_state",
+    "optimizer_sharded_state_dict",
+    "load_optimizer_state",
 ]
 
 
@@ -374,3 +379,58 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# ---- optimizer checkpoints on a CPU --------------------------------------------------------------
+# Megatron's ``FP32Optimizer`` allocates on ``device="cuda"`` literally: these do its checkpoint work
+# with a plain ``torch.optim`` optimizer and Megatron's own ``dist_checkpointing.optimizer`` functions,
+# in the same checkpoint layout (moments as ``ShardedTensor`` objects, one ``common_step``).
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Zero Adam moments for every parameter without state (Megatron's ``init_state_fn``)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if len(optimizer.state[p]) == 0:
+                optimizer.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sharded_state_dict: Any, *, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state dict, as ``FP32Optimizer.sharded_state_dict`` builds it.
+
+    Moments become ``ShardedTensor`` objects laid out like their parameters (so a checkpoint saved at one
+    TP size is laid out by the model's sharding), the common step is stored once
+    (``state.common_step``).  ``is_loading`` first creates empty moments to load into.
+    """
+    import copy
+
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
+
+    if is_loading:
+        init_adam_state(optimizer)
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, params)
+    steps = {float(st["step"]) for st in sd["state"].values() if "step" in st}
+    if len(steps) > 1:
+        raise ValueError(f"the optimizer step differs per parameter ({sorted(steps)}): Megatron stores one common step")
+    step = next((copy.deepcopy(st["step"]) for st in sd["state"].values() if "step" in st), None)
+    if is_loading and step is None:
+        step = torch.tensor(0.0)
+    optim_state_to_sharding_state(sd, id_map, exclude_keys="step")
+    if step is not None:
+        sd["state"]["common_step"] = step
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
+    """Load a state dict returned by ``dist_checkpointing.load`` for :func:`optimizer_sharded_state_dict`."""
+    import copy
+
+    state = loaded["state"]
+    step = state.pop("common_step", None)
+    if step is not None:
+        for st in state.values():
+            st["step"] = copy.deepcopy(step)
+    optimizer.load_state_dict(loaded)

@@ -34,7 +34,6 @@ __all__ = [
     "SparseTeacher",
     "sparse_from_logits",
     "dense_teacher",
-    "shard_teacher",
     "padded_vocab_size",
     "is_sparse",
 ]
@@ -249,30 +248,3 @@ def dense_teacher(teacher: Any) -> Any:
     if isinstance(teacher, SparseTeacher):
         return teacher.dense()
     return teacher
-
-
-def shard_teacher(teacher: Any, group: Any = None, *, plan: Any = None, padded: int | None = None) -> Any:
-    """Loss entry point (tensor parallel): this rank's columns of a :class:`SparseTeacher`; else unchanged.
-
-    The padded width is a P-KL ``plan``'s (``PKLPlan.teacher_padded``, with its teacher
-    permutation), else ``padded``, else the vocabulary rounded up to a multiple of the group size.
-    """
-    if not isinstance(teacher, SparseTeacher):
-        return teacher
-    from nemo_xtoken.parallel.comm import group_rank_size, resolve_group
-
-    rank, tp = group_rank_size(resolve_group(group))
-    column_ids = None
-    if plan is not None and hasattr(plan, "teacher_padded"):
-        padded, column_ids = int(plan.teacher_padded), getattr(plan, "teacher_perm", None)
-    total = int(padded) if padded is not None else -(-teacher.vocab_size // tp) * tp
-    if total % tp or total < teacher.vocab_size:
-        raise XTokenError(
-            f"a sparse teacher of {teacher.vocab_size} ids cannot be sharded to {total} columns on {tp} ranks: "
-            "the padded teacher vocabulary must cover its ids and be divisible by the tensor-parallel size"
-        )
-    w = total // tp
-    if column_ids is not None:
-        cols = torch.as_tensor(column_ids)[rank * w : (rank + 1) * w]
-        return teacher.dense(column_ids=cols)
-    return teacher.dense(start=rank * w, width=w)

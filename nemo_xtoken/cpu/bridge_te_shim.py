@@ -31,7 +31,7 @@ __all__ = ["TARGET_MODULE", "TE_IMPORT_LINE", "ABSENT_TE", "TE_FUSIONS", "instal
 
 TARGET_MODULE = "megatron.bridge.peft.lora_layers"
 TE_IMPORT_LINE = "import transformer_engine.pytorch as te"
-_REPLACEMENT = "from nemo_xtoken.testing.bridge_te_shim import ABSENT_TE as te  # xtoken: TE absent (CPU)"
+_REPLACEMENT = "from nemo_xtoken.cpu.bridge_te_shim import ABSENT_TE as te  # xtoken: TE absent (CPU)"
 
 
 class _AbsentMeta(type):
@@ -63,7 +63,7 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-_OWNER = "nemo_xtoken/testing/bridge_te_shim.py"
+_OWNER = "nemo_xtoken/cpu/bridge_te_shim.py"
 
 
 def _Loader(inner: importlib.machinery.SourceFileLoader) -> LineLoader:

@@ -2,7 +2,7 @@
 
 Each row (``{"messages": [...]}`` in a ``.jsonl``/``.parquet`` file) is rendered by the student and
 by every cross-tokenizer teacher with its own chat template and aligned
-(:func:`nemo_xtoken.align.chat.align_chat`); the :class:`~nemo_xtoken.integration.data.Document`
+(:func:`nemo_xtoken.align.chat.align_chat`); the :class:`~nemo_xtoken.data.documents.Document`
 carries the student's loss mask (assistant contents and end-of-turn tokens, or every token) and,
 per teacher, which tokens are in chunks that carry KD.  Packing, cutting and padding are the
 dataset's (several conversations per sample, each with exactly the losses it has alone).
@@ -29,7 +29,7 @@ class ChatDocuments:
     """Conversations of a ``.jsonl``/``.parquet`` file (or folder), rendered and aligned with every teacher at construction.
 
     ``teacher_tokenizer``: one tokenizer or a list (items are then multi-teacher
-    :class:`~nemo_xtoken.integration.data.Document`\\ s).  ``student_template`` /
+    :class:`~nemo_xtoken.data.documents.Document`\\ s).  ``student_template`` /
     ``teacher_templates``: chat templates (Jinja file or string) replacing the tokenizers' own (None:
     the ``chat_template`` of ``tokenizer_config.json``).  ``limit``: the first rows only.
     """
@@ -46,8 +46,9 @@ class ChatDocuments:
         template_kwargs: dict[str, Any] | None = None,
         limit: int | None = None,
     ) -> None:
-        from nemo_xtoken.align.chat import align_chat, chat_template, read_conversations
-        from nemo_xtoken.integration.data import Document, TeacherSide
+        from nemo_xtoken.align.chat import align_chat, chat_template
+        from nemo_xtoken.data.corpus import read_conversations
+        from nemo_xtoken.data.documents import Document, TeacherSide
         from nemo_xtoken.vocab import load_tokenizer
 
         self.path = str(path)
