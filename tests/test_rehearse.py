@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_tiny import write_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -76,22 +75,7 @@ def test_cuda_on_cpu_redirects_and_restores():
 # ---- slow: the shipped configs rehearsed --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rehearse_hf")
-    return {
-        "student": write_tiny("llama", d / "student_llama", seed=1),
-        "qwen3": write_tiny("qwen3", d / "teacher_qwen3", seed=2, tied=False),
-        "phi3": write_tiny("phi3", d / "teacher_phi3", seed=3, tied=True),
-        "llama_t": write_tiny("llama", d / "teacher_llama", seed=4, tied=False),
-    }
-
-
-@pytest.fixture(scope="module")
-def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
-    d = tmp_path_factory.mktemp("rehearse_w")
-    return {"qwen3": str(w_llama3_qwen3.save(d / "llama3__qwen3.safetensors")),
-            "phi3": str(w_llama3_o200k.save(d / "llama3__o200k.safetensors"))}
+# tiny (the checkpoints) and w_files: session fixtures of tests/conftest.py, shared with tests/test_bridge_real.py
 
 
 def _overrides(name: str, tiny, w_files, llama3_path, qwen3_path, o200k_path) -> list[str]:
