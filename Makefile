@@ -37,7 +37,7 @@ $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
 	@touch $@
 
 # The suite on TEST_WORKERS processes (pytest-xdist; one per core, at most 4; TEST_WORKERS=0: one process): a file's
-# tests on one worker (a few files' tests spread), the longest first (tests/conftest.py, tests/durations.py).
+# tests on one worker (a few files' tests spread), the longest first (tests/conftest.py, tests/suite_durations.py).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)

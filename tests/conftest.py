@@ -111,10 +111,10 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(session, config, items):
     """Under ``make test`` (xdist, --dist loadgroup): one group per file (per test in SPLIT files), the groups
-    longest first (tests/durations.py) so that no worker is left alone with a long one at the end."""
+    longest first (tests/suite_durations.py) so that no worker is left alone with a long one at the end."""
     if not getattr(config.option, "numprocesses", None):
         return  # a plain run keeps the file order
-    from durations import FILE_SECONDS, TEST_SECONDS
+    from suite_durations import FILE_SECONDS, TEST_SECONDS
 
     def unit(item) -> tuple[str, float]:
         path, _, rest = item.nodeid.partition("::")
