@@ -70,9 +70,11 @@ def _child(cmd: dict) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        try:
+        try:  # what an interpreter's exit does: join the non-daemon threads, run the atexit functions, flush
             import atexit
+            import threading
 
+            getattr(threading, "_shutdown", lambda: None)()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
