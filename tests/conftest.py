@@ -65,3 +65,69 @@ def w_llama3_o200k(llama3, o200k):
     from nemo_xtoken.vocab import build_projection
 
     return build_projection(llama3, o200k)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny random HF checkpoints (tests/bridge_tiny.py): Llama-3 student (tied), Qwen3 teacher (untied), Phi3 teacher
+    (tied), Llama teacher; read, never written, by tests/test_bridge_real.py and tests/test_rehearse.py."""
+    from bridge_tiny import write_tiny
+
+    d = tmp_path_factory.mktemp("hf")
+    return {
+        "student": write_tiny("llama", d / "student_llama", seed=1),
+        "qwen3": write_tiny("qwen3", d / "teacher_qwen3", seed=2, tied=False),
+        "phi3": write_tiny("phi3", d / "teacher_phi3", seed=3, tied=True),
+        "llama_t": write_tiny("llama", d / "teacher_llama", seed=4, tied=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
+    """The two W files of the tiny runs (Llama-3 → Qwen3, Llama-3 → o200k); modules with other W files define their own."""
+    d = tmp_path_factory.mktemp("w")
+    return {"qwen3": str(w_llama3_qwen3.save(d / "llama3__qwen3.safetensors")),
+            "phi3": str(w_llama3_o200k.save(d / "llama3__o200k.safetensors"))}
+
+
+# ---- parallel runs (make test: pytest-xdist, one worker per core, at most 4) --------------------------------
+
+#: Files whose tests share no costly module fixture and include long ones: their tests are spread over the workers.
+#: Every other file runs whole on one worker (xdist_group = the file), so a module fixture is built once.
+SPLIT = {"test_rehearse.py", "test_learnable_tp.py", "test_docs.py", "test_partition_kl_tp.py", "test_gpu_losses_script.py",
+         "test_gpu_check_script.py", "test_launch.py", "test_offline_smollm2.py"}
+
+
+def pytest_configure(config):
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # one core's worth of torch threads per worker: two workers on two cores, not four threads
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(session, config, items):
+    """Under ``make test`` (xdist, --dist loadgroup): one group per file (per test in SPLIT files), the groups
+    longest first (tests/suite_durations.py) so that no worker is left alone with a long one at the end."""
+    if not getattr(config.option, "numprocesses", None):
+        return  # a plain run keeps the file order
+    from suite_durations import FILE_SECONDS, TEST_SECONDS
+
+    def unit(item) -> tuple[str, float]:
+        path, _, rest = item.nodeid.partition("::")
+        file = path.split("/")[-1]
+        if file in SPLIT:
+            name = f"{file}::{rest}"
+            return name, TEST_SECONDS.get(name, 0.0)
+        return file, FILE_SECONDS.get(file, 0.0)
+
+    keyed = []
+    for i, item in enumerate(items):
+        group, seconds = unit(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+        keyed.append((-seconds, i, item))
+    keyed.sort(key=lambda k: (k[0], k[1]))  # stable: a file's tests stay together and in order
+    items[:] = [k[2] for k in keyed]

@@ -37,23 +37,7 @@ pytestmark = pytest.mark.slow
 # ---- fixtures: tiny checkpoints, W files, configs ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny random HF checkpoints: Llama-3 student (tied), Qwen3 teacher (untied), Phi3 teacher (tied), Llama teacher."""
-    d = tmp_path_factory.mktemp("hf")
-    return {
-        "student": write_tiny("llama", d / "student_llama", seed=1),
-        "qwen3": write_tiny("qwen3", d / "teacher_qwen3", seed=2, tied=False),
-        "phi3": write_tiny("phi3", d / "teacher_phi3", seed=3, tied=True),
-        "llama_t": write_tiny("llama", d / "teacher_llama", seed=4, tied=False),
-    }
-
-
-@pytest.fixture(scope="module")
-def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
-    d = tmp_path_factory.mktemp("w")
-    return {"qwen3": str(w_llama3_qwen3.save(d / "llama3__qwen3.safetensors")),
-            "phi3": str(w_llama3_o200k.save(d / "llama3__o200k.safetensors"))}
+# tiny (the checkpoints) and w_files: session fixtures of tests/conftest.py, shared with tests/test_rehearse.py
 
 
 def _configs(root: Path, tiny, w_files, llama3_path, qwen3_path, o200k_path, tp: int) -> dict[str, Path]:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_tiny import write_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -76,22 +75,7 @@ def test_cuda_on_cpu_redirects_and_restores():
 # ---- slow: the shipped configs rehearsed --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rehearse_hf")
-    return {
-        "student": write_tiny("llama", d / "student_llama", seed=1),
-        "qwen3": write_tiny("qwen3", d / "teacher_qwen3", seed=2, tied=False),
-        "phi3": write_tiny("phi3", d / "teacher_phi3", seed=3, tied=True),
-        "llama_t": write_tiny("llama", d / "teacher_llama", seed=4, tied=False),
-    }
-
-
-@pytest.fixture(scope="module")
-def w_files(tmp_path_factory, w_llama3_qwen3, w_llama3_o200k):
-    d = tmp_path_factory.mktemp("rehearse_w")
-    return {"qwen3": str(w_llama3_qwen3.save(d / "llama3__qwen3.safetensors")),
-            "phi3": str(w_llama3_o200k.save(d / "llama3__o200k.safetensors"))}
+# tiny (the checkpoints) and w_files: session fixtures of tests/conftest.py, shared with tests/test_bridge_real.py
 
 
 def _overrides(name: str, tiny, w_files, llama3_path, qwen3_path, o200k_path) -> list[str]:
@@ -199,3 +183,23 @@ def test_rehearse_learnable_w_bf16(tmp_path, tiny, w_files, llama3_path, qwen3_p
     w = [v for k, v in state.items() if "learnable_w" in k and k.endswith("logits")]
     assert w and all(t.dtype == torch.float32 for t in w)
     assert state["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+
+
+def test_launcher_forks_ranks_in_their_own_session_env_and_log_and_reports_a_failing_rank(tmp_path):
+    """The rehearsal's launcher (nemo_xtoken/cpu/rehearse_zygote.py): each rank forked with its own environment, working
+    directory and log; a rank that fails ends the launch with its exit status and its log's exception line."""
+    from nemo_xtoken.cpu.rehearse import RehearsalError, _launch, _Launcher
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    launcher = _Launcher(2, cwd, tmp_path / "launcher.log", 600)
+    try:
+        with pytest.raises(RehearsalError, match=r"launch x: rank \d exited with 1: .*missing\.yaml"):
+            _launch("launch x", 2, str(tmp_path / "missing.yaml"), [], tmp_path / "out", cwd, launcher=launcher, timeout=600,
+                    log=lambda m: None)
+    finally:
+        launcher.close()
+    assert launcher.proc.returncode == 0
+    for r in range(2):
+        assert json.loads((tmp_path / "out" / f"env.rank{r}.json").read_text()) == {"cwd": str(cwd), "HF_HUB_OFFLINE": "1"}
+        assert (tmp_path / "out" / f"exit.rank{r}").read_text() in ("1", "-9")  # failed, or killed once the other failed

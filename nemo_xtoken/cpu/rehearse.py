@@ -12,7 +12,8 @@ What it does (docs/megatron-bridge.md, "Rehearsing a run on a CPU"):
    real corpus when its data is not on this machine; ``data.format: preprocessed`` runs the real
    ``xtoken preprocess`` on it);
 3. starts ``--nproc`` processes (gloo) from a working directory that is neither the config's nor the
-   repository's, with the Hugging Face hub offline; each runs the run's entry —
+   repository's, with the Hugging Face hub offline (forked, each in its own session, by one launcher process
+   that imported the ranks' modules once: :mod:`nemo_xtoken.cpu.rehearse_zygote`); each runs the run's entry —
    ``build_config_container`` → Bridge's ``pretrain()`` with the plugin's ``forward_step``
    (:mod:`nemo_xtoken.cpu.rehearse_worker`) — under the scoped CUDA→CPU shim
    (:mod:`nemo_xtoken.cpu.cuda_shim`);
@@ -330,40 +331,84 @@ def _first_error(path: Path) -> str:
     return lines[-1].strip() if lines else "empty log"
 
 
-def _launch(label: str, nproc: int, config: str, overrides: list[str], out: Path, cwd: Path, *,
+class _Launcher:
+    """The rehearsal's :mod:`~nemo_xtoken.cpu.rehearse_zygote`: started once (in ``cwd``, with the ranks' environment),
+    it imports what a rank imports and forks each rank (its own session, environment and log)."""
+
+    def __init__(self, nproc: int, cwd: Path, log_path: Path, timeout: float) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        env = _env(nproc, 0, 0)
+        self.proc = subprocess.Popen([sys.executable, "-m", "nemo_xtoken.cpu.rehearse_zygote"], cwd=cwd, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
+        self._expect("ready", timeout)
+
+    def _expect(self, what: str, timeout: float) -> str:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode().strip() if ready else ""
+        if not line or (what == "ready" and line != "ready"):
+            self.close()
+            raise RehearsalError(f"the rank launcher (python -m nemo_xtoken.cpu.rehearse_zygote) did not start: "
+                                 f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
+        return line
+
+    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path) -> int:
+        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status)}
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+        return int(self._expect("pid", 120.0))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def _launch(label: str, nproc: int, config: str, overrides: list[str], out: Path, cwd: Path, *, launcher: _Launcher,
             stop_after_save: int = 0, probe: list[int] | None = None, timeout: float, log: Callable[[str], None]) -> float:
     """Run the worker on ``nproc`` ranks; with ``stop_after_save`` kill them all once that checkpoint is written."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    procs = []
     t0 = time.time()
     cmd_tail = ["--config", config, "--out", str(out)]
     if stop_after_save:
         cmd_tail += ["--stop-after-save", str(stop_after_save)]
     if probe is not None:
         cmd_tail += ["--probe", json.dumps(probe)]
-    for r in range(nproc):
-        logf = open(out / f"rank{r}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "nemo_xtoken.cpu.rehearse_worker", *cmd_tail, "--", *overrides],
-                                       cwd=cwd, env=_env(nproc, port, r), stdout=logf, stderr=subprocess.STDOUT,
-                                       start_new_session=True), logf))
-    log(f"[rehearse] {label}: {nproc} ranks started (cwd {cwd})")
+    procs: list[tuple[int, Path]] = []
+
+    def code(r: int) -> int | None:
+        f = procs[r][1]
+        return int(f.read_text()) if f.is_file() else None
 
     def kill_all() -> None:
-        for p, _ in procs:
-            if p.poll() is None:
+        for r, (pid, _) in enumerate(procs):
+            if code(r) is None:
                 try:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for p, f in procs:
-            p.wait()
-            f.close()
+        t_kill = time.time()
+        while any(code(r) is None for r in range(len(procs))) and time.time() - t_kill < 60:
+            time.sleep(0.05)  # the launcher reaps them
 
     try:
+        for r in range(nproc):
+            status = out / f"exit.rank{r}"
+            status.unlink(missing_ok=True)
+            procs.append((launcher.start([*cmd_tail, "--", *overrides], _env(nproc, port, r), out / f"rank{r}.log", status), status))
+        log(f"[rehearse] {label}: {nproc} ranks started (cwd {cwd})")
         while True:
             time.sleep(0.2)
-            codes = [p.poll() for p, _ in procs]
+            codes = [code(r) for r in range(nproc)]
             if stop_after_save and all((out / f"stopped_{stop_after_save}.rank{r}").exists() for r in range(nproc)):
                 kill_all()
                 log(f"[rehearse] {label}: every rank killed after the checkpoint of step {stop_after_save}")
@@ -377,8 +422,6 @@ def _launch(label: str, nproc: int, config: str, overrides: list[str], out: Path
             if all(c == 0 for c in codes):
                 if stop_after_save:
                     raise RehearsalError(f"{label}: the ranks finished before the checkpoint of step {stop_after_save} was written")
-                for _, f in procs:
-                    f.close()
                 return time.time() - t0
             if time.time() - t0 > timeout:
                 kill_all()
@@ -582,17 +625,22 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
     probe = AutoTokenizer.from_pretrained(student_dir).encode(PROBE_TEXT)[: min(32, s_new)]
     half = steps // 2
     seconds: dict[str, float] = {}
-    common = dict(timeout=timeout, log=log)
-    seconds["first launch (killed)"] = _launch("launch 1", nproc, str(cfg_path), run_overrides("resumed"), work / "runs" / "resumed" / "launch1",
-                                               cwd, stop_after_save=half, **common)
-    ckpt_a = work / "runs" / "resumed" / "checkpoints"
-    from nemo_xtoken.integration.bridge import resolve_checkpoint
+    # one launcher imports what the ranks import, once, and forks every rank of the three launches
+    launcher = _Launcher(nproc, cwd, work / "runs" / "launcher.log", timeout)
+    common = dict(timeout=timeout, log=log, launcher=launcher)
+    try:
+        seconds["first launch (killed)"] = _launch("launch 1", nproc, str(cfg_path), run_overrides("resumed"),
+                                                   work / "runs" / "resumed" / "launch1", cwd, stop_after_save=half, **common)
+        ckpt_a = work / "runs" / "resumed" / "checkpoints"
+        from nemo_xtoken.integration.bridge import resolve_checkpoint
 
-    killed_at = resolve_checkpoint(ckpt_a, key="rehearsal checkpoint")
-    seconds["relaunch (resumes)"] = _launch("launch 2 (resume)", nproc, str(cfg_path), run_overrides("resumed"),
-                                            work / "runs" / "resumed" / "launch2", cwd, probe=probe, **common)
-    seconds["uninterrupted"] = _launch("uninterrupted run", nproc, str(cfg_path), run_overrides("straight"), work / "runs" / "straight" / "launch",
-                                       cwd, **common)
+        killed_at = resolve_checkpoint(ckpt_a, key="rehearsal checkpoint")
+        seconds["relaunch (resumes)"] = _launch("launch 2 (resume)", nproc, str(cfg_path), run_overrides("resumed"),
+                                                work / "runs" / "resumed" / "launch2", cwd, probe=probe, **common)
+        seconds["uninterrupted"] = _launch("uninterrupted run", nproc, str(cfg_path), run_overrides("straight"),
+                                           work / "runs" / "straight" / "launch", cwd, **common)
+    finally:
+        launcher.close()
     first = _losses(work / "runs" / "resumed" / "launch1" / "losses.jsonl")
     second = _losses(work / "runs" / "resumed" / "launch2" / "losses.jsonl")
     straight = _losses(work / "runs" / "straight" / "launch" / "losses.jsonl")

@@ -1,6 +1,7 @@
 """Run a function on ``world_size`` gloo processes (CPU), as tensor-parallel tests need.
 
-Each child initialises ``torch.distributed`` with a file store (no TCP port to race for), calls
+Each child (forked from a fork server that imported torch and the losses once: :func:`_context`) initialises
+``torch.distributed`` with a file store (no TCP port to race for), calls
 ``fn(rank, world_size, *args)`` and reports back through a queue: its return value (plain
 data, tensors and containers of them; tensors travel by value as numpy arrays) or its formatted traceback.  The
 parent re-raises the first failure as an ``AssertionError`` carrying the child's traceback, so
@@ -54,6 +55,23 @@ def _child(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], a
         q.put((rank, False, traceback.format_exc()))
 
 
+#: What the fork server imports once (and every rank then has): torch, numpy and the loss packages, plus the module of
+#: the first function run (a test module and what it imports).
+_PRELOAD = ["torch", "torch.distributed", "numpy", "nemo_xtoken.losses", "nemo_xtoken.parallel"]
+
+
+def _context(fn: Callable[..., Any]):
+    """A fork-server context: the ranks are forked from one clean single-threaded server process that imported
+    ``_PRELOAD`` once, instead of each rank starting an interpreter and importing torch again (a spawned rank:
+    2-16 CPU-seconds of imports).  The server never runs a parallel op, so no OpenMP pool is forked."""
+    ctx = mp.get_context("forkserver")
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet: name what it imports
+        ctx.set_forkserver_preload(_PRELOAD + [m for m in (getattr(fn, "__module__", None),) if m and m != "__main__"])
+    return ctx
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
 
@@ -61,7 +79,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     failure is re-raised in the parent with the child's traceback; a hang past ``timeout``
     seconds raises too (and the children are terminated).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context(fn)
     q = ctx.Queue()
     fd, init_file = tempfile.mkstemp(prefix="xtoken_dist_")
     os.close(fd)

@@ -1,0 +1,134 @@
+"""The rehearsal's rank launcher: one process imports what every rank imports, then forks the ranks.
+
+A rank of ``xtoken rehearse`` (:mod:`nemo_xtoken.cpu.rehearse_worker`) spends most of its CPU time importing
+Megatron-Bridge, megatron-core, ModelOpt and transformers (about 17 CPU-seconds on a 2-core machine),
+and a rehearsal starts ``3 x nproc`` ranks.  :mod:`nemo_xtoken.cpu.rehearse` starts this process once per
+rehearsal, with the ranks' environment (hub offline, one OpenMP thread, ``CUDA_VISIBLE_DEVICES=""``) and
+working directory; it imports the worker's modules exactly as a worker does (the import hooks, then
+Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) and then, for each line
+``{"argv": [...], "env": {...}, "log": path, "status": path}`` read on its standard input, forks a rank: a
+new session (killed as one process group, as before), the rank's own environment and log, then
+``rehearse_worker.main(argv)``.  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
+status (``-signal`` when killed, as ``Popen.returncode``) to ``status``.  End of input: it exits.
+
+Nothing the ranks compute happens before the fork (only imports, with one OpenMP thread), so no thread
+pool is forked; the ranks run the same code on the same inputs as separately started processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _preload() -> None:
+    from nemo_xtoken.cpu.imports import install_pretrain_hook
+    from nemo_xtoken.testing import bridge_te_shim
+
+    bridge_te_shim.install()
+    install_pretrain_hook()
+    import torch  # noqa: F401
+
+    from nemo_xtoken.cpu.cuda_shim import cuda_on_cpu
+
+    with cuda_on_cpu():
+        import megatron.bridge.training.pretrain  # noqa: F401
+
+        import nemo_xtoken.cpu.rehearse_worker  # noqa: F401
+        import nemo_xtoken.integration.bridge  # noqa: F401
+        import nemo_xtoken.integration.config  # noqa: F401
+
+
+def _child(cmd: dict) -> None:
+    """In the forked rank: its session, environment and log, then the worker; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+        os.environ.clear()
+        os.environ.update(cmd["env"])
+        from nemo_xtoken.cpu import rehearse_worker
+
+        sys.argv = ["python -m nemo_xtoken.cpu.rehearse_worker", *cmd["argv"]]
+        code = rehearse_worker.main(cmd["argv"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the rank's traceback goes to its log, as an uncaught exception would
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:  # what an interpreter's exit does: join the non-daemon threads, run the atexit functions, flush
+            import atexit
+            import threading
+
+            getattr(threading, "_shutdown", lambda: None)()
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+
+
+def _reap(status: dict[int, str], block: bool) -> None:
+    while status:
+        try:
+            pid, st = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        path = status.pop(pid, None)
+        if path:
+            code = os.waitstatus_to_exitcode(st)
+            with open(path + ".tmp", "w") as f:
+                f.write(str(code))
+            os.replace(path + ".tmp", path)
+
+
+def main() -> int:
+    import select
+
+    # the protocol's own copy of stdout; what the imports print goes to the log (stderr)
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    _preload()
+    status: dict[int, str] = {}
+    print("ready", file=out, flush=True)
+    stdin = sys.stdin.buffer
+    buf = b""
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0.2)
+        _reap(status, block=False)
+        if not ready:
+            continue
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:  # the rehearsal closed the pipe: wait for the ranks still running, then exit
+            _reap(status, block=True)
+            return 0
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            cmd = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                out.close()
+                _child(cmd)
+            status[pid] = cmd["status"]
+            print(pid, file=out, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

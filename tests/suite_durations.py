@@ -1,0 +1,67 @@
+"""Seconds per test file and per long test, from ``make test PYTEST_ARGS="--durations=0"`` of fb817d4 (2026-12-07, this
+2-core machine under load; the rehearsals halved by their launcher): the order in which ``make test``'s workers take
+them, longest first (tests/conftest.py).  Order only — a stale or missing entry changes no result; every test runs.
+"""
+
+#: Files run whole on one worker (their tests share module fixtures), by the sum of their tests' seconds.
+FILE_SECONDS: dict[str, float] = {
+    "test_integration_tp_exchange.py": 109,
+    "test_demo_fast.py": 102,
+    "test_parallel.py": 73,
+    "test_packing_equivalence.py": 60,
+    "test_bridge_real.py": 49,
+    "test_parallel_summary.py": 45,
+    "test_bad_inputs.py": 34,
+    "test_losses_reference_options.py": 29,
+    "test_align.py": 27,
+    "test_data_config.py": 22,
+    "test_integration_cpu_megatron.py": 22,
+    "test_partition_kl.py": 19,
+    "test_losses_fidelity.py": 19,
+    "test_integration_e2e.py": 18,
+    "test_tokenizer_families.py": 18,
+    "test_offline_distill.py": 16,
+    "test_chat_data.py": 16,
+    "test_integration_learnable_w.py": 14,
+    "test_offline_cache.py": 14,
+    "test_integration_config.py": 14,
+    "test_vocab_families.py": 14,
+    "test_losses_blocked.py": 11,
+    "test_chat_bridge.py": 11,
+    "test_chat.py": 11,
+    "test_align_properties.py": 10,
+    "test_demo_memo.py": 9,
+    "test_offline_sparse.py": 9,
+    "test_integration_partition_kl.py": 7,
+    "test_cli_vocab.py": 5,
+    "test_chat_megatron.py": 5,
+    "test_vocab.py": 4,
+    "test_preprocess.py": 3,
+    "test_integration_modelopt.py": 3,
+    "test_losses_reference.py": 3,
+}
+
+#: Files whose tests are independent (SPLIT in tests/conftest.py): each long test on its own.
+TEST_SECONDS: dict[str, float] = {
+    "test_docs.py::test_docs_site_builds_without_warnings": 129,
+    "test_learnable_tp.py::test_learnable_w_tensor_parallel_equals_reference[4-True-False]": 123,
+    "test_rehearse.py::test_rehearse_tp2_dp2": 111,
+    "test_learnable_tp.py::test_learnable_w_tensor_parallel_equals_reference[2-True-False]": 70,
+    "test_rehearse.py::test_rehearse_shipped_config_nproc2[llama32_1b__phi4mini_hkl]": 68,
+    "test_gpu_losses_script.py::test_gpu_loss_benchmark_runs_on_cpu_small": 67,
+    "test_rehearse.py::test_rehearse_shipped_config_nproc2[llama32_1b__phi4mini_llama32_3b]": 63,
+    "test_rehearse.py::test_rehearse_learnable_w_bf16": 62,
+    "test_rehearse.py::test_rehearse_shipped_config_nproc2[llama32_1b__qwen3_4b_pkl]": 58,
+    "test_gpu_check_script.py::test_gpu_check_script_cpu_path": 50,
+    "test_learnable_tp.py::test_learnable_w_tensor_parallel_equals_reference[2-False-False]": 39,
+    "test_offline_smollm2.py::test_student_distils_from_cached_smollm2": 38,
+    "test_learnable_tp.py::test_learnable_w_tensor_parallel_equals_reference[1-False-False]": 22,
+    "test_partition_kl_tp.py::test_tensor_parallel_equals_reference[4]": 18,
+    "test_docs.py::test_docs_build_fails_on_a_warning_and_picks_up_new_pages": 14,
+    "test_launch.py::test_example_script_prints_the_sbatch_script": 14,
+    "test_launch.py::test_example_slurm_script_chains_by_default": 11,
+    "test_partition_kl_tp.py::test_tensor_parallel_equals_reference[2]": 10,
+    "test_learnable_tp.py::test_learnable_w_tensor_parallel_equals_reference[2-False-True]": 9,
+    "test_partition_kl_tp.py::test_tensor_parallel_equals_reference[1]": 8,
+    "test_gpu_losses_script.py::test_gpu_loss_benchmark_refuses_missing_cuda": 7,
+}
