@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("offline", ("nemo_xtoken.offline",)),
     ("cpu", ("nemo_xtoken.cpu",)),
     ("integration", ("nemo_xtoken.integration",)),
-    ("rehearse", ("nemo_xtoken.cpu.rehearse", "nemo_xtoken.cpu.rehearse_worker")),
+    ("rehearse", ("nemo_xtoken.cpu.rehearse", "nemo_xtoken.cpu.rehearse_worker", "nemo_xtoken.cpu.rehearse_zygote")),
     ("demo", ("nemo_xtoken.demo",)),
     ("cli", ("nemo_xtoken.cli",)),
     ("testing", ("nemo_xtoken.testing",)),
@@ -156,6 +156,6 @@ def test_the_check_finds_a_lazy_upward_import_a_cycle_and_an_unplaced_module(tmp
 
 
 @pytest.mark.parametrize("module, layer", [("nemo_xtoken", "base"), ("nemo_xtoken.cpu.megatron", "cpu"), ("nemo_xtoken.cpu.rehearse", "rehearse"),
-                                            ("nemo_xtoken.cpu.rehearse_worker", "rehearse"), ("nemo_xtoken.data.packing", "data")])
+                                            ("nemo_xtoken.cpu.rehearse_worker", "rehearse"), ("nemo_xtoken.cpu.rehearse_zygote", "rehearse"), ("nemo_xtoken.data.packing", "data")])
 def test_layer_of(module, layer):
     assert LAYERS[layer_of(module)][0] == layer

@@ -26,7 +26,7 @@ __all__ = ["main"]
 
 def _preload() -> None:
     from nemo_xtoken.cpu.imports import install_pretrain_hook
-    from nemo_xtoken.testing import bridge_te_shim
+    from nemo_xtoken.cpu import bridge_te_shim
 
     bridge_te_shim.install()
     install_pretrain_hook()
