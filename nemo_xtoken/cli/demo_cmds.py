@@ -152,7 +152,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps"
           + "".join(f" ({n} {k})" for n, k in cfg.teacher_steps_by) + f", {cfg.student_steps} student steps, "
           f"batch {cfg.batch}, seeds {list(cfg.seeds)}")
-    results = run_demo(cfg, progress=not args.no_progress)
+    partial = out / "results.partial.json"
+
+    def on_partial(r: dict) -> None:  # what has finished so far, rewritten after every student (removed at the end)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**r, "audits": audits}, indent=1, ensure_ascii=False))
+        tmp.replace(partial)
+
+    results = run_demo(cfg, progress=not args.no_progress, on_partial=on_partial)
+    partial.unlink(missing_ok=True)
     results["seconds"]["audits_and_startup"] = time.perf_counter() - t0 - results["seconds"]["total"]
     results["seconds"]["wall"] = time.perf_counter() - t0
     check_results(results)

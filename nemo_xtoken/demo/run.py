@@ -276,8 +276,12 @@ def student_name(label: str, seed: int, n_seeds: int) -> str:
     return label if n_seeds == 1 else f"{label} [seed {seed}]"
 
 
-def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Build the corpora, train (or load) the teachers, train every method's student for every seed; return every figure."""
+def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: Any = None) -> dict[str, Any]:
+    """Build the corpora, train (or load) the teachers, train every method's student for every seed; return every figure.
+
+    ``on_partial(results)``, if given, is called after every student job with the results so far:
+    the methods whose students have finished for every seed (the same structure as the return value).
+    """
     from nemo_xtoken.assets import cache_dir, tokenizer_path
     from nemo_xtoken.demo import train
     from nemo_xtoken.demo.corpus import story_splits
@@ -337,8 +341,11 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
     ]
     keys: list[tuple[int, str] | None] = [None] * len(jobs)
     students_jobs = []
-    for seed in cfg.seeds:  # per seed: same initialization and data order for every method
-        for m in methods:
+    # method by method, every seed of a method before the next method (a run cut short has whole methods);
+    # the order of --methods when given, so the comparisons that matter most can go first
+    order = sorted(methods, key=lambda m: cfg.methods.index(m.key)) if cfg.methods else methods
+    for m in order:
+        for seed in cfg.seeds:  # per seed: same initialization and data order for every method
             students_jobs.append(((seed, m.label), Job(
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
@@ -346,7 +353,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
                 teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=live,
                 kd_weight=m.kd_weight if m.kd_weight is not None else cfg.kd_weight,
             )))
-    students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
+    if not cfg.methods:
+        students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
     for k, j in students_jobs:
         jobs.append(j)
         keys.append(k)
@@ -364,6 +372,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
             teacher_results[n] = {**r, "cached": False}
             seconds[f"teacher {n} done"] = time.perf_counter() - t_start
             log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s; cached for later runs)")
+        elif on_partial is not None:
+            res[i] = r
+            on_partial(assemble())
 
     log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
         f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")
@@ -372,6 +383,27 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
     second = [i for i in range(len(jobs)) if i not in first]
     res: list[Any] = [None] * len(jobs)
     gate: dict[str, Any] = {"checked": False}
+
+    def assemble() -> dict[str, Any]:
+        """Every figure so far: the methods whose students finished for every seed."""
+        students: dict[str, dict[str, Any]] = {str(seed): {} for seed in cfg.seeds}
+        for k, r in zip(keys, res):
+            if k is not None and r is not None:
+                students[str(k[0])][k[1]] = r
+        done = [m for m in methods if all(m.label in students[str(seed)] for seed in cfg.seeds)]
+        students = {s: {m.label: d[m.label] for m in done} for s, d in students.items()}
+        return {
+            "config": asdict(cfg),
+            "data": summ,
+            "teacher_gate": gate,
+            "examples": [s.text for s in e_corpus[:2]],
+            "teachers": {n: teacher_results[n] for n in needed if n in teacher_results},  # a fixed order, whatever the schedule
+            "students": students,
+            "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w,
+                         "kd_weight": m.kd_weight} for m in done],
+            "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": time.perf_counter() - t_start, **seconds},
+        }
+
     bars = _Progress(jobs, queue, disable=not progress)
     try:
         for phase in (first, second):
@@ -396,21 +428,4 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict[str, 
                 res[i] = x
     finally:
         bars.close()
-    students: dict[str, dict[str, Any]] = {}
-    for k, r in zip(keys, res):
-        if k is not None:
-            students.setdefault(str(k[0]), {})[k[1]] = r
-    students = {str(seed): students[str(seed)] for seed in cfg.seeds}
-    teacher_results = {n: teacher_results[n] for n in needed}  # a fixed order, whatever the schedule
-    total = time.perf_counter() - t_start
-    return {
-        "config": asdict(cfg),
-        "data": summ,
-        "teacher_gate": gate,
-        "examples": [s.text for s in e_corpus[:2]],
-        "teachers": teacher_results,
-        "students": students,
-        "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w,
-                     "kd_weight": m.kd_weight} for m in methods],
-        "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": total, **seconds},
-    }
+    return assemble()
