@@ -86,3 +86,19 @@ def test_demo_stops_before_any_kd_student_when_a_teacher_is_weaker(tmp_path, mon
     # what finished before the stop is handed out: CE only, for its seed
     assert [[m["label"] for m in p["methods"]] for p in partial] == [["CE only"]]
     assert list(partial[0]["students"]["1"]) == ["CE only"] and partial[0]["data"]["student_max_draws"] == 1
+
+
+def test_default_run_and_the_claims_it_leaves_to_methods():
+    from nemo_xtoken.demo.report import direction
+
+    keys = [m.key for m in FULL.selected()]
+    assert keys == ["ce", "kd_llama3", "gold_qwen3", "pkl_qwen3", "gold_o200k", "hkl_o200k", "two_teachers"]
+    methods = [{"key": m.key, "label": m.label} for m in FULL.selected()]
+    run = {"methods": methods, "students": {"1": {m["label"]: {"exact": 0.5} for m in methods}}}
+    not_run = {r["claim"]: r["command"] for r in direction(run) if r["verdict"] == "not run"}
+    assert sorted(not_run.values()) == [
+        "xtoken demo --methods ce,pkl_learned_w_qwen3,pkl_qwen3",
+        "xtoken demo --methods ce,pkl_qwen3,pkl_qwen3_w0.5,pkl_qwen3_w1,pkl_qwen3_w2",
+        "xtoken demo --methods ce,pkl_qwen3,uld_qwen3",
+        "xtoken demo --methods ce,uld_qwen3,gold_qwen3",
+    ]
