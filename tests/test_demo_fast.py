@@ -1,4 +1,4 @@
-"""`xtoken demo --fast` end to end: audits, three teachers, nine students, table/direction/plot/JSON.
+"""`xtoken demo --fast` end to end: audits, three teachers, nine students, table/claims/plot/JSON.
 
 Asserts what a tiny run can promise — every output is there and finite, the regime is the paper's
 (every token of the students' stories in the loss), the teachers learned (held-out CE far below a
@@ -33,6 +33,9 @@ LABELS = [
 ]
 
 
+KEYS = ["ce", "kd_llama3", "uld_qwen3", "gold_qwen3", "pkl_qwen3", "pkl_learned_w_qwen3", "gold_o200k", "hkl_o200k", "two_teachers"]
+
+
 def _demo(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["XTOKEN_CACHE"] = str(cache)
@@ -53,7 +56,7 @@ def demo_out(tmp_path_factory, llama3, qwen3, o200k):  # the fixtures make sure 
     if (cache_dir() / "projections").is_dir():
         (cache / "projections").symlink_to(cache_dir() / "projections")
     out = tmp_path_factory.mktemp("demo")
-    proc = _demo(out, cache)
+    proc = _demo(out, cache, "--methods", ",".join(KEYS))  # the nine methods (the default run leaves out ULD and learnable W)
     again = tmp_path_factory.mktemp("demo_again")
     _demo(again, cache, "--methods", "ce,pkl_qwen3")  # teachers cached now; same seed
     return out, proc.stdout, cache, again
