@@ -472,14 +472,22 @@ def _row_key(row: torch.Tensor) -> bytes:
 
 def _distillation_model(job: Job, student, data: Any):
     """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss(es), dynamic scaling."""
-    from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer, convert_to_xtoken_distillation_model
+    from nemo_xtoken.integration.distill import convert_to_xtoken_distillation_model
 
-    teachers, specs = [], []
+    teachers = [MemoTeacher(_load_teacher(job.teacher_weights[t.side], data.sides[t.side], job.teacher_size or job.size, data, job.teacher_seed),
+                            live=job.live_teachers) for t in job.teachers]
+    crit, balancer = kd_criterion(job, data)
+    return convert_to_xtoken_distillation_model(student, teachers, crit, balancer)
+
+
+def kd_criterion(job: Job, data: Any):
+    """The job's criterion (:class:`XTokenLogitsLoss`: its teachers' losses, W, merge) and balancer (weighting, scale cap)."""
+    from nemo_xtoken.demo.data import pad_to
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer
+
+    specs = []
     for t in job.teachers:
         side = data.sides[t.side]
-        teachers.append(MemoTeacher(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed),
-                                    live=job.live_teachers))
         proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
         if t.loss == "partition_kl":
             proj = side.spellings  # reduced spellings of both vocabularies (run_demo attaches them)
@@ -503,7 +511,7 @@ def _distillation_model(job: Job, student, data: Any):
         block_size=None,  # [768 positions, ≈1k ids]: a few MB unblocked; blocking would only recompute the forward
     )
     balancer = XTokenLossBalancer("dynamic", kd_scale_max=job.kd_scale_max) if job.kd_weight is None else XTokenLossBalancer("fixed", kd_weight=job.kd_weight)
-    return convert_to_xtoken_distillation_model(student, teachers, crit, balancer)
+    return crit, balancer
 
 
 class _StudentOnly:
