@@ -161,3 +161,19 @@ def test_answer_probe_reads_every_multi_digit_answer(demo_data, llama3):
     assert out["n"] == len(want_lp) and sum(out[f"n_{k}"] for k in set(kinds)) == len(want_lp)
     assert out["logp_true"] == pytest.approx(sum(want_lp) / len(want_lp), rel=1e-5)
     assert out["same_first_digit_mass"] == pytest.approx(sum(want_mass) / len(want_mass), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--study", "gold"], "the one study is 'pkl'"),
+    (["--study", "pkl", "--methods", "ce"], "drop --methods"),
+    (["--study", "pkl", "--kd-weight", "2"], "drop --kd-weight"),
+])
+def test_study_cli_refuses_bad_options(tmp_path, capsys, monkeypatch, argv, message):
+    from nemo_xtoken.cli.main import main
+
+    ran = []
+    monkeypatch.setattr("nemo_xtoken.demo.study.run_study", lambda *a, **k: ran.append(1))
+    assert main(["demo", "--fast", "--no-progress", "-o", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not ran and not (tmp_path / "out").exists()
