@@ -101,3 +101,50 @@ def test_demo_stops_when_the_audits_fail(tmp_path, capsys, monkeypatch):
     assert "W audits failed" in cap.err and "tokenizer file is damaged" in cap.err
     assert "building W" in cap.out  # what the audits printed before failing is shown
     assert not ran  # nothing trained
+
+
+def _claims_run(values: dict[str, list[float]]) -> dict:
+    """A run of the given method keys with per-seed exact answers (labels from the demo's own methods)."""
+    from nemo_xtoken.demo.run import EXTRA_METHODS
+    from nemo_xtoken.demo.run import METHODS as ALL
+
+    known = {m.key: m for m in ALL + EXTRA_METHODS}
+    seeds = [str(s + 1) for s in range(len(next(iter(values.values()))))]
+    methods = [{"key": k, "label": known[k].label, "teachers": [], "learnable_w": False} for k in values]
+    students = {s: {known[k].label: {"exact": v[i]} for k, v in values.items()} for i, s in enumerate(seeds)}
+    return {"methods": methods, "students": students, "config": {}, "teachers": {}}
+
+
+def test_claim_table_lists_every_claim_with_a_verdict_or_the_command_that_runs_it():
+    from nemo_xtoken.demo.report import CLAIMS, format_direction
+
+    r = _claims_run({"ce": [0.30, 0.30, 0.30], "pkl_qwen3": [0.10, 0.12, 0.31], "gold_qwen3": [0.05, 0.06, 0.07],
+                     "uld_qwen3": [0.01, 0.02, 0.01]})
+    rows = direction(r)
+    assert len(rows) == len(CLAIMS)  # no claim left out, whatever ran
+    by = {x["claim"]: x for x in rows}
+    pkl_ce = by["P-KL ← Qwen3 > CE only"]
+    assert pkl_ce["verdict"] == "within seed spread" and pkl_ce["seeds_agreeing"] == 1  # seed 3 disagrees
+    assert pkl_ce["difference"]["values"] == pytest.approx([-0.20, -0.18, 0.01])
+    assert by["CE only > GOLD ← Qwen3"]["verdict"] == "holds"
+    assert by["ULD ← Qwen3 > GOLD ← Qwen3"]["verdict"] == "fails" and by["ULD ← Qwen3 > GOLD ← Qwen3"]["seeds_agreeing"] == 0
+    two = by["H-KL ← o200k 0.8 + KL ← Llama-3 0.2 > H-KL ← o200k"]
+    assert two["verdict"] == "not run" and two["difference"] is None
+    assert two["command"] == "xtoken demo --methods ce,two_teachers,hkl_o200k"
+    text = format_direction(r)
+    assert all(x["claim"] in text for x in rows) and "not run (xtoken demo --methods ce,two_teachers,hkl_o200k)" in text
+    assert text.count("\n") == len(CLAIMS) - 1
+    md = format_direction(r, markdown=True)
+    assert md.count("\n") == len(CLAIMS) + 1 and "| fails |" in md
+
+
+def test_dynamic_scaling_is_compared_with_the_best_fixed_weight():
+    r = _claims_run({"ce": [0.3, 0.3], "pkl_qwen3": [0.20, 0.25], "pkl_qwen3_w0.5": [0.10, 0.10], "pkl_qwen3_w1": [0.30, 0.22],
+                     "pkl_qwen3_w2": [0.15, 0.40]})
+    (row,) = [x for x in direction(r) if len(x["worse"]) == 3]
+    assert row["compared_with"] == "P-KL ← Qwen3, fixed w=2"  # best mean (0.275 vs 0.26 vs 0.10), one weight for every seed
+    assert row["difference"]["values"] == pytest.approx([0.05, -0.15]) and row["verdict"] == "within seed spread"
+    r["students"]["2"]["P-KL ← Qwen3, fixed w=2"]["exact"] = 0.2
+    r["students"]["2"]["P-KL ← Qwen3, fixed w=1"]["exact"] = 0.3
+    (row,) = [x for x in direction(r) if len(x["worse"]) == 3]
+    assert row["compared_with"] == "P-KL ← Qwen3, fixed w=1" and row["verdict"] == "fails"

@@ -158,7 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = write_outputs(results, out, audits)
     print()
     print(format_table(results))
-    print("\nthe paper's direction (paired differences in exact answers, per seed):")
+    print("\nevery claim of the paper the demo can test (paired differences in exact answers, per seed; "
+          "holds / fails only where every seed agrees):")
     print(format_direction(results))
     print(f"\nwrote {paths['table']}, {paths['plot']}, {paths['json']}  ({results['seconds']['wall']:.0f} s in all)")
     gc.freeze()  # the interpreter's final collection would walk the whole heap again: 4–5 s measured, for nothing
@@ -197,7 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, help="students per method with seeds 1…N (initialization and data order), or a list such as 2,3 (3, = seed 3 alone); "
                    "teachers are shared (default 1); runs of other seeds merge with python -m nemo_xtoken.demo.report --merge")
     p.add_argument("--methods", default=None, help="comma-separated method keys (default: all): ce, kd_llama3, uld_qwen3, gold_qwen3, pkl_qwen3, "
-                   "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers; selectable only here: partkl_qwen3, partkl_o200k (partition-KL)")
+                   "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers; selectable only here: partkl_qwen3, partkl_o200k (partition-KL), "
+                   "pkl_qwen3_w0.5, pkl_qwen3_w1, pkl_qwen3_w2 (P-KL ← Qwen3 at fixed KD weights: the paper's Table 4)")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the full or fast setting)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the full or fast setting)")
     p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")

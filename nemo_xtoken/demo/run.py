@@ -19,18 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from nemo_xtoken.demo.train import Job, ModelSize, TeacherUse
+from nemo_xtoken.errors import XTokenError
 
-__all__ = ["DemoConfig", "Method", "METHODS", "EXTRA_METHODS", "TEACHERS", "run_demo", "FAST", "FULL"]
+__all__ = ["DemoConfig", "Method", "METHODS", "EXTRA_METHODS", "TEACHERS", "run_demo", "FAST", "FULL", "teacher_gate", "sampler_usage",
+           "TeacherGateError"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A student: its key (``--methods``), label, teachers (none = CE only), whether W is learned with it."""
+    """A student: its key (``--methods``), label, teachers (none = CE only), whether W is learned with it,
+    and its own fixed KD weight (None: the run's weighting, dynamic scaling unless ``--kd-weight``)."""
 
     key: str
     label: str
     teachers: tuple[TeacherUse, ...] = ()
     learnable_w: bool = False
+    kd_weight: float | None = None
 
 
 METHODS: list[Method] = [
@@ -48,6 +52,8 @@ METHODS: list[Method] = [
 EXTRA_METHODS: list[Method] = [
     Method("partkl_qwen3", "partition-KL ← Qwen3", (TeacherUse("qwen3", "partition_kl"),)),
     Method("partkl_o200k", "partition-KL ← o200k", (TeacherUse("o200k", "partition_kl"),)),
+    # the paper's Table 4 (dynamic scaling beats fixed KD weights), on P-KL ← Qwen3: CE + w·KD
+    *[Method(f"pkl_qwen3_w{w:g}", f"P-KL ← Qwen3, fixed w={w:g}", (TeacherUse("qwen3", "p_kl"),), kd_weight=w) for w in (0.5, 1.0, 2.0)],
 ]
 #: teacher name → tokenizer (``nemo_xtoken.assets`` name); llama3 is the student's own tokenizer (no W)
 TEACHERS = ("qwen3", "o200k", "llama3")
@@ -59,7 +65,7 @@ class DemoConfig:
     """Every setting of a demo run (see ``xtoken demo --help``)."""
 
     n_teacher_stories: int = 5000
-    n_student_stories: int = 500
+    n_student_stories: int = 12800  # at least: grown to student_steps x batch (one story per sample, none drawn twice)
     n_eval_stories: int = 300
     corpus_seed: int = 0
     seq_length: int = 48
@@ -81,11 +87,16 @@ class DemoConfig:
     methods: tuple[str, ...] = ()  # method keys to run (empty: all)
     kd_weight: float | None = None  # None: dynamic scaling (the paper's); a number w: fixed CE + w·KD
     live_teachers: bool = False  # recompute the frozen teachers' logits at every student step (default: once per story, MemoTeacher)
+    teacher_gate: bool = True  # stop before any KD student unless every teacher beats CE only in every answer category
+
+    def student_stories(self) -> int:
+        """Stories in the students' corpus: enough for every sample of the budget to be a story not drawn before."""
+        return max(self.n_student_stories, self.student_steps * self.batch)
 
     def teacher_key(self, teacher: str, fingerprints: dict[str, str]) -> str:
         """Content hash of everything that determines a teacher's weights."""
         d = {
-            "teacher": teacher, "corpus": [self.n_teacher_stories, self.n_student_stories, self.n_eval_stories, self.corpus_seed],
+            "teacher": teacher, "corpus": [self.n_teacher_stories, self.student_stories(), self.n_eval_stories, self.corpus_seed],
             "seq": [self.seq_length, self.teacher_seq_length], "steps": self.teacher_steps, "batch": self.batch,
             "lr": self.teacher_lr, "size": asdict(self.teacher_size), "seed": self.teacher_seed, "tp": self.tp,
             "fp": fingerprints, "v": CODE_VERSION,
@@ -108,7 +119,47 @@ FAST = DemoConfig(
     n_teacher_stories=400, n_student_stories=150, n_eval_stories=40, teacher_steps=40, student_steps=8, batch=8,
     teacher_size=ModelSize(hidden=32, layers=1, heads=2, ffn=64), size=ModelSize(hidden=32, layers=1, heads=2, ffn=64),
     eval_every=4, n_eval_curve=30,
+    teacher_gate=False,  # seconds of training: every model answers ~0 %, a gate would only stop the smoke test
 )
+
+_KINDS = ("copy", "add", "mul")
+
+
+class TeacherGateError(XTokenError):
+    """A teacher is not stronger than the CE-only student in some answer category (see :func:`teacher_gate`)."""
+
+
+def teacher_gate(teachers: dict[str, dict[str, Any]], ce_students: dict[str, dict[str, Any]]) -> list[str]:
+    """Every teacher must answer more held-out answers exactly than the CE-only student, in every category.
+
+    ``teachers``: name → result (``exact_copy``, ``exact_add``, ``exact_mul``); ``ce_students``: seed →
+    the CE-only student's result.  Compared against the best CE-only seed (strictly greater).
+    Returns one line per failure, naming the teacher, the category and both figures (empty: passed).
+    """
+    bad = []
+    for name, t in teachers.items():
+        for kind in _KINDS:
+            k = f"exact_{kind}"
+            seed, best = max(((s, float(r[k])) for s, r in ce_students.items()), key=lambda x: x[1])
+            if not float(t[k]) > best:
+                bad.append(f"teacher {name} answers {100 * float(t[k]):.1f}% of the held-out {kind} answers exactly, "
+                           f"the CE-only student (seed {seed}) {100 * best:.1f}%: a teacher must be stronger in every category")
+        # a teacher without a category's figure would raise KeyError above: results always carry all three
+    return bad
+
+
+def sampler_usage(samples: Any, seed: int, n_samples: int) -> dict[str, Any]:
+    """What the students' sampler draws for ``seed`` over ``n_samples`` samples (the training budget).
+
+    ``epochs`` = samples drawn / stories in the corpus (passes over the students' corpus);
+    ``max_draws`` = the most times one story is drawn (1: no story seen twice).
+    """
+    import collections
+
+    ds = samples.order(seed)
+    counts = collections.Counter(ds.piece_index(i) for i in range(n_samples))
+    return {"stories": len(samples), "drawn": n_samples, "distinct": len(counts), "epochs": n_samples / len(samples),
+            "max_draws": max(counts.values()) if counts else 0}
 
 
 def _init_worker(queue: Any) -> None:
@@ -239,7 +290,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
     student = load_tokenizer(tokenizer_path("llama3"))
     toks = {n: load_tokenizer(tokenizer_path(n)) for n in TEACHERS}
     teachers = {n: (toks[n], None if n == "llama3" else cached_projection(student, toks[n])) for n in TEACHERS}
-    t_corpus, s_corpus, e_corpus = story_splits(cfg.n_teacher_stories, cfg.n_student_stories, cfg.n_eval_stories, seed=cfg.corpus_seed)
+    t_corpus, s_corpus, e_corpus = story_splits(cfg.n_teacher_stories, cfg.student_stories(), cfg.n_eval_stories, seed=cfg.corpus_seed)
     data = build_demo_data(student, teachers, t_corpus, s_corpus, e_corpus, seq_length=cfg.seq_length, teacher_seq_length=cfg.teacher_seq_length)
     for n in sorted({t.side for m in methods for t in m.teachers if t.loss == "partition_kl"}):  # partition-KL: spellings, reduced
         from nemo_xtoken.demo.vocab_subset import reduce_spellings
@@ -248,8 +299,17 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
         data.sides[n].spellings = reduce_spellings(cached_spellings(student, toks[n]), data.student_subset, data.sides[n].subset)
     t_data = time.perf_counter() - t_start
     summ = data.summary()
+    # the regime: what the students' sampler really draws over the step budget, per seed (the same for every method)
+    usage = {str(seed): sampler_usage(next(iter(data.sides.values())).student_train, seed, cfg.student_steps * cfg.batch) for seed in cfg.seeds}
+    summ["student_sampler"] = usage
+    summ["student_epochs"] = max(u["epochs"] for u in usage.values())
+    summ["student_max_draws"] = max(u["max_draws"] for u in usage.values())
+    # a story drawn once makes a teacher memo pure memory (GBs at 12,800 stories): run the teachers live then
+    live = cfg.live_teachers or summ["student_max_draws"] <= 1
     log(f"corpora: {len(t_corpus)} teacher / {len(s_corpus)} student / {len(e_corpus)} held-out stories "
         f"({summ['eval_answers']} held-out answers), e.g. {e_corpus[0].text!r}")
+    log(f"students draw {cfg.student_steps} x {cfg.batch} = {cfg.student_steps * cfg.batch} stories: {summ['student_epochs']:.3g} passes "
+        f"over their corpus, no story more than {summ['student_max_draws']} time(s)")
     log("vocabularies reduced to the corpora's tokens (same for every method): " + ", ".join(f"{k} {v}" for k, v in summ.items() if k.endswith("_vocab")))
     queue = mp.get_context("fork").Queue()
 
@@ -282,8 +342,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
                 eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
-                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=cfg.live_teachers,
-                kd_weight=cfg.kd_weight,
+                teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=live,
+                kd_weight=m.kd_weight if m.kd_weight is not None else cfg.kd_weight,
             )))
     students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
     if cells is not None:
@@ -317,9 +377,33 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
 
     log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
         f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")
+    # two phases: the teachers and the CE-only students first, then the teacher gate, then the KD students
+    first = [i for i, j in enumerate(jobs) if j.kind == "teacher" or not j.teachers]
+    second = [i for i in range(len(jobs)) if i not in first]
+    res: list[Any] = [None] * len(jobs)
+    gate: dict[str, Any] = {"checked": False}
     bars = _Progress(jobs, queue, disable=not progress)
     try:
-        res = _run_scheduled(jobs, needs, provides, set(needed) - set(todo), cfg.workers, queue, on_result)
+        for phase in (first, second):
+            if not phase:
+                continue
+            if phase is second:
+                ce = {str(k[0]): res[i] for i, k in enumerate(keys) if k is not None and not jobs[i].teachers}
+                if not ce:
+                    log("teacher gate: not checked (no CE-only student in --methods)")
+                elif teacher_results:
+                    failures = teacher_gate({n: teacher_results[n] for n in needed}, ce)
+                    gate = {"checked": cfg.teacher_gate, "failures": failures}
+                    if failures and cfg.teacher_gate:
+                        raise TeacherGateError("; ".join(failures) + " — no KD student trained (raise teacher_steps or n_teacher_stories "
+                                               "in nemo_xtoken/demo/run.py FULL, or choose a larger teacher_size)")
+                    log("teacher gate: " + ("every teacher beats CE only in copy, add and mul" if not failures
+                                            else "off (" + "; ".join(failures) + ")"))
+            r = _run_scheduled([jobs[i] for i in phase], [needs[i] for i in phase], [provides[i] for i in phase],
+                               {n for n in needed if n in teacher_results}, cfg.workers, queue,
+                               lambda k, r, phase=phase: on_result(phase[k], r))
+            for i, x in zip(phase, r):
+                res[i] = x
     finally:
         bars.close()
     students: dict[str, dict[str, Any]] = {}
@@ -332,9 +416,11 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
     return {
         "config": asdict(cfg),
         "data": summ,
+        "teacher_gate": gate,
         "examples": [s.text for s in e_corpus[:2]],
         "teachers": teacher_results,
         "students": students,
-        "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w} for m in methods],
+        "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w,
+                     "kd_weight": m.kd_weight} for m in methods],
         "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": total, **seconds},
     }
