@@ -352,7 +352,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
             name=student_name(key, seed, len(seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
             steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
             eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
-            teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=cfg.live_teachers,
+            teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=live,
             **{"kd_weight": cfg.kd_weight, **over},
         )) for seed, key, m, over in cells]
     for k, j in students_jobs:

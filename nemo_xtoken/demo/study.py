@@ -60,16 +60,16 @@ def cell_key(weighting: str, w: str, merge: str) -> str:
 
 
 def study_cells(seeds: tuple[int, ...]) -> list[tuple[int, str, Any, dict[str, Any]]]:
-    """``(seed, key, method, Job overrides)`` of every cell, seed by seed, CE only first."""
+    """``(seed, key, method, Job overrides)`` of every cell, seed by seed, CE only first, then merge by merge."""
     from nemo_xtoken.demo.run import METHODS
 
     by_key = {m.key: m for m in METHODS}
     out = []
     for seed in seeds:
         out.append((seed, CE_KEY, by_key["ce"], {"answer_probe": True}))
-        for wname, wo in WEIGHTINGS.items():
-            for vname, vo in W_VARIANTS.items():
-                for merge in MERGES:
+        for merge in MERGES:  # chain (the default) first: a run cut short has every weighting x W of the default merge
+            for wname, wo in WEIGHTINGS.items():
+                for vname, vo in W_VARIANTS.items():
                     out.append((seed, cell_key(wname, vname, merge), by_key["pkl_qwen3"], {**wo, **vo, "merge": merge, "answer_probe": True}))
     return out
 
@@ -314,8 +314,7 @@ def write_study(res: dict[str, Any], out: Path) -> dict[str, Path]:
     lines = [
         "# P-KL ← Qwen3 vs CE only: the study", "",
         f"`{res['command']}`, started {res['started']}, commit {res.get('commit', '?')}; seeds finished per cell in the table "
-        f"(seeds run: {', '.join(seeds) or 'none'}); {res['config'].get('n_student_stories', '?')} student stories, "
-        f"{res['config']['student_steps']} student steps × batch {res['config']['batch']}.", "",
+        f"(seeds run: {', '.join(seeds) or 'none'}); {_regime(res)}.", "",
         "Exact answer: greedy decoding of every held-out answer (per kind: copy / add / mul). log p(true): the student's "
         "log-probability of the true answer token(s), teacher-forced at the answer's position(s), mean over the "
         f"{_n_multi(res)} multi-digit held-out answers. Same-first-digit mass: at those positions, the probability on other "
@@ -330,6 +329,16 @@ def write_study(res: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["table"].write_text("\n".join(lines) + "\n")
     plot_study(res, paths["plot"])
     return paths
+
+
+def _regime(res: dict[str, Any]) -> str:
+    c, d = res["config"], res.get("data") or {}
+    drawn = c["student_steps"] * c["batch"]
+    stories = d.get("student_stories") or max(c.get("n_student_stories", 0), drawn)
+    text = f"{c['student_steps']} student steps × batch {c['batch']} = {drawn:,} stories drawn from a corpus of {stories:,}"
+    if "student_max_draws" in d:
+        text += f" ({d['student_epochs']:.3g} passes, no story drawn more than {d['student_max_draws']} time(s))"
+    return text
 
 
 def _n_multi(res: dict[str, Any]) -> str:
