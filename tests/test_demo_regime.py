@@ -79,6 +79,10 @@ def test_demo_stops_before_any_kd_student_when_a_teacher_is_weaker(tmp_path, mon
     monkeypatch.setenv("XTOKEN_TEST_STARTED", str(started))
     monkeypatch.setattr(train, "run_job", _recording_run_job)
     cfg = replace(FAST, teacher_steps=1, n_teacher_stories=40, n_eval_stories=20, methods=("ce", "pkl_qwen3"), teacher_gate=True)
+    partial = []
     with pytest.raises(TeacherGateError, match=r"teacher qwen3 answers .*% of the held-out (copy|add|mul) answers exactly, the CE-only student \(seed 1\) "):
-        run_demo(cfg, progress=False, log=lambda *a: None)
+        run_demo(cfg, progress=False, log=lambda *a: None, on_partial=partial.append)
     assert sorted(started.read_text().split("\n")[:-1]) == ["CE only", "teacher qwen3"]
+    # what finished before the stop is handed out: CE only, for its seed
+    assert [[m["label"] for m in p["methods"]] for p in partial] == [["CE only"]]
+    assert list(partial[0]["students"]["1"]) == ["CE only"] and partial[0]["data"]["student_max_draws"] == 1

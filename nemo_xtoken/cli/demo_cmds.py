@@ -133,6 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         over["seeds"] = parse_seeds(args.seeds)
     if args.methods:
         over["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
+    if args.teacher_steps is not None:
+        over["teacher_steps_by"] = ()  # --teacher-steps N: every teacher N steps
     cfg = replace(cfg, **over)
     try:
         cfg.selected()
@@ -149,9 +151,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Megatron-core, ModelOpt (and sympy under them) leave millions of long-lived objects: freezing them
     # keeps every later collection (the data build, the forked workers) from walking them again.
     gc.freeze()
-    print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps, {cfg.student_steps} student steps, "
+    print(f"\n== distillation ({'fast' if args.fast else 'full'}): {cfg.teacher_steps} teacher steps"
+          + "".join(f" ({n} {k})" for n, k in cfg.teacher_steps_by) + f", {cfg.student_steps} student steps, "
           f"batch {cfg.batch}, seeds {list(cfg.seeds)}")
-    results = run_demo(cfg, progress=not args.no_progress)
+    partial = out / "results.partial.json"
+
+    def on_partial(r: dict) -> None:  # what has finished so far, rewritten after every student (removed at the end)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**r, "audits": audits}, indent=1, ensure_ascii=False))
+        tmp.replace(partial)
+
+    results = run_demo(cfg, progress=not args.no_progress, on_partial=on_partial)
+    partial.unlink(missing_ok=True)
     results["seconds"]["audits_and_startup"] = time.perf_counter() - t0 - results["seconds"]["total"]
     results["seconds"]["wall"] = time.perf_counter() - t0
     check_results(results)
@@ -201,7 +212,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "pkl_learned_w_qwen3, gold_o200k, hkl_o200k, two_teachers; selectable only here: partkl_qwen3, partkl_o200k (partition-KL), "
                    "pkl_qwen3_w0.5, pkl_qwen3_w1, pkl_qwen3_w2 (P-KL ← Qwen3 at fixed KD weights: the paper's Table 4)")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the full or fast setting)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: the full or fast setting)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps, every teacher (default: the full setting, 800; Qwen3 2400)")
     p.add_argument("--workers", type=int, default=None, help="training processes at a time (default 2)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per model on gloo (default 1; 2 runs jobs one by one)")
     p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation (curves, gradient probe) every N steps (default: the full or fast setting)")

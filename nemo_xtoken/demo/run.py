@@ -64,13 +64,16 @@ CODE_VERSION = 2  # bump when training code changes what a cached teacher would 
 class DemoConfig:
     """Every setting of a demo run (see ``xtoken demo --help``)."""
 
-    n_teacher_stories: int = 5000
+    n_teacher_stories: int = 12800
     n_student_stories: int = 12800  # at least: grown to student_steps x batch (one story per sample, none drawn twice)
     n_eval_stories: int = 300
     corpus_seed: int = 0
     seq_length: int = 48
     teacher_seq_length: int = 56
     teacher_steps: int = 800
+    # per teacher: Qwen3 splits numerals into digits, and its 800-step teacher answered 7 % of the add answers
+    # (CE only: 46 %); at 2,400 steps 82 % (measured 2026-12-07, docs/demo.md) — the gate needs it stronger
+    teacher_steps_by: tuple[tuple[str, int], ...] = (("qwen3", 2400),)
     student_steps: int = 800
     batch: int = 16
     teacher_lr: float = 3e-3
@@ -89,6 +92,10 @@ class DemoConfig:
     live_teachers: bool = False  # recompute the frozen teachers' logits at every student step (default: once per story, MemoTeacher)
     teacher_gate: bool = True  # stop before any KD student unless every teacher beats CE only in every answer category
 
+    def steps_of(self, teacher: str) -> int:
+        """A teacher's training steps (``teacher_steps`` unless ``teacher_steps_by`` names it)."""
+        return dict(self.teacher_steps_by).get(teacher, self.teacher_steps)
+
     def student_stories(self) -> int:
         """Stories in the students' corpus: enough for every sample of the budget to be a story not drawn before."""
         return max(self.n_student_stories, self.student_steps * self.batch)
@@ -97,7 +104,7 @@ class DemoConfig:
         """Content hash of everything that determines a teacher's weights."""
         d = {
             "teacher": teacher, "corpus": [self.n_teacher_stories, self.student_stories(), self.n_eval_stories, self.corpus_seed],
-            "seq": [self.seq_length, self.teacher_seq_length], "steps": self.teacher_steps, "batch": self.batch,
+            "seq": [self.seq_length, self.teacher_seq_length], "steps": self.steps_of(teacher), "batch": self.batch,
             "lr": self.teacher_lr, "size": asdict(self.teacher_size), "seed": self.teacher_seed, "tp": self.tp,
             "fp": fingerprints, "v": CODE_VERSION,
         }
@@ -118,7 +125,7 @@ FULL = DemoConfig()
 FAST = DemoConfig(
     n_teacher_stories=400, n_student_stories=150, n_eval_stories=40, teacher_steps=40, student_steps=8, batch=8,
     teacher_size=ModelSize(hidden=32, layers=1, heads=2, ffn=64), size=ModelSize(hidden=32, layers=1, heads=2, ffn=64),
-    eval_every=4, n_eval_curve=30,
+    eval_every=4, n_eval_curve=30, teacher_steps_by=(),
     teacher_gate=False,  # seconds of training: every model answers ~0 %, a gate would only stop the smoke test
 )
 
@@ -269,10 +276,12 @@ def student_name(label: str, seed: int, n_seeds: int) -> str:
     return label if n_seeds == 1 else f"{label} [seed {seed}]"
 
 
-def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[tuple[int, str, Method, dict[str, Any]]] | None = None,
-             on_student: Any = None) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: Any = None,
+             cells: list[tuple[int, str, Method, dict[str, Any]]] | None = None, on_student: Any = None) -> dict[str, Any]:
     """Build the corpora, train (or load) the teachers, train every method's student for every seed; return every figure.
 
+    ``on_partial(results)``, if given, is called after every student job with the results so far:
+    the methods whose students have finished for every seed (the same structure as the return value).
     ``cells`` (the P-KL study, :mod:`nemo_xtoken.demo.study`): instead of every method for every seed,
     exactly these students, in this order: ``(seed, key, method, Job overrides)``; ``on_student(key
     pair, result)`` runs in this process as each student ends.
@@ -329,15 +338,18 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
             teacher_results[n] = {**json.loads(metas[n].read_text()), "cached": True}
             log(f"teacher {n}: cached ({paths[n].name}), held-out exact {teacher_results[n]['exact']:.1%}")
     jobs: list[Job] = [
-        Job(name=f"teacher {n}", kind="teacher", side=n, steps=cfg.teacher_steps, batch=cfg.batch, lr=cfg.teacher_lr,
+        Job(name=f"teacher {n}", kind="teacher", side=n, steps=cfg.steps_of(n), batch=cfg.batch, lr=cfg.teacher_lr,
             size=cfg.teacher_size, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, eval_every=cfg.eval_every,
             n_eval_curve=cfg.n_eval_curve, save_to=str(paths[n]) + ".tmp", tp=cfg.tp)
         for n in todo
     ]
     keys: list[tuple[int, str] | None] = [None] * len(jobs)
     students_jobs = []
-    for seed in cfg.seeds:  # per seed: same initialization and data order for every method
-        for m in methods:
+    # method by method, every seed of a method before the next method (a run cut short has whole methods);
+    # the order of --methods when given, so the comparisons that matter most can go first
+    order = sorted(methods, key=lambda m: cfg.methods.index(m.key)) if cfg.methods else methods
+    for m in order:
+        for seed in cfg.seeds:  # per seed: same initialization and data order for every method
             students_jobs.append(((seed, m.label), Job(
                 name=student_name(m.label, seed, len(cfg.seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
                 steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
@@ -345,7 +357,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
                 teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=live,
                 kd_weight=m.kd_weight if m.kd_weight is not None else cfg.kd_weight,
             )))
-    students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
+    if not cfg.methods:
+        students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
     if cells is not None:
         seeds = sorted({c[0] for c in cells})
         students_jobs = [((seed, key), Job(
@@ -372,8 +385,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
             teacher_results[n] = {**r, "cached": False}
             seconds[f"teacher {n} done"] = time.perf_counter() - t_start
             log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s; cached for later runs)")
-        elif on_student is not None:
-            on_student(keys[i], r)
+        else:
+            if on_student is not None:
+                on_student(keys[i], r)
+            if on_partial is not None:
+                res[i] = r
+                on_partial(assemble())
 
     log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
         f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")
@@ -382,6 +399,27 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
     second = [i for i in range(len(jobs)) if i not in first]
     res: list[Any] = [None] * len(jobs)
     gate: dict[str, Any] = {"checked": False}
+
+    def assemble() -> dict[str, Any]:
+        """Every figure so far: the methods whose students finished for every seed."""
+        students: dict[str, dict[str, Any]] = {str(seed): {} for seed in cfg.seeds}
+        for k, r in zip(keys, res):
+            if k is not None and r is not None:
+                students[str(k[0])][k[1]] = r
+        done = [m for m in methods if all(m.label in students[str(seed)] for seed in cfg.seeds)]
+        students = {s: {m.label: d[m.label] for m in done} for s, d in students.items()}
+        return {
+            "config": asdict(cfg),
+            "data": summ,
+            "teacher_gate": gate,
+            "examples": [s.text for s in e_corpus[:2]],
+            "teachers": {n: teacher_results[n] for n in needed if n in teacher_results},  # a fixed order, whatever the schedule
+            "students": students,
+            "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w,
+                         "kd_weight": m.kd_weight} for m in done],
+            "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": time.perf_counter() - t_start, **seconds},
+        }
+
     bars = _Progress(jobs, queue, disable=not progress)
     try:
         for phase in (first, second):
@@ -406,21 +444,4 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, cells: list[t
                 res[i] = x
     finally:
         bars.close()
-    students: dict[str, dict[str, Any]] = {}
-    for k, r in zip(keys, res):
-        if k is not None:
-            students.setdefault(str(k[0]), {})[k[1]] = r
-    students = {str(seed): students[str(seed)] for seed in cfg.seeds if str(seed) in students}
-    teacher_results = {n: teacher_results[n] for n in needed}  # a fixed order, whatever the schedule
-    total = time.perf_counter() - t_start
-    return {
-        "config": asdict(cfg),
-        "data": summ,
-        "teacher_gate": gate,
-        "examples": [s.text for s in e_corpus[:2]],
-        "teachers": teacher_results,
-        "students": students,
-        "methods": [{"key": m.key, "label": m.label, "teachers": [asdict(t) for t in m.teachers], "learnable_w": m.learnable_w,
-                     "kd_weight": m.kd_weight} for m in methods],
-        "seconds": {"data": t_data, "training": time.perf_counter() - t_phase, "total": total, **seconds},
-    }
+    return assemble()

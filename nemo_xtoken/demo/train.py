@@ -286,7 +286,7 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
     from nemo_xtoken.parallel import vocab_parallel_cross_entropy
 
     data = _SHARED["data"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     teacher_job = job.kind == "teacher"
     distill = not teacher_job and bool(job.teachers)
     if teacher_job:
@@ -377,6 +377,7 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         **{f"eval_{k}": v for k, v in final.items()},
         "samples": [{"prompt": _decode(prompts.ids[i], texts)[-60:], "answer": prompts.answers[i], "output": greedy["outputs"][i]} for i in range(6)],
         "train_seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,  # this process's CPU time (wall depends on the machine's load)
     }
     if job.answer_probe:
         from nemo_xtoken.demo.study import answer_probe
