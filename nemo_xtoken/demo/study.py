@@ -295,8 +295,10 @@ def plot_study(res: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=7, ncol=4)
     axes[-1].set_xticks(range(len(groups)))
     axes[-1].set_xticklabels([f"{w}\n{v}" for w, v in groups], fontsize=7)
-    seeds = sorted({s for c in res["cells"].values() for s in c}, key=int)
-    fig.suptitle(f"P-KL ← Qwen3 vs CE only: the study (seeds {', '.join(seeds)}; mean ± sd)", fontsize=10)
+    pkl = sorted({s for k, c in res["cells"].items() if k != CE_KEY for s in c}, key=int)
+    ce_seeds = sorted(res["cells"].get(CE_KEY, {}), key=int)
+    fig.suptitle(f"P-KL ← Qwen3 vs CE only: the study (mean ± sd; P-KL cells: seeds {', '.join(pkl) or '—'}, "
+                 f"not every cell every seed, see study.md; CE only: seeds {', '.join(ce_seeds) or '—'})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
