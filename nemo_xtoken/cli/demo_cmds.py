@@ -142,6 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.selected()
     except ValueError as e:
         raise XTokenError(f"--methods: {e}") from None
+    if args.study is not None:
+        return _study(args, cfg)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.audit_only:
@@ -177,6 +179,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace, cfg) -> int:
+    """``xtoken demo --study pkl``: the P-KL study (nemo_xtoken.demo.study) into ``<output>/study``."""
+    from nemo_xtoken.demo.run import _preimport
+    from nemo_xtoken.demo.study import format_study, run_study
+    from nemo_xtoken.errors import XTokenError
+
+    if args.study != "pkl":
+        raise XTokenError(f"--study: the one study is 'pkl' (P-KL ← Qwen3 vs CE only), got {args.study!r}")
+    bad = [o for o, v in (("--methods", args.methods), ("--kd-weight", args.kd_weight), ("--audit-only", args.audit_only or None)) if v is not None]
+    if bad:
+        raise XTokenError(f"--study pkl sets its own cells: drop {', '.join(bad)}")
+    if args.seeds is None:
+        cfg = replace(cfg, seeds=(1, 2, 3))
+    out = Path(args.output) / "study"
+    _preimport()
+    gc.freeze()
+    res = run_study(cfg, out, command="xtoken demo " + " ".join(sys.argv[sys.argv.index("demo") + 1 :] if "demo" in sys.argv else []),
+                    progress=not args.no_progress)
+    print()
+    print(format_study(res))
+    print(f"\nwrote {out / 'results_study.json'}, {out / 'study.md'}, {out / 'study.png'}")
+    gc.freeze()
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default (real tokenizers, no model hub)")
     p.add_argument("--output", "--out", "-o", default="outputs/demo", help="where to write the demo's results")
@@ -194,6 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kd-weight", type=float, default=None, help="fixed KD weight w (loss CE + w·KD) instead of dynamic scaling CE + sg(CE/|KD|)·KD")
     p.add_argument("--live-teachers", action="store_true", help="run the frozen teachers at every student step instead of once per story "
                    "(same figures up to float rounding, slower; see docs/demo.md)")
+    p.add_argument("--study", default=None, metavar="pkl", help="the P-KL study instead of the demo: P-KL ← Qwen3 (KD weighting x W x merge) and CE only, "
+                   "seeds 1,2,3 unless --seeds; writes <output>/study/{results_study.json,study.md,study.png}; not part of make demo (docs/demo.md)")
     p.add_argument("--audit-only", action="store_true", help="only the coverage audits")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

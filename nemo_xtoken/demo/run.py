@@ -279,11 +279,15 @@ def student_name(label: str, seed: int, n_seeds: int) -> str:
     return label if n_seeds == 1 else f"{label} [seed {seed}]"
 
 
-def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: Any = None) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: Any = None,
+             cells: list[tuple[int, str, Method, dict[str, Any]]] | None = None, on_student: Any = None) -> dict[str, Any]:
     """Build the corpora, train (or load) the teachers, train every method's student for every seed; return every figure.
 
     ``on_partial(results)``, if given, is called after every student job with the results so far:
     the methods whose students have finished for every seed (the same structure as the return value).
+    ``cells`` (the P-KL study, :mod:`nemo_xtoken.demo.study`): instead of every method for every seed,
+    exactly these students, in this order: ``(seed, key, method, Job overrides)``; ``on_student(key
+    pair, result)`` runs in this process as each student ends.
     """
     from nemo_xtoken.assets import cache_dir, tokenizer_path
     from nemo_xtoken.demo import train
@@ -292,7 +296,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: A
     from nemo_xtoken.vocab import cached_projection, load_tokenizer
 
     t_start = time.perf_counter()
-    methods = cfg.selected()
+    methods = cfg.selected() if cells is None else list({id(c[2]): c[2] for c in cells}.values())
     _preimport()
     log(f"imports: {time.perf_counter() - t_start:.1f} s")
     student = load_tokenizer(tokenizer_path("llama3"))
@@ -358,6 +362,15 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: A
             )))
     if not cfg.methods:
         students_jobs.sort(key=lambda kj: -len(kj[1].teachers))  # longest first (two teachers), so the workers finish together
+    if cells is not None:
+        seeds = sorted({c[0] for c in cells})
+        students_jobs = [((seed, key), Job(
+            name=student_name(key, seed, len(seeds)), kind="student", teachers=m.teachers, learnable_w=m.learnable_w,
+            steps=cfg.student_steps, batch=cfg.batch, lr=cfg.student_lr, w_lr=cfg.w_lr, size=cfg.size, seed=seed, data_seed=seed,
+            eval_every=cfg.eval_every, n_eval_curve=cfg.n_eval_curve, teacher_weights={t.side: str(paths[t.side]) for t in m.teachers},
+            teacher_size=cfg.teacher_size, teacher_seed=cfg.teacher_seed, tp=cfg.tp, live_teachers=live,
+            **{"kd_weight": cfg.kd_weight, **over},
+        )) for seed, key, m, over in cells]
     for k, j in students_jobs:
         jobs.append(j)
         keys.append(k)
@@ -375,9 +388,12 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, on_partial: A
             teacher_results[n] = {**r, "cached": False}
             seconds[f"teacher {n} done"] = time.perf_counter() - t_start
             log(f"teacher {n}: held-out exact {r['exact']:.1%} ({r['train_seconds']:.0f} s; cached for later runs)")
-        elif on_partial is not None:
-            res[i] = r
-            on_partial(assemble())
+        else:
+            if on_student is not None:
+                on_student(keys[i], r)
+            if on_partial is not None:
+                res[i] = r
+                on_partial(assemble())
 
     log(f"training {len(todo)} teacher(s) ({', '.join(todo) or 'all cached'}) and {len(students_jobs)} students "
         f"({len(methods)} methods x {len(cfg.seeds)} seed(s); Llama-3 ids), {cfg.workers} jobs at a time")

@@ -72,6 +72,10 @@ class Job:
     tp: int = 1
     kd_weight: float | None = None  # None: dynamic scaling CE + sg(CE/|KD|)·KD; a number w: fixed CE + w·KD
     live_teachers: bool = False  # students: recompute the frozen teachers' logits at every step (no MemoTeacher memo)
+    kd_scale_max: float | None = None  # dynamic scaling only: cap on CE/|KD| (distill.kd_scale_max)
+    merge: str = "chain"  # the KD loss's chunk merge (nemo_xtoken.align.merge.MERGES)
+    w_top1: bool = False  # P-KL: every student row of W keeps only its largest entry, weight 1 (the P-KL study)
+    answer_probe: bool = False  # teacher-forced log p(true answer) and same-first-digit mass (nemo_xtoken.demo.study)
 
 
 _SHARED: dict[str, Any] = {}
@@ -375,6 +379,10 @@ def _train(job: Job, quiet: bool = False) -> dict[str, Any]:
         "train_seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,  # this process's CPU time (wall depends on the machine's load)
     }
+    if job.answer_probe:
+        from nemo_xtoken.demo.study import answer_probe
+
+        result["answer_probe"] = answer_probe(fwd, data, vocab, texts)
     if distill:
         result["eval_kd"] = _eval_kd(model, [data.sides[t.side].eval for t in job.teachers], len(eval_set), vocab)
         if w_params:
@@ -465,17 +473,29 @@ def _row_key(row: torch.Tensor) -> bytes:
 
 def _distillation_model(job: Job, student, data: Any):
     """ModelOpt's ``DistillationModel`` around the student: criterion = the job's X-Token loss(es), dynamic scaling."""
-    from nemo_xtoken.demo.data import pad_to
-    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer, convert_to_xtoken_distillation_model
+    from nemo_xtoken.integration.distill import convert_to_xtoken_distillation_model
 
-    teachers, specs = [], []
+    teachers = [MemoTeacher(_load_teacher(job.teacher_weights[t.side], data.sides[t.side], job.teacher_size or job.size, data, job.teacher_seed),
+                            live=job.live_teachers) for t in job.teachers]
+    crit, balancer = kd_criterion(job, data)
+    return convert_to_xtoken_distillation_model(student, teachers, crit, balancer)
+
+
+def kd_criterion(job: Job, data: Any):
+    """The job's criterion (:class:`XTokenLogitsLoss`: its teachers' losses, W, merge) and balancer (weighting, scale cap)."""
+    from nemo_xtoken.demo.data import pad_to
+    from nemo_xtoken.integration.distill import TeacherSpec, XTokenLogitsLoss, XTokenLossBalancer
+
+    specs = []
     for t in job.teachers:
         side = data.sides[t.side]
-        teachers.append(MemoTeacher(_load_teacher(job.teacher_weights[t.side], side, job.teacher_size or job.size, data, job.teacher_seed),
-                                    live=job.live_teachers))
         proj = side.projection if t.loss in ("p_kl", "gold", "h_kl") else None
         if t.loss == "partition_kl":
             proj = side.spellings  # reduced spellings of both vocabularies (run_demo attaches them)
+        if job.w_top1 and t.loss == "p_kl":
+            from nemo_xtoken.demo.study import top1_projection
+
+            proj = top1_projection(proj)
         if job.learnable_w and t.loss == "p_kl":
             from nemo_xtoken.losses import LearnableProjection
 
@@ -488,10 +508,11 @@ def _distillation_model(job: Job, student, data: Any):
         student_padded=pad_to(data.student_vocab_size),
         teacher_padded=[pad_to(data.sides[t.side].vocab_size) for t in job.teachers],
         tp=job.tp,
+        merge=job.merge,
         block_size=None,  # [768 positions, ≈1k ids]: a few MB unblocked; blocking would only recompute the forward
     )
-    balancer = XTokenLossBalancer("dynamic") if job.kd_weight is None else XTokenLossBalancer("fixed", kd_weight=job.kd_weight)
-    return convert_to_xtoken_distillation_model(student, teachers, crit, balancer)
+    balancer = XTokenLossBalancer("dynamic", kd_scale_max=job.kd_scale_max) if job.kd_weight is None else XTokenLossBalancer("fixed", kd_weight=job.kd_weight)
+    return crit, balancer
 
 
 class _StudentOnly:
@@ -545,7 +566,9 @@ def _gradient_probe(model, b: dict[str, torch.Tensor], job: Job, data: Any, voca
     if job.kd_weight is not None:  # fixed weighting: the weight the update applies
         scale = torch.tensor(float(job.kd_weight))
     else:
-        scale = (ce.detach() / kd.detach().abs()) if float(kd.detach().abs()) > 0 else torch.zeros(())
+        from nemo_xtoken.losses.total import dynamic_scale
+
+        scale = dynamic_scale(ce, kd, job.kd_scale_max)  # what the balancer applies (capped if the job caps it)
     g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(kd, params, allow_unused=True)
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])  # noqa: E731
