@@ -94,7 +94,7 @@ def _kd(job, data, s_logits, t_logits, a):
 def test_cell_options_reach_the_loss_and_the_balancer(demo_data):
     from nemo_xtoken.demo.data import pad_to
     from nemo_xtoken.demo.train import Job, TeacherUse
-    from nemo_xtoken.integration.data import aligned_positions_from_batch
+    from nemo_xtoken.data.batch import aligned_positions_from_batch
     from nemo_xtoken.losses import reference
 
     data = demo_data
@@ -151,7 +151,7 @@ def test_answer_probe_reads_every_multi_digit_answer(demo_data, llama3):
         want_mass.append(sum((int((digits == digits[t]).sum()) - 1) / z for t in toks) / len(toks))
         kinds.append(kind)
     assert want_lp
-    from nemo_xtoken.megatron_cpu import destroy_megatron_cpu, free_port, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import destroy_megatron_cpu, free_port, init_megatron_cpu
 
     init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=1, port=free_port())  # as a demo job runs it (one rank)
     try:
