@@ -108,26 +108,38 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(session, config, items):
-    """Under ``make test`` (xdist, --dist loadgroup): one group per file (per test in SPLIT files), the groups
-    longest first (tests/suite_durations.py) so that no worker is left alone with a long one at the end."""
-    if not getattr(config.option, "numprocesses", None):
-        return  # a plain run keeps the file order
+def _group(nodeid: str) -> tuple[str, float]:
+    """A test's scheduling group under ``make test`` (its file; the test itself in SPLIT files) and its seconds."""
     from suite_durations import FILE_SECONDS, TEST_SECONDS
 
-    def unit(item) -> tuple[str, float]:
-        path, _, rest = item.nodeid.partition("::")
-        file = path.split("/")[-1]
-        if file in SPLIT:
-            name = f"{file}::{rest}"
-            return name, TEST_SECONDS.get(name, 0.0)
-        return file, FILE_SECONDS.get(file, 0.0)
+    path, _, rest = nodeid.partition("::")
+    file = path.split("/")[-1]
+    if file in SPLIT:
+        name = f"{file}::{rest}"
+        return name, TEST_SECONDS.get(name, 0.0)
+    return file, FILE_SECONDS.get(file, 0.0)
 
-    keyed = []
-    for i, item in enumerate(items):
-        group, seconds = unit(item)
-        item.add_marker(pytest.mark.xdist_group(group))
-        keyed.append((-seconds, i, item))
-    keyed.sort(key=lambda k: (k[0], k[1]))  # stable: a file's tests stay together and in order
-    items[:] = [k[2] for k in keyed]
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under ``make test`` (xdist workers): the groups longest first (tests/suite_durations.py), so that no worker is
+    left alone with a long one at the end; the scheduler below keeps a group on one worker.  The order must be set
+    where the tests are collected, on each worker (whose options say numprocesses=None: xdist resets it there)."""
+    if not (getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput")):
+        return  # a plain run keeps the file order
+    keyed = sorted(((-_group(item.nodeid)[1], i, item) for i, item in enumerate(items)), key=lambda k: (k[0], k[1]))
+    items[:] = [k[2] for k in keyed]  # stable: a file's tests stay together and in order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-scope scheduling with our groups: a file's tests on one worker (its module fixtures built once),
+    SPLIT files test by test, in the order collected (``--no-loadscope-reorder``).  Not ``--dist loadgroup`` with
+    ``xdist_group`` marks: with pytest 9.2 and xdist 3.8 the ``@group`` suffix xdist writes into ``item._nodeid``
+    never reaches ``item.nodeid``, so every test became its own group (measured: module fixtures built on both
+    workers, the rehearsals last)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)[0]
+
+    return FileGroups(config, log)
