@@ -36,9 +36,11 @@ $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
 	$(VENV)/bin/python -m nemo_xtoken.assets --all
 	@touch $@
 
-# The suite on TEST_WORKERS processes (pytest-xdist; one per core, at most 4; TEST_WORKERS=0: one process): a file's
-# tests on one worker (a few files' tests spread), the longest first (tests/conftest.py, tests/suite_durations.py).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+# The suite in one process by default.  TEST_WORKERS=N (pytest-xdist workers; a file's tests on one worker, a few
+# files' tests spread, the longest first: tests/conftest.py, tests/suite_durations.py) is NOT reliable yet: on
+# 2026-12-07 three tests whose gloo ranks are forked from the worker (cpu.megatron.spawn) hung until their timeouts
+# at TEST_WORKERS=2 (not diagnosed; docs/contributing.md).
+TEST_WORKERS ?= 0
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
