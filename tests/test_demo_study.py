@@ -151,13 +151,11 @@ def test_answer_probe_reads_every_multi_digit_answer(demo_data, llama3):
         want_mass.append(sum((int((digits == digits[t]).sum()) - 1) / z for t in toks) / len(toks))
         kinds.append(kind)
     assert want_lp
-    from nemo_xtoken.cpu.megatron import destroy_megatron_cpu, free_port, init_megatron_cpu
+    from nemo_xtoken.cpu.megatron import spawn
 
-    init_megatron_cpu(0, 1, tensor_model_parallel_size=1, seed=1, port=free_port())  # as a demo job runs it (one rank)
-    try:
-        out = answer_probe(oracle, data, vs, texts)
-    finally:
-        destroy_megatron_cpu()
+    # in a forked one-rank process, as a demo job runs it: a process group initialised in the pytest process itself
+    # made every later forked gloo rank of the session hang (tests/test_integration_e2e.py's, measured 2026-12-07)
+    (out,) = spawn(_probe_in_megatron, 1, answer_probe, oracle, data, vs, texts, timeout=600)
     assert out["n"] == len(want_lp) and sum(out[f"n_{k}"] for k in set(kinds)) == len(want_lp)
     assert out["logp_true"] == pytest.approx(sum(want_lp) / len(want_lp), rel=1e-5)
     assert out["same_first_digit_mass"] == pytest.approx(sum(want_mass) / len(want_mass), rel=1e-5)
@@ -177,3 +175,10 @@ def test_study_cli_refuses_bad_options(tmp_path, capsys, monkeypatch, argv, mess
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not ran and not (tmp_path / "out").exists()
+
+
+def _probe_in_megatron(rank, world, answer_probe, oracle, data, vs, texts):
+    from nemo_xtoken.cpu.megatron import init_megatron_cpu
+
+    init_megatron_cpu(rank, world, tensor_model_parallel_size=1, seed=1)
+    return answer_probe(oracle, data, vs, texts)
