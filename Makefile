@@ -39,7 +39,8 @@ $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
 # The suite in one process by default.  TEST_WORKERS=N (pytest-xdist workers; a file's tests on one worker, a few
 # files' tests spread, the longest first: tests/conftest.py, tests/suite_durations.py) is NOT reliable yet: on
 # 2026-12-07 three tests whose gloo ranks are forked from the worker (cpu.megatron.spawn) hung until their timeouts
-# at TEST_WORKERS=2 (not diagnosed; docs/contributing.md).
+# at TEST_WORKERS=2 (a process group a test initialised in its own process, since fixed; not re-measured:
+# docs/contributing.md).
 TEST_WORKERS ?= 0
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
