@@ -20,7 +20,8 @@ What it does (docs/megatron-bridge.md, "Rehearsing a run on a CPU"):
 4. kills every rank right after the checkpoint of step ``K/2``, relaunches (the run resumes from its
    ``checkpoint.save``), finishes ``K`` steps; runs the same ``K`` steps uninterrupted and compares
    losses, weights and optimizer state (``resume_equal``);
-5. exports the last checkpoint with ``xtoken export-hf`` and compares the Hugging Face model's
+5. exports the last checkpoint with ``xtoken export-hf`` (the command line's ``main``, forked by the same
+   launcher) and compares the Hugging Face model's
    logits with the Megatron student's on a probe text.
 
 Never run here: CUDA kernels, transformer-engine layers, NCCL (the shim replaces them).
@@ -342,7 +343,13 @@ class _Launcher:
         env = _env(nproc, 0, 0)
         self.proc = subprocess.Popen([sys.executable, "-m", "nemo_xtoken.cpu.rehearse_zygote"], cwd=cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
-        self._expect("ready", timeout)
+        self._timeout, self._ready = timeout, False  # it imports while the caller prepares; the first start() waits
+
+    def wait_ready(self) -> None:
+        """Wait until the launcher has imported the ranks' modules (raises with its log if it failed)."""
+        if not self._ready:
+            self._expect("ready", self._timeout)
+            self._ready = True
 
     def _expect(self, what: str, timeout: float) -> str:
         import select
@@ -355,8 +362,10 @@ class _Launcher:
                                  f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
         return line
 
-    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path) -> int:
-        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status)}
+    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path, entry: str = "worker") -> int:
+        """Fork ``entry`` (``"worker"``: a rank; ``"cli"``: the ``xtoken`` command line) with ``argv``; returns its pid."""
+        self.wait_ready()
+        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status), "entry": entry}
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
         return int(self._expect("pid", 120.0))
@@ -486,17 +495,28 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
 
 
 def _export_parity(ckpt: Path, student_dir: Path, probe: list[int], megatron_logits: Path, export_dir: Path, cwd: Path,
-                   log: Callable[[str], None], bf16: bool) -> tuple[float, float, float]:
-    """``xtoken export-hf`` of ``ckpt`` (a subprocess, as a user runs it), then HF logits vs the Megatron student's."""
+                   log: Callable[[str], None], bf16: bool, launcher: _Launcher, timeout: float) -> tuple[float, float, float]:
+    """``xtoken export-hf`` of ``ckpt`` (the command line's own ``main``, forked by the launcher with a user's
+    environment and working directory), then HF logits vs the Megatron student's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cmd = [sys.executable, "-m", "nemo_xtoken.cli.main", "export-hf", "--checkpoint", str(ckpt), "--hf-model", str(student_dir),
-           "--output", str(export_dir)]
-    r = subprocess.run(cmd, cwd=cwd, env={**_env(1, _free_port(), 0)}, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RehearsalError(f"xtoken export-hf of {ckpt} failed ({r.returncode}): {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    log(f"[rehearse] {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else 'exported'}")
+    argv = ["export-hf", "--checkpoint", str(ckpt), "--hf-model", str(student_dir), "--output", str(export_dir)]
+    out_log, status = export_dir.parent / "export.log", export_dir.parent / "export.exit"
+    status.unlink(missing_ok=True)
+    launcher.start(argv, _env(1, _free_port(), 0), out_log, status, entry="cli")
+    t0 = time.time()
+    while not status.is_file():
+        if time.time() - t0 > timeout:
+            raise RehearsalError(f"xtoken export-hf of {ckpt}: no result after {timeout:.0f} s; end of its log ({out_log}):\n"
+                                 f"{_tail(out_log)}")
+        time.sleep(0.1)
+    code = int(status.read_text())
+    if code != 0:
+        raise RehearsalError(f"xtoken export-hf of {ckpt} failed ({code}): {_first_error(out_log)}\n"
+                             f"--- end of its log ({out_log}) ---\n{_tail(out_log)}")
+    wrote = [ln for ln in out_log.read_text(errors="replace").splitlines() if ln.startswith("wrote ")]
+    log(f"[rehearse] {wrote[-1] if wrote else 'exported'}")
     hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([probe])).logits.float()[0]
@@ -540,6 +560,18 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
         if cwd == other or other in cwd.parents:
             raise RehearsalError(f"--workdir {work} is inside {what} ({other}): the ranks must start elsewhere, as under Slurm")
     log(f"[rehearse] {cfg_path} on {nproc} CPU processes (TP {tp} x DP {dp}); work folder {work}")
+    # one launcher imports what the ranks import, once (while the models and data are prepared here), and forks
+    # every rank of the three launches and the export
+    launcher = _Launcher(nproc, cwd, work / "runs" / "launcher.log", timeout)
+    try:
+        return _rehearse(cfg, cfg_path, overrides, base, nproc, tp, dp, steps, work, cwd, launcher, timeout, log, t_start)
+    finally:
+        launcher.close()
+
+
+def _rehearse(cfg: Any, cfg_path: Path, overrides: list[str], base: Path, nproc: int, tp: int, dp: int, steps: int, work: Path,
+              cwd: Path, launcher: _Launcher, timeout: float, log: Callable[[str], None], t_start: float) -> dict:
+    from nemo_xtoken.integration.config import load_config
 
     ov: list[str] = []
     changes: list[Change] = []
@@ -608,6 +640,8 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
         Change("model fusions (every model)", "provider defaults", "off (bias_activation, masked_softmax, bias_dropout, rope, "
                "gradient_accumulation, cross_entropy, persist_layer_norm)", "TE/Apex/CUDA kernels"),
         Change("CUDA", "GPU", "CPU (nemo_xtoken.cpu.cuda_shim)", "every CUDA allocation, stream, event, RNG and memory query redirected"),
+        Change("checkpoint writer's result queue (megatron-core filesystem_async)", "a manager started with spawn at the first save",
+               "started with fork before training", "a spawned manager re-imports torch (~10 CPU-s per rank); Bridge's async saves fork it too"),
     ]
 
     def run_overrides(name: str) -> list[str]:
@@ -625,22 +659,17 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
     probe = AutoTokenizer.from_pretrained(student_dir).encode(PROBE_TEXT)[: min(32, s_new)]
     half = steps // 2
     seconds: dict[str, float] = {}
-    # one launcher imports what the ranks import, once, and forks every rank of the three launches
-    launcher = _Launcher(nproc, cwd, work / "runs" / "launcher.log", timeout)
     common = dict(timeout=timeout, log=log, launcher=launcher)
-    try:
-        seconds["first launch (killed)"] = _launch("launch 1", nproc, str(cfg_path), run_overrides("resumed"),
-                                                   work / "runs" / "resumed" / "launch1", cwd, stop_after_save=half, **common)
-        ckpt_a = work / "runs" / "resumed" / "checkpoints"
-        from nemo_xtoken.integration.bridge import resolve_checkpoint
+    seconds["first launch (killed)"] = _launch("launch 1", nproc, str(cfg_path), run_overrides("resumed"),
+                                               work / "runs" / "resumed" / "launch1", cwd, stop_after_save=half, **common)
+    ckpt_a = work / "runs" / "resumed" / "checkpoints"
+    from nemo_xtoken.integration.bridge import resolve_checkpoint
 
-        killed_at = resolve_checkpoint(ckpt_a, key="rehearsal checkpoint")
-        seconds["relaunch (resumes)"] = _launch("launch 2 (resume)", nproc, str(cfg_path), run_overrides("resumed"),
-                                                work / "runs" / "resumed" / "launch2", cwd, probe=probe, **common)
-        seconds["uninterrupted"] = _launch("uninterrupted run", nproc, str(cfg_path), run_overrides("straight"),
-                                           work / "runs" / "straight" / "launch", cwd, **common)
-    finally:
-        launcher.close()
+    killed_at = resolve_checkpoint(ckpt_a, key="rehearsal checkpoint")
+    seconds["relaunch (resumes)"] = _launch("launch 2 (resume)", nproc, str(cfg_path), run_overrides("resumed"),
+                                            work / "runs" / "resumed" / "launch2", cwd, probe=probe, **common)
+    seconds["uninterrupted"] = _launch("uninterrupted run", nproc, str(cfg_path), run_overrides("straight"),
+                                       work / "runs" / "straight" / "launch", cwd, **common)
     first = _losses(work / "runs" / "resumed" / "launch1" / "losses.jsonl")
     second = _losses(work / "runs" / "resumed" / "launch2" / "losses.jsonl")
     straight = _losses(work / "runs" / "straight" / "launch" / "losses.jsonl")
@@ -672,7 +701,7 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
         problems.append(f"the resumed run's last checkpoint differs from the uninterrupted run's: {state_diff}")
     t_exp = time.time()
     diff, tol, argmax = _export_parity(last_a, student_dir, probe, work / "runs" / "resumed" / "launch2" / "probe_logits.pt",
-                                       work / "export", cwd, log, cfg.train.bf16)
+                                       work / "export", cwd, log, cfg.train.bf16, launcher, timeout)
     seconds["export + parity"] = time.time() - t_exp
     if not diff <= tol:
         problems.append(f"exported Hugging Face logits differ from the Megatron student's by {diff:.3g} (tolerance {tol:.3g})")

@@ -91,6 +91,21 @@ def _callbacks(out: Path, stop_after_save: int, probe: list[int] | None):
     return [Rehearsal()]
 
 
+def _forked_write_results_queue() -> None:
+    """Start the checkpoint writer's result queue with ``fork``, as Bridge's async saves do, not ``spawn``.
+
+    megatron-core's writer (``dist_checkpointing/strategies/filesystem_async.py``, ``get_write_results_queue``)
+    collects its threads' results through a ``multiprocessing`` manager that it starts at the first save with
+    the ``spawn`` method unless one exists: a fresh interpreter that imports torch to unpickle them, about 10
+    CPU-seconds per rank and launch on this 2-core machine (a rehearsal pays it six times).  Bridge starts the
+    same queue with ``checkpoint.async_write_results_mp_mode`` (default ``"fork"``) when saves are
+    asynchronous; the rehearsal starts it that way for every save (printed as a change).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue("fork")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from nemo_xtoken.cpu.imports import install_pretrain_hook
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         container = build_config_container(cfg, base_dir=Path(args.config).resolve().parent)
         _cpu_settings(container)
+        _forked_write_results_queue()
         probe = json.loads(args.probe) if args.probe else None
         pretrain(container, forward_step, callbacks=_callbacks(out, args.stop_after_save, probe))
     (out / f"done.rank{os.environ.get('RANK', '0')}").write_text("ok")

@@ -8,7 +8,9 @@ working directory; it imports the worker's modules exactly as a worker does (the
 Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) and then, for each line
 ``{"argv": [...], "env": {...}, "log": path, "status": path}`` read on its standard input, forks a rank: a
 new session (killed as one process group, as before), the rank's own environment and log, then
-``rehearse_worker.main(argv)``.  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
+``rehearse_worker.main(argv)``.  A line with ``"entry": "cli"`` forks the ``xtoken`` command line instead
+(``nemo_xtoken.cli.main.main(argv)``: the rehearsal's ``xtoken export-hf``), which then finds Bridge and
+transformers imported rather than importing them again (about 15 CPU-seconds).  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
 status (``-signal`` when killed, as ``Popen.returncode``) to ``status``.  End of input: it exits.
 
 Nothing the ranks compute happens before the fork (only imports, with one OpenMP thread), so no thread
@@ -37,6 +39,7 @@ def _preload() -> None:
     with cuda_on_cpu():
         import megatron.bridge.training.pretrain  # noqa: F401
 
+        import nemo_xtoken.cli.main  # noqa: F401 - the export's entry
         import nemo_xtoken.cpu.rehearse_worker  # noqa: F401
         import nemo_xtoken.integration.bridge  # noqa: F401
         import nemo_xtoken.integration.config  # noqa: F401
@@ -58,10 +61,16 @@ def _child(cmd: dict) -> None:
         os.close(null)
         os.environ.clear()
         os.environ.update(cmd["env"])
-        from nemo_xtoken.cpu import rehearse_worker
+        if cmd.get("entry", "worker") == "cli":
+            from nemo_xtoken.cli.main import main as cli_main
 
-        sys.argv = ["python -m nemo_xtoken.cpu.rehearse_worker", *cmd["argv"]]
-        code = rehearse_worker.main(cmd["argv"])
+            sys.argv = ["xtoken", *cmd["argv"]]
+            code = cli_main(cmd["argv"])
+        else:
+            from nemo_xtoken.cpu import rehearse_worker
+
+            sys.argv = ["python -m nemo_xtoken.cpu.rehearse_worker", *cmd["argv"]]
+            code = rehearse_worker.main(cmd["argv"])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - the rank's traceback goes to its log, as an uncaught exception would
@@ -105,6 +114,12 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     _preload()
+    import gc
+
+    # the imported modules' objects move to a permanent generation: a rank's collections (Bridge runs gc.collect()
+    # at the end of training; automatic ones during it) no longer walk them, nor write to their shared pages
+    gc.collect()
+    gc.freeze()
     status: dict[int, str] = {}
     print("ready", file=out, flush=True)
     stdin = sys.stdin.buffer
