@@ -131,6 +131,8 @@ def test_rehearse_shipped_config_nproc2(name, tmp_path, tiny, w_files, llama3_pa
     assert report["tp"] == 2 and report["dp"] == 1
     env_log = (Path(report["workdir"]) / "runs" / "resumed" / "launch2" / "rank0.log").read_text()
     assert "successfully saved checkpoint from iteration       2" in env_log
+    # the rank took the student tokenizer the launcher loaded (nemo_xtoken/cpu/rehearse_zygote.py _share_tokenizers)
+    assert "AutoTokenizer.from_pretrained(" in env_log and "the launcher's copy" in env_log
 
 
 @pytest.mark.slow

@@ -343,20 +343,23 @@ class _Launcher:
         env = _env(nproc, 0, 0)
         self.proc = subprocess.Popen([sys.executable, "-m", "nemo_xtoken.cpu.rehearse_zygote"], cwd=cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
-        self._timeout, self._ready = timeout, False  # it imports while the caller prepares; the first start() waits
+        self._timeout, self._ready, self._pending = timeout, False, 0  # it imports while the caller prepares; start() waits
 
     def wait_ready(self) -> None:
         """Wait until the launcher has imported the ranks' modules (raises with its log if it failed)."""
         if not self._ready:
             self._expect("ready", self._timeout)
             self._ready = True
+        while self._pending:  # the answers to load_tokenizer ("loaded", or "failed": the ranks load it themselves)
+            self._expect("loaded", self._timeout)
+            self._pending -= 1
 
     def _expect(self, what: str, timeout: float) -> str:
         import select
 
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline().decode().strip() if ready else ""
-        if not line or (what == "ready" and line != "ready"):
+        if not line or (what in ("ready", "loaded") and line not in ("ready", "loaded", "failed")):
             self.close()
             raise RehearsalError(f"the rank launcher (python -m nemo_xtoken.cpu.rehearse_zygote) did not start: "
                                  f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
@@ -369,6 +372,13 @@ class _Launcher:
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
         return int(self._expect("pid", 120.0))
+
+    def load_tokenizer(self, **kwargs: Any) -> None:
+        """Have the launcher load ``AutoTokenizer.from_pretrained(**kwargs)`` once (while the caller goes on); a rank
+        making exactly that call takes the launcher's copy (:func:`nemo_xtoken.cpu.rehearse_zygote._share_tokenizers`)."""
+        self.proc.stdin.write((json.dumps({"entry": "tokenizer", "kwargs": kwargs}) + "\n").encode())
+        self.proc.stdin.flush()
+        self._pending += 1
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -593,6 +603,9 @@ def _rehearse(cfg: Any, cfg_path: Path, overrides: list[str], base: Path, nproc:
         if key == "student":
             _copy_tokenizer(src, cfg.student.tokenizer, base, out)
             student_dir = out
+            # the ranks' Megatron tokenizer (HuggingFaceTokenizer's call), loaded once by the launcher
+            # (Bridge's TokenizerConfig defaults: use_fast True, trust_remote_code False)
+            launcher.load_tokenizer(pretrained_model_name_or_path=str(out), use_fast=True, trust_remote_code=False)
         arch = (getattr(hfc, "architectures", None) or [type(hfc).__name__])[0]
         ov.append(f"{key}.model={out}")
         changes.append(Change(f"{key}.model", spec, out, f"random {arch} of the same architecture: {', '.join(notes) or 'already small'}"))

@@ -4,7 +4,8 @@ with the plugin's ``forward_step``) on the CPU, under :func:`~nemo_xtoken.cpu.cu
 Started by :mod:`nemo_xtoken.cpu.rehearse` (one process per rank, ``RANK``/``WORLD_SIZE``/``MASTER_*``
 set), never by hand.  The only CPU-specific settings are the ones a machine without a GPU forces and
 that the rehearsal prints: gloo instead of NCCL, Bridge's local (non-TE) layer spec for every model,
-the fused TE/Apex kernels off.  A callback records every step's reduced losses (rank 0), and at
+the fused TE/Apex kernels off, and the checkpoint writer's result queue started with ``fork`` (as Bridge's
+asynchronous saves start it) instead of ``spawn``.  A callback records every step's reduced losses (rank 0), and at
 ``--stop-after-save S`` marks the checkpoint of step ``S`` as written and waits to be killed; at the
 end of training it writes the student's logits on a probe (all TP ranks gathered) for the export check.
 """

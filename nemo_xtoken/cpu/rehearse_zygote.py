@@ -10,7 +10,9 @@ Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) an
 new session (killed as one process group, as before), the rank's own environment and log, then
 ``rehearse_worker.main(argv)``.  A line with ``"entry": "cli"`` forks the ``xtoken`` command line instead
 (``nemo_xtoken.cli.main.main(argv)``: the rehearsal's ``xtoken export-hf``), which then finds Bridge and
-transformers imported rather than importing them again (about 15 CPU-seconds).  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
+transformers imported rather than importing them again (about 15 CPU-seconds).  A line
+``{"entry": "tokenizer", "kwargs": {...}}`` loads a tokenizer here that the ranks then take instead of
+loading it each (:func:`_share_tokenizers`); the answer is ``loaded`` (or ``failed``: the ranks load it).  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
 status (``-signal`` when killed, as ``Popen.returncode``) to ``status``.  End of input: it exits.
 
 Nothing the ranks compute happens before the fork (only imports, with one OpenMP thread), so no thread
@@ -43,6 +45,48 @@ def _preload() -> None:
         import nemo_xtoken.cpu.rehearse_worker  # noqa: F401
         import nemo_xtoken.integration.bridge  # noqa: F401
         import nemo_xtoken.integration.config  # noqa: F401
+
+
+#: Tokenizers loaded here by a ``{"entry": "tokenizer", "kwargs": {...}}`` line, by their exact
+#: ``AutoTokenizer.from_pretrained`` keyword arguments; each rank takes its copy once (see :func:`_share_tokenizers`).
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer_key(args: tuple, kwargs: dict) -> str:
+    return json.dumps([list(args), sorted(kwargs.items())], default=str)
+
+
+def _share_tokenizers() -> None:
+    """Let a rank take a tokenizer this launcher already loaded instead of loading it again.
+
+    Megatron's ``HuggingFaceTokenizer`` calls ``AutoTokenizer.from_pretrained(pretrained_model_name_or_path=…,
+    use_fast=…, trust_remote_code=…)`` once per rank; for a 128k vocabulary (Llama-3) that is about 4
+    CPU-seconds per rank here (transformers converts and deep-copies the tokenizer).  The rehearsal asks the
+    launcher to load the student's tokenizer with those arguments before the first launch; a forked rank whose
+    call has exactly the same arguments gets that object (its own copy-on-write copy; the first call of the
+    process only — a second call loads anew) and says so in its log.  Any other call loads as usual.
+    """
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        tok = _TOKENIZERS.pop(_tokenizer_key(args, kwargs), None)
+        if tok is None:
+            return load(cls, *args, **kwargs)
+        print(f"[xtoken launcher] AutoTokenizer.from_pretrained({kwargs}): the launcher's copy", file=sys.stderr, flush=True)
+        return tok
+
+    AutoTokenizer.from_pretrained = classmethod(from_pretrained)
+
+
+def _load_tokenizer(cmd: dict) -> None:
+    from transformers import AutoTokenizer
+
+    kwargs = cmd["kwargs"]
+    key = _tokenizer_key((), kwargs)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(**kwargs)
 
 
 def _child(cmd: dict) -> None:
@@ -114,6 +158,7 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     _preload()
+    _share_tokenizers()
     import gc
 
     # the imported modules' objects move to a permanent generation: a rank's collections (Bridge runs gc.collect()
@@ -137,6 +182,14 @@ def main() -> int:
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             cmd = json.loads(line)
+            if cmd.get("entry") == "tokenizer":
+                try:
+                    _load_tokenizer(cmd)
+                    print("loaded", file=out, flush=True)
+                except Exception as e:  # noqa: BLE001 - the ranks load it themselves then
+                    print(f"[xtoken launcher] could not load {cmd['kwargs']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    print("failed", file=out, flush=True)
+                continue
             pid = os.fork()
             if pid == 0:
                 out.close()
