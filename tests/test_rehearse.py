@@ -90,13 +90,25 @@ def _overrides(name: str, tiny, w_files, llama3_path, qwen3_path, o200k_path) ->
     return ov
 
 
-def _rehearse(name, nproc, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path, extra=()):
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """One rank launcher for the rehearsals of this module, one after the other (its imports, ~15 CPU-seconds, once);
+    test_rehearse_tp2_dp2 starts its own, as ``xtoken rehearse`` does."""
+    from nemo_xtoken.cpu.rehearse import _Launcher
+
+    cwd = tmp_path_factory.mktemp("launcher")
+    started = _Launcher(2, cwd, cwd / "launcher.log", 600)
+    yield started
+    started.close()
+
+
+def _rehearse(name, nproc, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path, extra=(), launcher=None):
     from nemo_xtoken.cpu.rehearse import rehearse
 
     cfg = CONF / f"{name}.yaml"
     lines: list[str] = []
     report = rehearse(str(cfg), _overrides(name, tiny, w_files, llama3_path, qwen3_path, o200k_path) + list(extra), nproc=nproc,
-                      steps=2, workdir=str(tmp_path / "work"), log=lines.append)
+                      steps=2, workdir=str(tmp_path / "work"), log=lines.append, launcher=launcher)
     return cfg, report, lines
 
 
@@ -125,8 +137,8 @@ def _check(cfg: Path, report: dict, lines: list[str], tp: int = 2) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama32_1b__qwen3_4b_pkl", "llama32_1b__phi4mini_hkl", "llama32_1b__phi4mini_llama32_3b"])
-def test_rehearse_shipped_config_nproc2(name, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path):
-    cfg, report, lines = _rehearse(name, 2, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path)
+def test_rehearse_shipped_config_nproc2(name, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path, launcher):
+    cfg, report, lines = _rehearse(name, 2, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path, launcher=launcher)
     _check(cfg, report, lines)
     assert report["tp"] == 2 and report["dp"] == 1
     env_log = (Path(report["workdir"]) / "runs" / "resumed" / "launch2" / "rank0.log").read_text()
@@ -140,6 +152,7 @@ def test_rehearse_tp2_dp2(tmp_path, tiny, w_files, llama3_path, qwen3_path, o200
     cfg, report, lines = _rehearse("llama32_1b__qwen3_4b_pkl", 4, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path)
     _check(cfg, report, lines)
     assert report["tp"] == 2 and report["dp"] == 2
+    assert (Path(report["workdir"]) / "runs" / "launcher.log").is_file()  # its own launcher, as the command line starts it
     gbs = next(c for c in report["changes"] if c["key"] == "train.global_batch_size")
     assert gbs["rehearsal"] == "4"  # micro-batch 1 x DP 2 x 2 accumulation steps
 
@@ -174,12 +187,12 @@ def test_rehearsal_data_for_a_preprocessed_config(tmp_path, llama3_path, qwen3_p
 
 
 @pytest.mark.slow
-def test_rehearse_learnable_w_bf16(tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path):
+def test_rehearse_learnable_w_bf16(tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path, launcher):
     """A learnable W in the shipped bf16 run: Bridge's loop trains it in fp32 next to the bf16 student, saves, resumes
     equal.  Before the fixes W was cast to bf16 (Float16Module), and once kept in fp32 the distributed optimizer's first
     checkpoint save failed (an fp32 W and bf16 norms in one parameter group: distrib_optimizer.py:1958)."""
     cfg, report, lines = _rehearse("llama32_1b__qwen3_4b_pkl", 2, tmp_path, tiny, w_files, llama3_path, qwen3_path, o200k_path,
-                                   extra=["teachers.0.learnable_w=true"])
+                                   extra=["teachers.0.learnable_w=true"], launcher=launcher)
     _check(cfg, report, lines)
     state = torch.load(next((Path(report["workdir"]) / "scratch").glob("resumed_iter_*.pt")), weights_only=False)
     w = [v for k, v in state.items() if "learnable_w" in k and k.endswith("logits")]

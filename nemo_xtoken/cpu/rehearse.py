@@ -338,7 +338,7 @@ class _Launcher:
 
     def __init__(self, nproc: int, cwd: Path, log_path: Path, timeout: float) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path
+        self.log_path, self.cwd = log_path, cwd
         self._log = open(log_path, "w")
         env = _env(nproc, 0, 0)
         self.proc = subprocess.Popen([sys.executable, "-m", "nemo_xtoken.cpu.rehearse_zygote"], cwd=cwd, env=env,
@@ -365,10 +365,13 @@ class _Launcher:
                                  f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
         return line
 
-    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path, entry: str = "worker") -> int:
-        """Fork ``entry`` (``"worker"``: a rank; ``"cli"``: the ``xtoken`` command line) with ``argv``; returns its pid."""
+    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path, entry: str = "worker",
+              cwd: Path | None = None) -> int:
+        """Fork ``entry`` (``"worker"``: a rank; ``"cli"``: the ``xtoken`` command line) with ``argv`` in ``cwd`` (default:
+        the launcher's); returns its pid."""
         self.wait_ready()
-        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status), "entry": entry}
+        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status), "entry": entry,
+               "cwd": str(cwd or self.cwd)}
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
         return int(self._expect("pid", 120.0))
@@ -423,7 +426,8 @@ def _launch(label: str, nproc: int, config: str, overrides: list[str], out: Path
         for r in range(nproc):
             status = out / f"exit.rank{r}"
             status.unlink(missing_ok=True)
-            procs.append((launcher.start([*cmd_tail, "--", *overrides], _env(nproc, port, r), out / f"rank{r}.log", status), status))
+            procs.append((launcher.start([*cmd_tail, "--", *overrides], _env(nproc, port, r), out / f"rank{r}.log", status, cwd=cwd),
+                          status))
         log(f"[rehearse] {label}: {nproc} ranks started (cwd {cwd})")
         while True:
             time.sleep(0.2)
@@ -514,7 +518,7 @@ def _export_parity(ckpt: Path, student_dir: Path, probe: list[int], megatron_log
     argv = ["export-hf", "--checkpoint", str(ckpt), "--hf-model", str(student_dir), "--output", str(export_dir)]
     out_log, status = export_dir.parent / "export.log", export_dir.parent / "export.exit"
     status.unlink(missing_ok=True)
-    launcher.start(argv, _env(1, _free_port(), 0), out_log, status, entry="cli")
+    launcher.start(argv, _env(1, _free_port(), 0), out_log, status, entry="cli", cwd=cwd)
     t0 = time.time()
     while not status.is_file():
         if time.time() - t0 > timeout:
@@ -542,8 +546,12 @@ def _export_parity(ckpt: Path, student_dir: Path, probe: list[int], megatron_log
 
 
 def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2, steps: int = 4, workdir: str | None = None,
-             timeout: float = 900.0, log: Callable[[str], None] = print) -> dict:
-    """Rehearse ``config`` (see the module doc); returns the JSON report.  Raises :class:`RehearsalError` on a failure."""
+             timeout: float = 900.0, log: Callable[[str], None] = print, launcher: _Launcher | None = None) -> dict:
+    """Rehearse ``config`` (see the module doc); returns the JSON report.  Raises :class:`RehearsalError` on a failure.
+
+    ``launcher``: a running :class:`_Launcher` to fork the ranks from (the caller closes it; several rehearsals, one after
+    the other, can share one: tests/test_rehearse.py); default: one started for this rehearsal, in its ``cwd``.
+    """
     from nemo_xtoken.integration.config import load_config
 
     t_start = time.time()
@@ -572,11 +580,14 @@ def rehearse(config: str, overrides: list[str] | None = None, *, nproc: int = 2,
     log(f"[rehearse] {cfg_path} on {nproc} CPU processes (TP {tp} x DP {dp}); work folder {work}")
     # one launcher imports what the ranks import, once (while the models and data are prepared here), and forks
     # every rank of the three launches and the export
-    launcher = _Launcher(nproc, cwd, work / "runs" / "launcher.log", timeout)
+    own = launcher is None
+    if own:
+        launcher = _Launcher(nproc, cwd, work / "runs" / "launcher.log", timeout)
     try:
         return _rehearse(cfg, cfg_path, overrides, base, nproc, tp, dp, steps, work, cwd, launcher, timeout, log, t_start)
     finally:
-        launcher.close()
+        if own:
+            launcher.close()
 
 
 def _rehearse(cfg: Any, cfg_path: Path, overrides: list[str], base: Path, nproc: int, tp: int, dp: int, steps: int, work: Path,

@@ -6,8 +6,9 @@ and a rehearsal starts ``3 x nproc`` ranks.  :mod:`nemo_xtoken.cpu.rehearse` sta
 rehearsal, with the ranks' environment (hub offline, one OpenMP thread, ``CUDA_VISIBLE_DEVICES=""``) and
 working directory; it imports the worker's modules exactly as a worker does (the import hooks, then
 Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) and then, for each line
-``{"argv": [...], "env": {...}, "log": path, "status": path}`` read on its standard input, forks a rank: a
-new session (killed as one process group, as before), the rank's own environment and log, then
+``{"argv": [...], "env": {...}, "log": path, "status": path, "cwd": path}`` read on its standard input, forks a
+rank: a new session (killed as one process group, as before), the rank's own environment, working directory and
+log, then
 ``rehearse_worker.main(argv)``.  A line with ``"entry": "cli"`` forks the ``xtoken`` command line instead
 (``nemo_xtoken.cli.main.main(argv)``: the rehearsal's ``xtoken export-hf``), which then finds Bridge and
 transformers imported rather than importing them again (about 15 CPU-seconds).  A line
@@ -26,6 +27,8 @@ import os
 import sys
 
 __all__ = ["main"]
+
+_START_CWD = os.getcwd()
 
 
 def _preload() -> None:
@@ -81,11 +84,13 @@ def _share_tokenizers() -> None:
 
 
 def _load_tokenizer(cmd: dict) -> None:
+    """Load the tokenizer of a line; the ones loaded for an earlier rehearsal are dropped (one rehearsal at a time)."""
     from transformers import AutoTokenizer
 
     kwargs = cmd["kwargs"]
     key = _tokenizer_key((), kwargs)
     if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(**kwargs)
 
 
@@ -105,6 +110,9 @@ def _child(cmd: dict) -> None:
         os.close(null)
         os.environ.clear()
         os.environ.update(cmd["env"])
+        if cmd.get("cwd"):  # the rank's working directory (a launcher can serve several rehearsals, one at a time)
+            os.chdir(cmd["cwd"])
+            sys.path[:] = [cmd["cwd"] if p == _START_CWD else p for p in sys.path]  # `python -m` put the start one first
         if cmd.get("entry", "worker") == "cli":
             from nemo_xtoken.cli.main import main as cli_main
 
