@@ -208,16 +208,28 @@ def test_local_ranks_get_the_hf_cache_offline(monkeypatch, tmp_path):
         L.launch(L.distill_script(CONF), L.local_executor(2), chain=2)
 
 
-def test_example_slurm_script_chains_by_default():
-    r = subprocess.run(
-        [sys.executable, "examples/launch_slurm.py", "--config", str(CONF), "--account", "acct", "--job-dir", "/tmp/xtoken-jobs",
-         "--container-image", IMAGE, "--hf-home", "/lustre/hf", "--time", "06:00:00", "--dry-run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
-    )
-    assert r.returncode == 0, r.stderr
-    assert "# resubmission chain: 8 jobs of 06:00:00" in r.stdout and "train.exit_duration_in_mins=345" in r.stdout
-    assert "export HF_HOME=/lustre/hf" in r.stdout and "#SBATCH --dependency='afterany:" in r.stdout
+def _launch_slurm_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """``examples/launch_slurm.py``'s own ``main`` in this process (NeMo-Run is imported here already; a fresh
+    interpreter only re-imported it): its exit code, stdout and stderr.  test_example_script_prints_the_sbatch_script
+    runs the file as a user does."""
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("launch_slurm_example", ROOT / "examples" / "launch_slurm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    rc = mod.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_example_slurm_script_chains_by_default(monkeypatch, capsys):
+    rc, out, err = _launch_slurm_main(monkeypatch, capsys, "--config", str(CONF), "--account", "acct", "--job-dir", "/tmp/xtoken-jobs",
+                                      "--container-image", IMAGE, "--hf-home", "/lustre/hf", "--time", "06:00:00", "--dry-run")
+    assert rc == 0, err
+    assert "# resubmission chain: 8 jobs of 06:00:00" in out and "train.exit_duration_in_mins=345" in out
+    assert "export HF_HOME=/lustre/hf" in out and "#SBATCH --dependency='afterany:" in out
 
 
 def test_a_run_whose_checkpoint_reached_train_iters_exits_at_once(tmp_path, capsys, llama3_path, qwen3_path):
