@@ -57,33 +57,29 @@ def _child(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], a
 
 
 #: What the fork server imports once (and every rank then has): torch, numpy and the loss packages, plus the module of
-#: the function run (a test module and what it imports).
+#: the first function run (a test module and what it imports).
 _PRELOAD = ["torch", "torch.distributed", "numpy", "nemo_xtoken.losses", "nemo_xtoken.parallel"]
-_preloaded: list[str] = []  # what the running fork server (started here) imported
 
 
 def _context(fn: Callable[..., Any]):
     """A fork-server context: the ranks are forked from one clean single-threaded server process that imported
-    ``_PRELOAD`` and ``fn``'s module once, instead of each rank importing them again (a spawned rank: 2-16 CPU-seconds
-    of imports; a test module that imports modelopt or megatron: 5-10 more per rank and call).  A function from
-    another module than the running server imported restarts the server with that module.  The server never runs a
+    ``_PRELOAD`` and the first caller's module once, instead of each rank importing them again (a spawned rank: 2-16
+    CPU-seconds of imports; a test module that imports modelopt: ~10 more per rank and call).  The server is not
+    restarted for later modules: restarting costs ~2.5 CPU-seconds of imports, a light test module ~0.1 per rank (in
+    file order, ``test_integration_tp_exchange``, the one heavy module, comes first).  The server never runs a
     parallel op, so no OpenMP pool is forked."""
     ctx = mp.get_context("forkserver")
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
-    module = getattr(fn, "__module__", None)
-    want = _PRELOAD + [m for m in (module,) if m and m != "__main__"]
-    if getattr(server, "_forkserver_pid", None) is not None and want != _preloaded:
-        server._stop()  # the ranks of earlier calls were all joined: nothing is forked from it any more
-    if getattr(server, "_forkserver_pid", None) is None:
-        ctx.set_forkserver_preload(["nemo_xtoken.testing._forkserver_path"] + want)
+    if getattr(server, "_forkserver_pid", None) is None:  # not started yet: name what it imports, and from where
+        module = getattr(fn, "__module__", None)
+        ctx.set_forkserver_preload(["nemo_xtoken.testing._forkserver_path"] + _PRELOAD + [m for m in (module,) if m and m != "__main__"])
         os.environ["XTOKEN_FORKSERVER_SYS_PATH"] = os.pathsep.join(sys.path)  # where pytest found the test module
         try:
             server.ensure_running()
         finally:
             del os.environ["XTOKEN_FORKSERVER_SYS_PATH"]
-        _preloaded[:] = want
     return ctx
 
 
