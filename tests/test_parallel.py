@@ -8,6 +8,8 @@ times it).  All cases of one tp run in one spawn to keep the file fast.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ VT, VT_PAD = 70, 80
 VK, VK_PAD = 60, 64  # same-tokenizer KL
 TPS = (1, 2, 4)
 LOSS_NAMES = ("kl", "p_kl", "uld", "gold", "h_kl")
+_IMPORTED_IN_PID = os.getpid()  # which process executed this module (see test_ranks_fork_from_a_server_that_imported_the_test_module)
 
 
 def random_projection(seed: int = 0) -> Projection:
@@ -420,3 +423,18 @@ def test_multi_teacher_ce_and_total_parity(tp):
         pgrad = torch.cat([per_rank[r][k][3] for r in range(tp)], dim=1)
         torch.testing.assert_close(pgrad, grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{scheme}: gradient {m}")
     assert len({round(float(r[1][0]), 6) for r in refs}) > 1  # adaptive weights differ from static
+
+
+def _where_imported(rank: int, world: int) -> dict:
+    return {"module": _IMPORTED_IN_PID, "rank": os.getpid(), "server": os.getppid()}
+
+
+def test_ranks_fork_from_a_server_that_imported_the_test_module():
+    """The fork server preloads the calling test module, found on pytest's sys.path (Python 3.12.1's forkserver
+    ignores the sys_path it is handed: the preload failed silently and every rank imported the module and what it
+    imports, e.g. modelopt, again).  A fresh server is started by this call, so this module is the one it preloads."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()  # every earlier rank was joined; the next call starts a new server
+    (r,) = run_distributed(_where_imported, 1)
+    assert r["module"] == r["server"] != r["rank"], r

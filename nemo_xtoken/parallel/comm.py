@@ -17,6 +17,7 @@ Gradient convention (what makes every rank's shard gradient the exact slice of t
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -41,13 +42,11 @@ def resolve_group(group: Any = None) -> Any:
     """The process group to use: ``group`` if given, else Megatron's TP group, else the world (or None)."""
     if group is not None:
         return group
-    try:  # lazily: megatron-core is optional
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            return parallel_state.get_tensor_model_parallel_group()
-    except ImportError:
-        pass
+    # Megatron's groups can only be initialised once its ``parallel_state`` was imported: look it up in
+    # ``sys.modules`` instead of importing megatron-core (optional, and 5-10 CPU-seconds to import) just to ask.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
     return None  # the default (world) group when torch.distributed is initialised, else tp = 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
+import sys
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -62,13 +63,23 @@ _PRELOAD = ["torch", "torch.distributed", "numpy", "nemo_xtoken.losses", "nemo_x
 
 def _context(fn: Callable[..., Any]):
     """A fork-server context: the ranks are forked from one clean single-threaded server process that imported
-    ``_PRELOAD`` once, instead of each rank starting an interpreter and importing torch again (a spawned rank:
-    2-16 CPU-seconds of imports).  The server never runs a parallel op, so no OpenMP pool is forked."""
+    ``_PRELOAD`` and the first caller's module once, instead of each rank importing them again (a spawned rank: 2-16
+    CPU-seconds of imports; a test module that imports modelopt: ~10 more per rank and call).  The server is not
+    restarted for later modules: restarting costs ~2.5 CPU-seconds of imports, a light test module ~0.1 per rank (in
+    file order, ``test_integration_tp_exchange``, the one heavy module, comes first).  The server never runs a
+    parallel op, so no OpenMP pool is forked."""
     ctx = mp.get_context("forkserver")
     from multiprocessing import forkserver
 
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet: name what it imports
-        ctx.set_forkserver_preload(_PRELOAD + [m for m in (getattr(fn, "__module__", None),) if m and m != "__main__"])
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is None:  # not started yet: name what it imports, and from where
+        module = getattr(fn, "__module__", None)
+        ctx.set_forkserver_preload(["nemo_xtoken.testing._forkserver_path"] + _PRELOAD + [m for m in (module,) if m and m != "__main__"])
+        os.environ["XTOKEN_FORKSERVER_SYS_PATH"] = os.pathsep.join(sys.path)  # where pytest found the test module
+        try:
+            server.ensure_running()
+        finally:
+            del os.environ["XTOKEN_FORKSERVER_SYS_PATH"]
     return ctx
 
 
