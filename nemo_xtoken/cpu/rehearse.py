@@ -365,13 +365,13 @@ class _Launcher:
                                  f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
         return line
 
-    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path, entry: str = "worker",
+    def start(self, argv: list[str], env: dict[str, str], log: Path, status: Path, module: str | None = None,
               cwd: Path | None = None) -> int:
-        """Fork ``entry`` (``"worker"``: a rank; ``"cli"``: the ``xtoken`` command line) with ``argv`` in ``cwd`` (default:
-        the launcher's); returns its pid."""
+        """Fork a rank (or, with ``module``, ``module.main(argv)`` as ``python -m module`` runs it) with ``argv`` in
+        ``cwd`` (default: the launcher's); returns its pid."""
         self.wait_ready()
-        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status), "entry": entry,
-               "cwd": str(cwd or self.cwd)}
+        cmd = {"argv": argv, "env": env, "log": str(log), "status": str(status), "cwd": str(cwd or self.cwd),
+               **({"entry": "module", "module": module} if module else {"entry": "worker"})}
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
         return int(self._expect("pid", 120.0))
@@ -518,7 +518,7 @@ def _export_parity(ckpt: Path, student_dir: Path, probe: list[int], megatron_log
     argv = ["export-hf", "--checkpoint", str(ckpt), "--hf-model", str(student_dir), "--output", str(export_dir)]
     out_log, status = export_dir.parent / "export.log", export_dir.parent / "export.exit"
     status.unlink(missing_ok=True)
-    launcher.start(argv, _env(1, _free_port(), 0), out_log, status, entry="cli", cwd=cwd)
+    launcher.start(argv, _env(1, _free_port(), 0), out_log, status, module="nemo_xtoken.cli.main", cwd=cwd)
     t0 = time.time()
     while not status.is_file():
         if time.time() - t0 > timeout:

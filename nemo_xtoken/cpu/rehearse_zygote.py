@@ -9,9 +9,10 @@ Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) an
 ``{"argv": [...], "env": {...}, "log": path, "status": path, "cwd": path}`` read on its standard input, forks a
 rank: a new session (killed as one process group, as before), the rank's own environment, working directory and
 log, then
-``rehearse_worker.main(argv)``.  A line with ``"entry": "cli"`` forks the ``xtoken`` command line instead
-(``nemo_xtoken.cli.main.main(argv)``: the rehearsal's ``xtoken export-hf``), which then finds Bridge and
-transformers imported rather than importing them again (about 15 CPU-seconds).  A line
+``rehearse_worker.main(argv)``.  A line with ``"entry": "module", "module": NAME`` forks ``NAME.main(argv)`` instead,
+as ``python -m NAME`` would run it (the rehearsal's ``xtoken export-hf``: ``nemo_xtoken.cli.main``, named by the
+caller as its command line was before), which then finds Bridge and transformers imported rather than importing
+them again (about 15 CPU-seconds).  A line
 ``{"entry": "tokenizer", "kwargs": {...}}`` loads a tokenizer here that the ranks then take instead of
 loading it each (:func:`_share_tokenizers`); the answer is ``loaded`` (or ``failed``: the ranks load it).  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
 status (``-signal`` when killed, as ``Popen.returncode``) to ``status``.  End of input: it exits.
@@ -44,7 +45,6 @@ def _preload() -> None:
     with cuda_on_cpu():
         import megatron.bridge.training.pretrain  # noqa: F401
 
-        import nemo_xtoken.cli.main  # noqa: F401 - the export's entry
         import nemo_xtoken.cpu.rehearse_worker  # noqa: F401
         import nemo_xtoken.integration.bridge  # noqa: F401
         import nemo_xtoken.integration.config  # noqa: F401
@@ -113,11 +113,11 @@ def _child(cmd: dict) -> None:
         if cmd.get("cwd"):  # the rank's working directory (a launcher can serve several rehearsals, one at a time)
             os.chdir(cmd["cwd"])
             sys.path[:] = [cmd["cwd"] if p == _START_CWD else p for p in sys.path]  # `python -m` put the start one first
-        if cmd.get("entry", "worker") == "cli":
-            from nemo_xtoken.cli.main import main as cli_main
+        if cmd.get("entry", "worker") == "module":  # a command's entry named by the caller, as `python -m MODULE` would
+            import importlib
 
-            sys.argv = ["xtoken", *cmd["argv"]]
-            code = cli_main(cmd["argv"])
+            sys.argv = [cmd["module"], *cmd["argv"]]
+            code = importlib.import_module(cmd["module"]).main(cmd["argv"])
         else:
             from nemo_xtoken.cpu import rehearse_worker
 
