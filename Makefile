@@ -36,12 +36,11 @@ $(XTOKEN_CACHE)/tokenizers/.fetched: nemo_xtoken/assets.py | $(STAMP)
 	$(VENV)/bin/python -m nemo_xtoken.assets --all
 	@touch $@
 
-# The suite in one process by default.  TEST_WORKERS=N (pytest-xdist workers; a file's tests on one worker, a few
-# files' tests spread, the longest first: tests/conftest.py, tests/suite_durations.py) is opt-in: on 2026-12-07 three
-# tests hung at TEST_WORKERS=2 (a process group a test initialised in its own process, since fixed); after the fix a
-# fresh clone at TEST_WORKERS=2 passed (1,485 s against 1,812 s in one process right after: the suite is CPU-bound on
-# 2 cores; docs/contributing.md).
-TEST_WORKERS ?= 0
+# The suite on two pytest-xdist workers (the machine's two cores): a file's tests on one worker, a few files' tests
+# spread, the longest first (tests/conftest.py, tests/suite_durations.py).  TEST_WORKERS=0 runs it in one process.
+# Two workers became the default once the suite's CPU time had been cut (issue 27) and a 2-worker run passed without a
+# hang after the in-process process group was fixed (measured figures: docs/contributing.md).
+TEST_WORKERS ?= 2
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
