@@ -66,3 +66,12 @@ def test_make_tests_flags_run_a_file_on_one_worker():
 def test_split_files_are_known():
     tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     assert conftest.SPLIT <= tests, conftest.SPLIT - tests
+
+
+def test_snippet_tests_that_share_the_repository_root_share_a_worker():
+    """tests/test_docs.py's snippets run in the repository root and each test removes what appeared there meanwhile: on
+    two workers one deleted the other's W.safetensors between two blocks (fresh clone of 7cd44eb, 2026-12-07)."""
+    sched = conftest.pytest_xdist_make_scheduler(SimpleNamespace(option=SimpleNamespace(loadscopereorder=False),
+                                                                 getvalue=lambda name: ["popen"] * 2 if name == "tx" else None), None)
+    groups = {sched._split_scope(f"tests/test_docs.py::test_runnable_snippets[{page}]") for page in ("README.md", "docs/python-api.md")}
+    assert len(groups) == 1, groups
