@@ -361,7 +361,8 @@ class _Launcher:
         line = self.proc.stdout.readline().decode().strip() if ready else ""
         if not line or (what in ("ready", "loaded") and line not in ("ready", "loaded", "failed")):
             self.close()
-            raise RehearsalError(f"the rank launcher (python -m nemo_xtoken.cpu.rehearse_zygote) did not start: "
+            raise RehearsalError(f"the rank launcher (python -m nemo_xtoken.cpu.rehearse_zygote) "
+                                 f"{'did not start' if what == 'ready' else f'did not answer ({what})'}: "
                                  f"{_first_error(self.log_path)}\n--- end of its log ({self.log_path}) ---\n{_tail(self.log_path)}")
         return line
 

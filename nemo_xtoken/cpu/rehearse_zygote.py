@@ -3,18 +3,21 @@
 A rank of ``xtoken rehearse`` (:mod:`nemo_xtoken.cpu.rehearse_worker`) spends most of its CPU time importing
 Megatron-Bridge, megatron-core, ModelOpt and transformers (about 17 CPU-seconds on a 2-core machine),
 and a rehearsal starts ``3 x nproc`` ranks.  :mod:`nemo_xtoken.cpu.rehearse` starts this process once per
-rehearsal, with the ranks' environment (hub offline, one OpenMP thread, ``CUDA_VISIBLE_DEVICES=""``) and
+rehearsal (or a caller for several in turn: ``rehearse(launcher=…)``), with the ranks' environment (hub offline, one OpenMP thread, ``CUDA_VISIBLE_DEVICES=""``) and
 working directory; it imports the worker's modules exactly as a worker does (the import hooks, then
-Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) and then, for each line
-``{"argv": [...], "env": {...}, "log": path, "status": path, "cwd": path}`` read on its standard input, forks a
-rank: a new session (killed as one process group, as before), the rank's own environment, working directory and
-log, then
-``rehearse_worker.main(argv)``.  A line with ``"entry": "module", "module": NAME`` forks ``NAME.main(argv)`` instead,
-as ``python -m NAME`` would run it (the rehearsal's ``xtoken export-hf``: ``nemo_xtoken.cli.main``, named by the
-caller as its command line was before), which then finds Bridge and transformers imported rather than importing
-them again (about 15 CPU-seconds).  A line
-``{"entry": "tokenizer", "kwargs": {...}}`` loads a tokenizer here that the ranks then take instead of
-loading it each (:func:`_share_tokenizers`); the answer is ``loaded`` (or ``failed``: the ranks load it).  It writes ``<pid>`` back on a line, reaps the rank and writes its exit
+Bridge's training entry under :func:`~nemo_xtoken.cpu.cuda_shim.cuda_on_cpu`) and then reads lines on its
+standard input:
+
+- ``{"argv": [...], "env": {...}, "log": path, "status": path, "cwd": path}``: forks a rank — a new session
+  (killed as one process group), the rank's own environment, working directory and log — that runs
+  ``rehearse_worker.main(argv)``;
+- the same with ``"entry": "module", "module": NAME``: forks ``NAME.main(argv)`` as ``python -m NAME`` would run
+  it (the rehearsal's ``xtoken export-hf``: ``nemo_xtoken.cli.main``, named by the caller as its command line was
+  before), which finds Bridge and transformers imported instead of importing them again (about 15 CPU-seconds);
+- ``{"entry": "tokenizer", "kwargs": {...}}``: loads a tokenizer here that the ranks then take instead of each
+  loading it (:func:`_share_tokenizers`); the answer is ``loaded`` (or ``failed``: the ranks load it themselves).
+
+For a fork it writes ``<pid>`` back on a line, reaps the child and writes its exit
 status (``-signal`` when killed, as ``Popen.returncode``) to ``status``.  End of input: it exits.
 
 Nothing the ranks compute happens before the fork (only imports, with one OpenMP thread), so no thread
